@@ -1,0 +1,47 @@
+"""stoker's client: ``RemoteBatches`` streams batches from loader servers into a training loop.
+
+Importing this package is light (no torch until ``RemoteBatches`` is used) because the server imports
+the shared wire format, job spec and planner from here too.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from stoker.client.errors import (
+    BadSampleError,
+    InvalidJobError,
+    ProtocolError,
+    ServerError,
+    StokerError,
+    StokerTimeoutError,
+    UnknownDatasetError,
+)
+from stoker.client.job import JobSpec
+
+if TYPE_CHECKING:
+    from stoker.client.remote import IMAGENET_MEAN, IMAGENET_STD, RemoteBatches
+
+__all__ = [
+    "RemoteBatches",
+    "JobSpec",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "StokerError",
+    "ProtocolError",
+    "ServerError",
+    "UnknownDatasetError",
+    "InvalidJobError",
+    "BadSampleError",
+    "StokerTimeoutError",
+]
+
+_LAZY = {"RemoteBatches", "IMAGENET_MEAN", "IMAGENET_STD"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        from stoker.client import remote
+
+        return getattr(remote, name)
+    raise AttributeError(f"module 'stoker.client' has no attribute {name!r}")

@@ -1,0 +1,406 @@
+"""The client's protocol engine: open the job on every server, then fetch batches by credit.
+
+A :class:`Session` owns one :class:`ServerLink` per server. An :class:`EpochPass` walks a list of batch
+numbers: it keeps at most ``prefetch`` of them requested or received-but-unconsumed (its requests are
+its credits, so the server never holds more than that for us), spreads requests over usable servers
+by expected wait, re-asks (another server when there is one) when a request goes unanswered, and hands
+batches back strictly in order. Because batch bytes depend only on ``(job, epoch, rank, k)``, a re-ask
+can never produce a different or duplicated batch: late duplicates are simply dropped.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import zmq
+
+from stoker.client.errors import (
+    BadSampleError,
+    InvalidJobError,
+    ProtocolError,
+    ServerError,
+    StokerTimeoutError,
+    UnknownDatasetError,
+)
+from stoker.client.job import JobSpec
+from stoker.client.links import ServerLink
+from stoker.client.wire import ErrorCode, Header, Kind, batch_nbytes, decode
+
+__all__ = ["JobInfo", "RawBatch", "Session", "EpochPass"]
+
+log = logging.getLogger(__name__)
+
+_TRANSIENT = {ErrorCode.BUSY, ErrorCode.SHUTTING_DOWN, ErrorCode.INTERNAL}
+_MAX_INTERNAL_RETRIES = 3
+
+
+@dataclass(frozen=True, slots=True)
+class JobInfo:
+    """What the servers said about the job."""
+
+    job_id: str
+    samples: int
+    classes: tuple[str, ...]
+    batches: int
+    image_shape: tuple[int, int, int]
+    fingerprint: str
+    prefetch: int
+
+
+@dataclass(slots=True)
+class RawBatch:
+    """A received batch: its header fields and its image bytes (a zmq frame or a caller's buffer)."""
+
+    k: int
+    fields: dict[str, Any]
+    data: Any
+    endpoint: str
+
+
+@dataclass(slots=True)
+class _Request:
+    link: ServerLink
+    sent_at: float
+    tries: int = 1
+    internal_errors: int = 0
+
+
+def server_error(fields: dict[str, Any], endpoint: str) -> ServerError | ProtocolError:
+    """The typed exception for an ``ERROR`` message."""
+    code, message = fields["code"], fields["message"]
+    if code in (ErrorCode.UNKNOWN_DATASET, ErrorCode.UNKNOWN_PIPELINE):
+        return UnknownDatasetError(message, code, endpoint)
+    if code in (ErrorCode.INVALID_JOB, ErrorCode.OUT_OF_RANGE, ErrorCode.DATASET_CHANGED):
+        return InvalidJobError(message, code, endpoint)
+    if code == ErrorCode.BAD_SAMPLE:
+        return BadSampleError(message, code, endpoint, fields.get("path", ""), fields.get("reason", ""))
+    if code in (ErrorCode.BAD_MESSAGE, ErrorCode.UNSUPPORTED_VERSION):
+        error = ProtocolError(f"server refused our message: {message}", code)
+        error.add_note(f"reported by stoker server {endpoint}")
+        return error
+    return ServerError(message, code, endpoint)
+
+
+@dataclass
+class Session:
+    """Links to every server for one job; :meth:`open` waits for the job info."""
+
+    endpoints: Sequence[str]
+    spec: JobSpec
+    rank: int
+    prefetch: int
+    timeout_s: float
+    progress: Callable[[], dict[str, float]] = dict
+    """Figures (waited_s, elapsed_s) sent with every request, for the server's stall-share view."""
+    receive_into: Callable[[int], Any] | None = None
+    """Allocates a writable buffer for a batch of ``n`` bytes; ``None`` keeps ZeroMQ's frame."""
+    client_id: str = field(default_factory=lambda: uuid.uuid4().hex[:16])
+
+    def __post_init__(self) -> None:
+        if not self.endpoints:
+            raise ValueError("endpoints must name at least one server")
+        self.context = zmq.Context()
+        self.links = [ServerLink(self.context, endpoint) for endpoint in self.endpoints]
+        self.poller = zmq.Poller()
+        for link in self.links:
+            self.poller.register(link.socket, zmq.POLLIN)
+        self.info: JobInfo | None = None
+        self.current: EpochPass | None = None
+        self._job_wire = self.spec.to_wire()
+
+    # -- opening ---------------------------------------------------------------------------------
+
+    def open(self) -> JobInfo:
+        """Say ``HELLO`` to every server and wait (``timeout_s``) for the first to describe the job."""
+        deadline = time.monotonic() + self.timeout_s
+        while self.info is None:
+            now = time.monotonic()
+            if now >= deadline:
+                raise StokerTimeoutError(
+                    f"no stoker server answered within timeout_s={self.timeout_s}: tried {list(self.endpoints)}"
+                )
+            self.greet(now)
+            self.poll(min(0.1, deadline - now))
+        return self.info
+
+    def greet(self, now: float) -> None:
+        """(Re)send ``HELLO`` to servers that have not described the job yet."""
+        for link in self.links:
+            if not link.usable and now - link.hello_sent_at >= 1.0:
+                fields = {"job": self._job_wire, "client": self.client_id, "rank": self.rank, "prefetch": self.prefetch}
+                if link.send(Kind.HELLO, fields):
+                    link.hello_sent_at = now
+
+    def _on_job_info(self, link: ServerLink, fields: dict[str, Any]) -> None:
+        info = JobInfo(
+            fields["job_id"],
+            fields["samples"],
+            tuple(fields["classes"]),
+            fields["batches"],
+            tuple(fields["image_shape"]),  # type: ignore[arg-type]
+            fields["fingerprint"],
+            max(1, min(self.prefetch, fields["prefetch"])),
+        )
+        if self.info is None:
+            self.info = info
+        elif (info.job_id, info.fingerprint, info.batches) != (
+            self.info.job_id,
+            self.info.fingerprint,
+            self.info.batches,
+        ):
+            log.warning("server %s serves a different dataset %r; not using it", link.endpoint, self.spec.dataset)
+            return
+        link.usable = True
+
+    # -- receiving -------------------------------------------------------------------------------
+
+    def poll(self, timeout_s: float) -> bool:
+        """Wait up to ``timeout_s`` for messages and handle them; ``True`` if any arrived."""
+        events = self.poller.poll(max(0, int(timeout_s * 1000)))
+        for socket, _ in events:
+            link = next(link for link in self.links if link.socket is socket)
+            self._read(link)
+        return bool(events)
+
+    def _read(self, link: ServerLink) -> None:
+        socket = link.socket
+        while True:
+            try:
+                frame = socket.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            more = socket.getsockopt(zmq.RCVMORE)
+            try:
+                header = decode(frame)
+            except ProtocolError as exc:
+                _discard_rest(socket, more)
+                raise ProtocolError(f"server {link.endpoint} sent a malformed message: {exc}", exc.code) from None
+            if header.kind == Kind.BATCH:
+                self._on_batch(link, header, more)
+                continue
+            _discard_rest(socket, more)
+            if header.kind == Kind.JOB_INFO:
+                self._on_job_info(link, header.fields)
+            elif header.kind == Kind.ERROR:
+                self._on_error(link, header.fields)
+            else:
+                raise ProtocolError(f"server {link.endpoint} sent an unexpected {header.kind.name}")
+
+    def _on_batch(self, link: ServerLink, header: Header, more: int) -> None:
+        fields = header.fields
+        shape = fields["shape"]
+        expected = self.info.image_shape if self.info else None
+        if (
+            not more
+            or fields["dtype"] != "uint8"
+            or len(shape) != 4
+            or (expected is not None and tuple(shape[1:]) != expected)
+            or not 0 < shape[0] <= self.spec.batch_size
+            or len(fields["labels"]) != shape[0]
+            or len(fields["indices"]) != shape[0]
+        ):
+            _discard_rest(link.socket, more)
+            raise ProtocolError(f"server {link.endpoint} sent an inconsistent BATCH header {shape}")
+        wanted = self.current is not None and self.current.wants(fields)
+        nbytes = batch_nbytes(shape)
+        if not wanted:
+            link.socket.recv(copy=False)  # a late duplicate of a re-asked batch
+            return
+        if self.receive_into is not None:
+            data = self.receive_into(nbytes)
+            received = link.socket.recv_into(data)
+        else:
+            data = link.socket.recv(copy=False)
+            received = len(data.buffer)
+        if received != nbytes or link.socket.getsockopt(zmq.RCVMORE):
+            _discard_rest(link.socket, link.socket.getsockopt(zmq.RCVMORE))
+            raise ProtocolError(f"server {link.endpoint} sent {received} image bytes for shape {shape}")
+        if self.current is not None:
+            self.current.on_batch(link, RawBatch(fields["k"], fields, data, link.endpoint))
+
+    def _on_error(self, link: ServerLink, fields: dict[str, Any]) -> None:
+        if self.current is not None and self.current.on_error(link, fields):
+            return
+        code = fields["code"]
+        if code in _TRANSIENT and self.info is None:
+            return  # HELLO refused by a draining server: another try or another server will answer
+        if code in _TRANSIENT:
+            return
+        raise server_error(fields, link.endpoint)
+
+    # -- sending ---------------------------------------------------------------------------------
+
+    def request(self, link: ServerLink, epoch: int, k: int) -> bool:
+        """Ask ``link`` for batch ``k`` of ``epoch``; ``False`` if it is not connected."""
+        info = self.info
+        fields = {
+            "job": self._job_wire,
+            "epoch": epoch,
+            "rank": self.rank,
+            "k": k,
+            "client": self.client_id,
+            **({"fingerprint": info.fingerprint} if info else {}),
+            **self.progress(),
+        }
+        return link.send(Kind.REQUEST, fields)
+
+    def close(self) -> None:
+        """Tell the servers we are leaving, then close every socket."""
+        for link in self.links:
+            link.send(Kind.BYE, {"client": self.client_id})
+            link.close()
+        self.context.term()
+
+
+def _discard_rest(socket: zmq.Socket, more: int) -> None:
+    while more:
+        socket.recv(copy=False)
+        more = socket.getsockopt(zmq.RCVMORE)
+
+
+class EpochPass:
+    """Fetch ``ks`` (batch numbers of one epoch, ascending) from the session's servers, in order."""
+
+    def __init__(self, session: Session, epoch: int, ks: Sequence[int], prefetch: int) -> None:
+        self.session = session
+        self.epoch = epoch
+        self.prefetch = prefetch
+        self._todo = deque(ks)
+        self._unsent: deque[int] = deque()
+        self._outstanding: dict[int, _Request] = {}
+        self._ready: dict[int, RawBatch] = {}
+        self._failure: BaseException | None = None
+        self._hold_until = 0.0
+        session.current = self
+
+    # -- what the session calls ------------------------------------------------------------------
+
+    def wants(self, fields: dict[str, Any]) -> bool:
+        """Whether a batch with these header fields is one this pass is waiting for."""
+        info = self.session.info
+        return (
+            info is not None
+            and fields["job_id"] == info.job_id
+            and fields["epoch"] == self.epoch
+            and fields["rank"] == self.session.rank
+            and fields["k"] in self._outstanding
+        )
+
+    def on_batch(self, link: ServerLink, batch: RawBatch) -> None:
+        """A wanted batch arrived."""
+        request = self._outstanding.pop(batch.k)
+        request.link.outstanding -= 1
+        if request.link is link:
+            link.observe_latency(time.monotonic() - request.sent_at)
+        self._ready[batch.k] = batch
+
+    def on_error(self, link: ServerLink, fields: dict[str, Any]) -> bool:
+        """Handle an error about one of our requests; ``False`` if it is not about this pass."""
+        k = fields.get("k")
+        if fields.get("epoch") != self.epoch or k not in self._outstanding:
+            return False
+        code = fields["code"]
+        request = self._outstanding[k]
+        if code in _TRANSIENT:
+            if code == ErrorCode.INTERNAL:
+                request.internal_errors += 1
+                if request.internal_errors > _MAX_INTERNAL_RETRIES:
+                    self._failure = server_error(fields, link.endpoint)
+                    return True
+            if code == ErrorCode.SHUTTING_DOWN:
+                link.avoid_until = time.monotonic() + 2.0
+            if code == ErrorCode.BUSY:
+                self.prefetch = max(1, min(self.prefetch, fields.get("prefetch", self.prefetch)))
+                self._hold_until = time.monotonic() + fields.get("retry_after_s", 0.05)
+            self._forget(k)
+            self._unsent.appendleft(k)
+            return True
+        self._failure = server_error(fields, link.endpoint)
+        return True
+
+    # -- what the iterator calls -----------------------------------------------------------------
+
+    def get(self, k: int) -> RawBatch:
+        """Batch ``k``; waits, re-asks and raises :class:`StokerTimeoutError` after ``timeout_s`` of silence."""
+        session = self.session
+        timeout_s = session.timeout_s
+        deadline = time.monotonic() + timeout_s
+        while k not in self._ready:
+            if self._failure is not None:
+                raise self._failure
+            now = time.monotonic()
+            if now >= deadline:
+                waiting = sorted(self._outstanding) or [k]
+                raise StokerTimeoutError(
+                    f"no batch from {[l.endpoint for l in session.links]} within timeout_s={timeout_s} "
+                    f"(epoch {self.epoch}, waiting for batches {waiting[:8]})"
+                )
+            session.greet(now)
+            self._send_requests(now)
+            if session.poll(min(0.05, deadline - now)):
+                if self._ready:
+                    deadline = time.monotonic() + timeout_s
+        if self._failure is not None:
+            raise self._failure
+        batch = self._ready.pop(k)
+        self._send_requests(time.monotonic())
+        return batch
+
+    def close(self) -> None:
+        """Stop: outstanding requests are abandoned (their replies will be dropped)."""
+        for request in self._outstanding.values():
+            request.link.outstanding -= 1
+        self._outstanding.clear()
+        self._ready.clear()
+        if self.session.current is self:
+            self.session.current = None
+
+    # -- internals -------------------------------------------------------------------------------
+
+    def _forget(self, k: int) -> None:
+        request = self._outstanding.pop(k, None)
+        if request is not None:
+            request.link.outstanding -= 1
+
+    def _retry_after_s(self) -> float:
+        slowest = max((link.latency_s for link in self.session.links if link.usable), default=0.05)
+        return min(max(0.5, 4.0 * slowest), max(0.5, self.session.timeout_s / 3))
+
+    def _send_requests(self, now: float) -> None:
+        # Re-ask requests that went unanswered for too long, preferring another server.
+        retry_after = self._retry_after_s()
+        for k, request in list(self._outstanding.items()):
+            if now - request.sent_at >= retry_after:
+                link = self._pick(now, avoid=request.link)
+                if link is not None and self.session.request(link, self.epoch, k):
+                    request.link.outstanding -= 1
+                    link.outstanding += 1
+                    request.link, request.sent_at = link, now
+                    request.tries += 1
+                    log.debug("re-asked batch %d of epoch %d (try %d) from %s", k, self.epoch, request.tries, link.endpoint)
+        if now < self._hold_until:
+            return
+        while (self._unsent or self._todo) and len(self._outstanding) + len(self._ready) < self.prefetch:
+            k = self._unsent[0] if self._unsent else self._todo[0]
+            link = self._pick(now)
+            if link is None or not self.session.request(link, self.epoch, k):
+                if link is not None:
+                    link.avoid_until = now + 0.05  # not connected right now
+                return
+            (self._unsent if self._unsent and self._unsent[0] == k else self._todo).popleft()
+            link.outstanding += 1
+            self._outstanding[k] = _Request(link, now)
+
+    def _pick(self, now: float, avoid: ServerLink | None = None) -> ServerLink | None:
+        links = [link for link in self.session.links if link.available(now)]
+        if not links:
+            return None
+        others = [link for link in links if link is not avoid]
+        return min(others or links, key=lambda link: link.cost())

@@ -1,0 +1,128 @@
+"""The ``stoker`` command: ``serve``, ``demo``, ``bench`` and ``status``.
+
+Flags are a public contract (users' scripts call them): add freely, never rename or drop. Each
+``serve`` flag maps to one field of :class:`~stoker.server.settings.ServerSettings`, which holds the
+validation and the defaults; the environment (``STOKER_<FIELD>``) and ``--config`` feed it too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+__all__ = ["main", "build_parser"]
+
+log = logging.getLogger(__name__)
+
+
+def _dataset_arg(text: str) -> tuple[str, str]:
+    name, sep, path = text.partition("=")
+    if not sep or not name or not path:
+        raise argparse.ArgumentTypeError(f"{text!r} is not NAME=PATH")
+    return name, path
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser for every subcommand."""
+    parser = argparse.ArgumentParser(prog="stoker", description="Data loading as a service for GPU training.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="run a loader server")
+    serve.add_argument("--config", type=Path, help="TOML file with settings, datasets and pipelines")
+    serve.add_argument(
+        "--dataset", action="append", type=_dataset_arg, default=[], metavar="NAME=PATH",
+        help="declare a dataset: an ImageFolder directory or a CSV/TSV file list (repeatable)",
+    )
+    serve.add_argument("--bind", help="ZeroMQ data endpoint (default tcp://*:5555)")
+    serve.add_argument("--http", help="HTTP HOST:PORT (default 127.0.0.1:8080)")
+    serve.add_argument("--http-token", help="bearer token for PATCH /config (or STOKER_HTTP_TOKEN)")
+    serve.add_argument("--workers", type=int, help="worker processes (default: usable CPU cores)")
+    serve.add_argument("--max-prefetch", type=int, help="most batches in flight per client (default 16)")
+    serve.add_argument("--on-error", choices=["skip", "raise"], help="bad samples: skip (default) or raise")
+    serve.add_argument("--cache-batches", type=int, help="finished batches kept for repeated requests")
+    serve.add_argument("--client-timeout-s", type=float, help="forget clients silent this long")
+    serve.add_argument("--drain-timeout-s", type=float, help="on shutdown, time to finish in-flight batches")
+    serve.add_argument("--heartbeat-ms", type=int, help="ZeroMQ heartbeat interval")
+    serve.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    serve.add_argument("--ready-file", help="write the bound endpoints here as JSON once serving")
+
+    demo = commands.add_parser("demo", help="stream the bundled photos through a local server and client")
+    demo.add_argument("--epochs", type=int, default=2)
+    demo.add_argument("--batch-size", type=int, default=16)
+    demo.add_argument("--image-size", type=int, default=224)
+    demo.add_argument("--workers", type=int, help="server workers (default: usable CPU cores)")
+    demo.add_argument("--step-ms", type=float, default=0.0, help="simulated training step per batch")
+    demo.add_argument("--device", help="client device (default: cuda if available, else cpu)")
+    demo.add_argument("--no-compare", action="store_true", help="skip the torch DataLoader comparison")
+    return parser
+
+
+_SERVE_FIELDS = (
+    "bind", "http", "http_token", "workers", "max_prefetch", "on_error", "cache_batches",
+    "client_timeout_s", "drain_timeout_s", "heartbeat_ms", "log_level", "ready_file",
+)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from stoker.server.serve import ServeError, configure_logging, serve
+    from stoker.server.settings import load_settings
+
+    overrides = {field: getattr(args, field) for field in _SERVE_FIELDS}
+    overrides["datasets"] = {name: {"path": path} for name, path in args.dataset}
+    try:
+        settings = load_settings(args.config, overrides=overrides)
+    except (ValueError, OSError) as exc:
+        print(f"stoker serve: invalid configuration:\n{exc}", file=sys.stderr)
+        return 2
+    configure_logging(settings.log_level)
+    try:
+        return serve(settings)
+    except ServeError as exc:
+        print(f"stoker serve: {exc}", file=sys.stderr)
+        return 2
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from stoker.server.config import usable_cores
+    from stoker.server.demo import DEMO_DATA, run_dataloader_baseline, stream_stoker
+    from stoker.server.launcher import start_server
+
+    workers = args.workers or usable_cores()
+    print(f"stoker demo: {sum(1 for _ in DEMO_DATA.rglob('*.jpg'))} photos in {DEMO_DATA}, "
+          f"{args.epochs} epochs, batch {args.batch_size}, {args.image_size}px, {workers} workers")
+    server_args = ["--dataset", f"demo={DEMO_DATA}", "--bind", "tcp://127.0.0.1:0", "--http", "127.0.0.1:0",
+                   "--workers", str(workers), "--log-level", "WARNING"]
+    with start_server(server_args) as server:
+        print(f"server up: data {server.data}, status {server.http}/status")
+        result = stream_stoker(server.data, args.epochs, args.batch_size, args.image_size,
+                               args.step_ms / 1000.0, args.device)
+    rows = [result]
+    if not args.no_compare:
+        rows.append(run_dataloader_baseline(DEMO_DATA, args.epochs, args.batch_size, args.image_size, 2))
+    print(f"\n{'loader':34s} {'images':>7s} {'images/s':>9s} {'MB/s':>8s} {'data stall':>10s}")
+    for row in rows:
+        stall = "-" if row.stall_share is None else f"{100 * row.stall_share:.0f}%"
+        print(f"{row.label:34s} {row.images:7d} {row.images_per_s:9.1f} {row.mb_per_s:8.1f} {stall:>10s}")
+    if len(rows) == 2 and rows[1].images_per_s > 0:
+        print(f"\nstoker / DataLoader: {rows[0].images_per_s / rows[1].images_per_s:.2f}x images/s "
+              "(stoker ships uint8 and normalises on the client's device)")
+    if args.step_ms == 0:
+        print("data stall is the share of the loop spent waiting; with --step-ms 0 the loop does nothing else")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``stoker`` console script."""
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "serve":
+            return _serve(args)
+        if args.command == "demo":
+            return _demo(args)
+    except ImportError as exc:
+        print(f"stoker {args.command}: {exc}. The server side needs: pip install 'stoker[server]'", file=sys.stderr)
+        return 2
+    return 2

@@ -1,0 +1,184 @@
+"""What the engine measures: stage times, per-client traffic, bad samples and Prometheus metrics.
+
+Everything here is written by the engine thread only; ``/status`` asks the engine thread for a
+snapshot and ``/metrics`` reads the Prometheus registry (which is thread-safe), so no locks sit on the
+data path. Metric labels are bounded: stage names, error codes and declared dataset names only.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+__all__ = ["Window", "Throughput", "PeerStats", "BadSample", "BadSamples", "EngineStats", "STAGES"]
+
+STAGES = ("read", "decode", "augment", "batch", "send")
+_STAGE_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
+
+
+class Window:
+    """The most recent values of a duration, for a mean and a 95th percentile."""
+
+    def __init__(self, maxlen: int = 1024) -> None:
+        self._values: deque[float] = deque(maxlen=maxlen)
+
+    def add(self, value: float) -> None:
+        """Record one value in seconds."""
+        self._values.append(value)
+
+    def summary(self) -> dict[str, float | int]:
+        """``{"mean_ms", "p95_ms", "count"}`` over the window."""
+        if not self._values:
+            return {"mean_ms": 0.0, "p95_ms": 0.0, "count": 0}
+        ordered = sorted(self._values)
+        p95 = ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))]
+        return {
+            "mean_ms": round(1000 * sum(ordered) / len(ordered), 3),
+            "p95_ms": round(1000 * p95, 3),
+            "count": len(ordered),
+        }
+
+
+class Throughput:
+    """Images and bytes over the last ``span_s`` seconds."""
+
+    def __init__(self, span_s: float = 10.0) -> None:
+        self.span_s = span_s
+        self._events: deque[tuple[float, int, int]] = deque()
+
+    def add(self, now: float, images: int, nbytes: int) -> None:
+        """Record a delivery."""
+        self._events.append((now, images, nbytes))
+        self._trim(now)
+
+    def _trim(self, now: float) -> None:
+        while self._events and self._events[0][0] < now - self.span_s:
+            self._events.popleft()
+
+    def rates(self, now: float) -> tuple[float, float]:
+        """``(images/s, bytes/s)`` over the span."""
+        self._trim(now)
+        images = sum(e[1] for e in self._events)
+        nbytes = sum(e[2] for e in self._events)
+        return images / self.span_s, nbytes / self.span_s
+
+
+@dataclass(eq=False)
+class PeerStats:
+    """One connected client (one ZeroMQ connection)."""
+
+    identity: bytes
+    client_id: str = ""
+    rank: int = 0
+    world_size: int = 1
+    job_id: str = ""
+    epoch: int = 0
+    batches: int = 0
+    images: int = 0
+    bytes: int = 0
+    waited_s: float = 0.0
+    elapsed_s: float = 0.0
+    connected_at: float = field(default_factory=time.time)
+    last_seen: float = field(default_factory=time.monotonic)
+    throughput: Throughput = field(default_factory=Throughput)
+
+    @property
+    def stall_share(self) -> float | None:
+        """The client's reported share of its loop spent waiting for data."""
+        return self.waited_s / self.elapsed_s if self.elapsed_s > 0 else None
+
+
+@dataclass(frozen=True, slots=True)
+class BadSample:
+    """A sample that could not be used, and why."""
+
+    dataset: str
+    index: int
+    path: str
+    reason: str
+    at: float
+
+
+class BadSamples:
+    """Every bad sample by ``(dataset, index)``: decoded once, never again; the recent ones listed."""
+
+    def __init__(self, recent: int = 100) -> None:
+        self._known: dict[tuple[str, int], BadSample] = {}
+        self.recent: deque[BadSample] = deque(maxlen=recent)
+
+    def add(self, sample: BadSample) -> bool:
+        """Record a bad sample; ``False`` if it was already known."""
+        key = (sample.dataset, sample.index)
+        if key in self._known:
+            return False
+        self._known[key] = sample
+        self.recent.append(sample)
+        return True
+
+    def get(self, dataset: str, index: int) -> BadSample | None:
+        """The record of a known bad sample."""
+        return self._known.get((dataset, index))
+
+    def __len__(self) -> int:
+        return len(self._known)
+
+
+class EngineStats:
+    """Recent windows for ``/status`` plus the Prometheus registry for ``/metrics``."""
+
+    def __init__(self) -> None:
+        self.started_at = time.time()
+        self.stages = {stage: Window() for stage in STAGES}
+        self.latency = Window()
+        self.throughput = Throughput()
+        self.errors: dict[str, int] = {}
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.images_total = Counter("stoker_images_served", "Images sent to clients", registry=r)
+        self.batches_total = Counter("stoker_batches_served", "Batches sent to clients", registry=r)
+        self.bytes_total = Counter("stoker_bytes_served", "Image bytes sent to clients", registry=r)
+        self.bad_total = Counter("stoker_bad_samples", "Samples refused as bad", ["dataset"], registry=r)
+        self.restarts_total = Counter("stoker_worker_restarts", "Workers replaced after dying", registry=r)
+        self.errors_total = Counter("stoker_errors", "ERROR replies sent, by code", ["code"], registry=r)
+        self.stage_seconds = Histogram(
+            "stoker_stage_seconds", "Time per stage (per sample for read/decode/augment, per batch otherwise)",
+            ["stage"], buckets=_STAGE_BUCKETS, registry=r,
+        )
+        self.latency_seconds = Histogram(
+            "stoker_batch_latency_seconds", "From a batch's first request to its send completing",
+            buckets=_STAGE_BUCKETS, registry=r,
+        )
+        self.workers_gauge = Gauge("stoker_workers", "Worker processes alive", registry=r)
+        self.busy_gauge = Gauge("stoker_workers_busy", "Workers holding a task", registry=r)
+        self.clients_gauge = Gauge("stoker_clients", "Connected clients", registry=r)
+        self.inflight_gauge = Gauge("stoker_inflight_batches", "Batches requested and not yet delivered", registry=r)
+
+    def stage(self, name: str, seconds: float, count: int = 1) -> None:
+        """Record ``count`` samples (or batches) that took ``seconds`` each on ``name``."""
+        window = self.stages[name]
+        child = self.stage_seconds.labels(name)
+        for _ in range(count):
+            window.add(seconds)
+            child.observe(seconds)
+
+    def delivered(self, images: int, nbytes: int, latency_s: float) -> None:
+        """A batch finished sending."""
+        self.images_total.inc(images)
+        self.batches_total.inc()
+        self.bytes_total.inc(nbytes)
+        self.latency.add(latency_s)
+        self.latency_seconds.observe(latency_s)
+        self.throughput.add(time.monotonic(), images, nbytes)
+
+    def error(self, code_name: str) -> None:
+        """An ERROR reply was sent."""
+        self.errors[code_name] = self.errors.get(code_name, 0) + 1
+        self.errors_total.labels(code_name).inc()
+
+    def stage_summary(self) -> dict[str, Any]:
+        """Mean and p95 per stage."""
+        return {stage: window.summary() for stage, window in self.stages.items()}

@@ -1,0 +1,158 @@
+"""DESIGN invariants 1-3 against real servers: exactly once, reproducible, resumable."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torchvision.datasets import ImageFolder
+
+from stoker.client import RemoteBatches
+from tests.helpers import DEMO_DATA
+
+TIMEOUT_S = 60.0
+
+
+def fetch_epoch(endpoint: str, dataset: str = "demo", **kwargs) -> list[tuple[torch.Tensor, ...]]:
+    kwargs.setdefault("device", "cpu")
+    kwargs.setdefault("normalize", False)
+    kwargs.setdefault("return_indices", True)
+    with RemoteBatches(endpoint, dataset, timeout_s=TIMEOUT_S, **kwargs) as batches:
+        return list(batches)
+
+
+@pytest.mark.parametrize(("batch_size", "drop_last"), [(5, False), (4, True), (7, False)])
+def test_three_ranks_cover_an_epoch_exactly_once(cluster, batch_size: int, drop_last: bool) -> None:
+    server = cluster.start()
+    per_rank = {
+        rank: fetch_epoch(server.data, image_size=32, batch_size=batch_size, drop_last=drop_last,
+                          rank=rank, world_size=3, seed=11)
+        for rank in range(3)
+    }
+    counts = {rank: len(batches) for rank, batches in per_rank.items()}
+    assert len(set(counts.values())) == 1, f"ranks got different batch counts: {counts}"
+    seen = Counter(int(i) for batches in per_rank.values() for _, _, idx in batches for i in idx)
+    if drop_last:
+        assert all(len(idx) == batch_size for b in per_rank.values() for _, _, idx in b)
+        assert sum(seen.values()) == (48 // (batch_size * 3)) * batch_size * 3
+        assert max(seen.values()) == 1
+    else:
+        assert set(seen) == set(range(48)) and max(seen.values()) == 1  # 48 = 3 x 16: no padding
+    targets = ImageFolder(str(DEMO_DATA)).targets
+    for batches in per_rank.values():
+        for images, labels, indices in batches:
+            assert images.dtype == torch.uint8 and images.shape[1:] == (3, 32, 32)
+            assert labels.tolist() == [targets[i] for i in indices.tolist()]
+
+
+def test_padding_follows_distributed_sampler_when_samples_do_not_divide(cluster, tmp_path: Path) -> None:
+    images = sorted(DEMO_DATA.rglob("*.jpg"))[:47]
+    listing = tmp_path / "list.csv"
+    listing.write_text("".join(f"{p},{i % 3}\n" for i, p in enumerate(images)))
+    server = cluster.start(datasets={"list": listing})
+    per_rank = [fetch_epoch(server.data, "list", image_size=16, batch_size=6, world_size=2, rank=r) for r in range(2)]
+    assert len(per_rank[0]) == len(per_rank[1]) == 4  # 24 samples per rank: 6 + 6 + 6 + 6
+    seen = Counter(int(i) for batches in per_rank for _, _, idx in batches for i in idx)
+    assert set(seen) == set(range(47)) and sum(seen.values()) == 48  # one padded sample
+
+
+def test_batches_are_byte_identical_whatever_the_worker_count(cluster) -> None:
+    one, two = cluster.start(workers=1), cluster.start(workers=2)
+    for epoch in (0, 3):
+        options = dict(image_size=48, batch_size=8, seed=5, world_size=2, rank=1)
+        a = _epoch(one.data, epoch, **options)
+        b = _epoch(two.data, epoch, **options)
+        assert len(a) == len(b) == 3
+        for (xa, ya, ia), (xb, yb, ib) in zip(a, b):
+            assert torch.equal(ia, ib) and torch.equal(ya, yb)
+            assert torch.equal(xa, xb), "same job, epoch and rank must give the same bytes"
+    assert not torch.equal(_epoch(one.data, 0, **options)[0][0], _epoch(one.data, 1, **options)[0][0])
+
+
+def _epoch(endpoint: str, epoch: int, **options) -> list[tuple[torch.Tensor, ...]]:
+    with RemoteBatches(endpoint, "demo", device="cpu", normalize=False, return_indices=True,
+                       timeout_s=TIMEOUT_S, **options) as batches:
+        batches.set_epoch(epoch)
+        return list(batches)
+
+
+def test_state_dict_resumes_with_exactly_the_remaining_batches(cluster) -> None:
+    server = cluster.start()
+    options = dict(image_size=32, batch_size=5, seed=3, device="cpu", normalize=False, return_indices=True,
+                   timeout_s=TIMEOUT_S)
+    with RemoteBatches(server.data, "demo", **options) as reference:
+        full = [list(reference), list(reference)]  # epochs 0 and 1
+    with RemoteBatches(server.data, "demo", **options) as first:
+        taken = []
+        for batch in first:
+            taken.append(batch)
+            if len(taken) == 4:
+                state = first.state_dict()
+                break
+    assert state["epoch"] == 0 and state["next_batch"] == 4
+    with RemoteBatches(server.data, "demo", **options) as resumed:
+        resumed.load_state_dict(state)
+        resumed.set_epoch(0)  # a training loop's set_epoch must not undo the resume
+        rest = list(resumed)
+        following = list(resumed)
+    assert len(taken) + len(rest) == len(full[0]) == 10
+    for got, want in zip(taken + rest, full[0]):
+        assert torch.equal(got[0], want[0]) and torch.equal(got[2], want[2])
+    for got, want in zip(following, full[1]):
+        assert torch.equal(got[0], want[0])
+
+
+def test_state_dict_of_another_job_is_refused(cluster) -> None:
+    server = cluster.start()
+    with RemoteBatches(server.data, "demo", batch_size=4, device="cpu") as a:
+        state = a.state_dict()
+    with RemoteBatches(server.data, "demo", batch_size=8, device="cpu") as b:
+        with pytest.raises(ValueError, match="batch_size"):
+            b.load_state_dict(state)
+
+
+def test_normalized_channels_last_float_output_and_stats(cluster) -> None:
+    server = cluster.start()
+    with RemoteBatches(server.data, "demo", batch_size=16, image_size=64, device="cpu", timeout_s=TIMEOUT_S) as b:
+        assert len(b) == 3
+        images, labels = next(iter(b))
+        stats = b.stats()
+    assert images.dtype == torch.float32 and images.shape == (16, 3, 64, 64)
+    assert images.is_contiguous(memory_format=torch.channels_last)
+    assert labels.dtype == torch.int64
+    assert -3.0 < images.mean().item() < 3.0
+    assert stats["batches"] == 1 and stats["images"] == 16 and stats["bytes"] == 16 * 64 * 64 * 3
+    assert 0.0 <= stats["wait_share"] <= 1.0 and stats["wait_s"] > 0
+
+
+def test_dataloader_wrapping_batch_size_none(cluster) -> None:
+    server = cluster.start()
+    with RemoteBatches(server.data, "demo", batch_size=8, image_size=32, device="cpu", normalize=False,
+                       return_indices=True, shuffle=False, timeout_s=TIMEOUT_S) as batches:
+        loader = torch.utils.data.DataLoader(batches, batch_size=None)
+        got = list(loader)
+        assert len(got) == len(batches) == 6
+        assert torch.cat([idx for _, _, idx in got]).tolist() == list(range(48))  # shuffle=False keeps order
+        # Two DataLoader workers share the epoch by batch number and DataLoader restores the order.
+        batches.set_epoch(0)
+        parallel = list(torch.utils.data.DataLoader(batches, batch_size=None, num_workers=2))
+        assert [idx.tolist() for _, _, idx in parallel] == [idx.tolist() for _, _, idx in got]
+        assert all(torch.equal(a[0], b[0]) for a, b in zip(parallel, got))
+
+
+def test_eval_pipeline_matches_torchvision_and_imagefolder(cluster) -> None:
+    from torchvision import transforms
+
+    server = cluster.start()
+    reference = ImageFolder(str(DEMO_DATA), transform=transforms.Compose([transforms.Resize(256),
+                                                                           transforms.CenterCrop(224)]))
+    batches = fetch_epoch(server.data, pipeline="eval", batch_size=16, shuffle=False)
+    for images, labels, indices in batches:
+        for image, label, index in zip(images, labels, indices.tolist()):
+            picture, target = reference[index]
+            theirs = torch.from_numpy(np.array(picture)).permute(2, 0, 1).to(torch.int16)
+            assert (image.to(torch.int16) - theirs).abs().float().mean().item() < 2.0
+            assert label.item() == target
