@@ -13,7 +13,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from stoker.client.buffers import PinnedPool
 from stoker.client.job import JobSpec
-from stoker.client.session import EpochPass, JobInfo, RawBatch, Session
+from stoker.client.session import BatchStream, JobInfo, RawBatch, Session
 
 __all__ = ["RemoteBatches", "IMAGENET_MEAN", "IMAGENET_STD"]
 
@@ -91,6 +91,7 @@ class RemoteBatches(IterableDataset):
         self._epoch = 0
         self._position = 0
         self._session: Session | None = None
+        self._stream: BatchStream | None = None
         self._owner_pid = os.getpid()
         self._pinned: PinnedPool | None = None
         self._scale: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -166,6 +167,9 @@ class RemoteBatches(IterableDataset):
 
     def close(self) -> None:
         """Release sockets and pinned buffers. Iterating again reconnects."""
+        if self._stream is not None:
+            self._stream.close()
+            self._stream = None
         if self._session is not None:
             self._session.close()
             self._session = None
@@ -182,7 +186,7 @@ class RemoteBatches(IterableDataset):
     def __getstate__(self) -> dict[str, Any]:
         # DataLoader worker processes get a copy without live sockets; they reconnect on use.
         state = self.__dict__.copy()
-        state.update(_session=None, _pinned=None, _scale=None)
+        state.update(_session=None, _stream=None, _pinned=None, _scale=None)
         return state
 
     # -- iteration -------------------------------------------------------------------------------
@@ -192,28 +196,42 @@ class RemoteBatches(IterableDataset):
         epoch, start = self._epoch, self._position
         ks = range(start, info.batches)
         worker = get_worker_info()
-        if worker is not None and worker.num_workers > 1:
+        sharded = worker is not None and worker.num_workers > 1
+        if sharded:
             # Inside DataLoader(num_workers=n): worker i takes every n-th batch, and DataLoader's
             # round-robin over workers restores the order. Progress is tracked per worker copy.
             ks = ks[worker.id :: worker.num_workers]
+        stream = self._stream_for(epoch, list(ks), info.batches, lookahead=not sharded)
+        for k in ks:
+            waited = time.monotonic()
+            if not self._started:
+                self._started = waited
+            out = self._deliver(stream.get((epoch, k)))
+            self._wait_s += time.monotonic() - waited
+            self._position = k + 1
+            yield out
+        if not sharded:
+            self._epoch, self._position = epoch + 1, 0
+            # Keep one whole epoch planned ahead of the consumer, so epochs flow without a gap.
+            if stream.last_item is not None and stream.last_item[0] == epoch + 1:
+                stream.extend([(epoch + 2, k) for k in range(info.batches)])
+
+    def _stream_for(self, epoch: int, ks: list[int], batches: int, lookahead: bool) -> BatchStream:
+        """The stream already heading for ``(epoch, ks[0])``, or a new one (the old one is dropped)."""
+        stream = self._stream
+        first = (epoch, ks[0]) if ks else None
+        if stream is not None and lookahead and first is not None and stream.next_item == first:
+            return stream
+        if stream is not None:
+            stream.close()
         session = self._session
         if session is None:
-            raise RuntimeError("session closed while opening")  # unreachable: _open just made it
-        fetch = EpochPass(session, epoch, ks, info.prefetch)
-        try:
-            for k in ks:
-                waited = time.monotonic()
-                if not self._started:
-                    self._started = waited
-                raw = fetch.get(k)
-                out = self._deliver(raw)
-                self._wait_s += time.monotonic() - waited
-                self._position = k + 1
-                yield out
-            if worker is None or worker.num_workers <= 1:
-                self._epoch, self._position = epoch + 1, 0
-        finally:
-            fetch.close()
+            raise RuntimeError("not connected")  # unreachable: _open() just connected
+        items = [(epoch, k) for k in ks]
+        if lookahead:
+            items += [(epoch + 1, k) for k in range(batches)]
+        self._stream = BatchStream(session, items, self._open().prefetch)
+        return self._stream
 
     # -- internals -------------------------------------------------------------------------------
 
@@ -230,7 +248,7 @@ class RemoteBatches(IterableDataset):
         if self._owner_pid != os.getpid():
             # A forked copy (DataLoader workers fork by default) inherits the parent's sockets, which
             # must not be used after fork: drop them unclosed and connect afresh.
-            self._session, self._pinned, self._scale = None, None, None
+            self._session, self._stream, self._pinned, self._scale = None, None, None, None
             self._owner_pid = os.getpid()
         if self._session is None:
             cuda = self.device.type == "cuda"

@@ -1,9 +1,9 @@
 """The client's protocol engine: open the job on every server, then fetch batches by credit.
 
-A :class:`Session` owns one :class:`ServerLink` per server. An :class:`EpochPass` walks a list of batch
-numbers: it keeps at most ``prefetch`` of them requested or received-but-unconsumed (its requests are
-its credits, so the server never holds more than that for us), spreads requests over usable servers
-by expected wait, re-asks (another server when there is one) when a request goes unanswered, and hands
+A :class:`Session` owns one :class:`ServerLink` per server. A :class:`BatchStream` walks a list of
+batches ``(epoch, k)``, running ahead into the next epoch. It keeps at most ``prefetch`` of them
+requested or received-but-unconsumed (its requests are its credits, so the server never holds more
+than that for us), spreads requests over usable servers by expected wait, re-asks (another server when there is one) when a request goes unanswered, and hands
 batches back strictly in order. Because batch bytes depend only on ``(job, epoch, rank, k)``, a re-ask
 can never produce a different or duplicated batch: late duplicates are simply dropped.
 """
@@ -11,7 +11,6 @@ can never produce a different or duplicated batch: late duplicates are simply dr
 from __future__ import annotations
 
 import logging
-import math
 import time
 import uuid
 from collections import deque
@@ -33,7 +32,7 @@ from stoker.client.job import JobSpec
 from stoker.client.links import ServerLink
 from stoker.client.wire import ErrorCode, Header, Kind, batch_nbytes, decode
 
-__all__ = ["JobInfo", "RawBatch", "Session", "EpochPass"]
+__all__ = ["JobInfo", "RawBatch", "Session", "BatchStream", "Item"]
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +111,7 @@ class Session:
         for link in self.links:
             self.poller.register(link.socket, zmq.POLLIN)
         self.info: JobInfo | None = None
-        self.current: EpochPass | None = None
+        self.current: BatchStream | None = None
         self._job_wire = self.spec.to_wire()
 
     # -- opening ---------------------------------------------------------------------------------
@@ -265,49 +264,65 @@ def _discard_rest(socket: zmq.Socket, more: int) -> None:
         more = socket.getsockopt(zmq.RCVMORE)
 
 
-class EpochPass:
-    """Fetch ``ks`` (batch numbers of one epoch, ascending) from the session's servers, in order."""
+Item = tuple[int, int]
+"""``(epoch, k)``: one batch of this rank."""
 
-    def __init__(self, session: Session, epoch: int, ks: Sequence[int], prefetch: int) -> None:
+
+class BatchStream:
+    """Fetch batches ``(epoch, k)`` in the order given, keeping up to ``prefetch`` of them in flight.
+
+    The order may run past the current epoch into the next one, so a training loop sees no bubble at
+    epoch boundaries; :meth:`extend` adds items as the consumer gets close to the end.
+    """
+
+    def __init__(self, session: Session, items: Sequence[Item], prefetch: int) -> None:
         self.session = session
-        self.epoch = epoch
         self.prefetch = prefetch
-        self._todo = deque(ks)
-        self._unsent: deque[int] = deque()
-        self._outstanding: dict[int, _Request] = {}
-        self._ready: dict[int, RawBatch] = {}
+        self._todo: deque[Item] = deque(items)
+        self._unsent: deque[Item] = deque()
+        self._outstanding: dict[Item, _Request] = {}
+        self._ready: dict[Item, RawBatch] = {}
         self._failure: BaseException | None = None
         self._hold_until = 0.0
+        self.next_item: Item | None = self._todo[0] if self._todo else None
+        """The item the consumer will ask for next."""
+        self.last_item: Item | None = self._todo[-1] if self._todo else None
         session.current = self
+
+    def extend(self, items: Sequence[Item]) -> None:
+        """Plan more items after the last one."""
+        self._todo.extend(items)
+        if items:
+            self.last_item = items[-1]
 
     # -- what the session calls ------------------------------------------------------------------
 
     def wants(self, fields: dict[str, Any]) -> bool:
-        """Whether a batch with these header fields is one this pass is waiting for."""
+        """Whether a batch with these header fields is one this stream is waiting for."""
         info = self.session.info
         return (
             info is not None
             and fields["job_id"] == info.job_id
-            and fields["epoch"] == self.epoch
             and fields["rank"] == self.session.rank
-            and fields["k"] in self._outstanding
+            and (fields["epoch"], fields["k"]) in self._outstanding
         )
 
     def on_batch(self, link: ServerLink, batch: RawBatch) -> None:
         """A wanted batch arrived."""
-        request = self._outstanding.pop(batch.k)
+        item = (batch.fields["epoch"], batch.k)
+        request = self._outstanding.pop(item)
         request.link.outstanding -= 1
         if request.link is link:
             link.observe_latency(time.monotonic() - request.sent_at)
-        self._ready[batch.k] = batch
+        self._ready[item] = batch
 
     def on_error(self, link: ServerLink, fields: dict[str, Any]) -> bool:
-        """Handle an error about one of our requests; ``False`` if it is not about this pass."""
-        k = fields.get("k")
-        if fields.get("epoch") != self.epoch or k not in self._outstanding:
+        """Handle an error about one of our requests; ``False`` if it is not about this stream."""
+        item = (fields.get("epoch"), fields.get("k"))
+        if item not in self._outstanding:
             return False
         code = fields["code"]
-        request = self._outstanding[k]
+        request = self._outstanding[item]  # type: ignore[index]
         if code in _TRANSIENT:
             if code == ErrorCode.INTERNAL:
                 request.internal_errors += 1
@@ -319,37 +334,37 @@ class EpochPass:
             if code == ErrorCode.BUSY:
                 self.prefetch = max(1, min(self.prefetch, fields.get("prefetch", self.prefetch)))
                 self._hold_until = time.monotonic() + fields.get("retry_after_s", 0.05)
-            self._forget(k)
-            self._unsent.appendleft(k)
+            self._forget(item)  # type: ignore[arg-type]
+            self._unsent.appendleft(item)  # type: ignore[arg-type]
             return True
         self._failure = server_error(fields, link.endpoint)
         return True
 
     # -- what the iterator calls -----------------------------------------------------------------
 
-    def get(self, k: int) -> RawBatch:
-        """Batch ``k``; waits, re-asks and raises :class:`StokerTimeoutError` after ``timeout_s`` of silence."""
+    def get(self, item: Item) -> RawBatch:
+        """Batch ``item``; waits, re-asks and raises :class:`StokerTimeoutError` after ``timeout_s`` of silence."""
+        if item != self.next_item:
+            raise RuntimeError(f"asked for {item}, the stream is at {self.next_item}")
         session = self.session
         timeout_s = session.timeout_s
         deadline = time.monotonic() + timeout_s
-        while k not in self._ready:
+        while item not in self._ready:
             if self._failure is not None:
                 raise self._failure
             now = time.monotonic()
             if now >= deadline:
-                waiting = sorted(self._outstanding) or [k]
+                waiting = sorted(self._outstanding) or [item]
                 raise StokerTimeoutError(
-                    f"no batch from {[l.endpoint for l in session.links]} within timeout_s={timeout_s} "
-                    f"(epoch {self.epoch}, waiting for batches {waiting[:8]})"
+                    f"no batch from {[link.endpoint for link in session.links]} within timeout_s={timeout_s} "
+                    f"(waiting for (epoch, batch) {waiting[:8]})"
                 )
             session.greet(now)
             self._send_requests(now)
-            if session.poll(min(0.05, deadline - now)):
-                if self._ready:
-                    deadline = time.monotonic() + timeout_s
-        if self._failure is not None:
-            raise self._failure
-        batch = self._ready.pop(k)
+            if session.poll(min(0.05, deadline - now)) and self._ready:
+                deadline = time.monotonic() + timeout_s
+        batch = self._ready.pop(item)
+        self.next_item = self._upcoming()
         self._send_requests(time.monotonic())
         return batch
 
@@ -364,8 +379,14 @@ class EpochPass:
 
     # -- internals -------------------------------------------------------------------------------
 
-    def _forget(self, k: int) -> None:
-        request = self._outstanding.pop(k, None)
+    def _upcoming(self) -> Item | None:
+        pending = [*self._ready, *self._outstanding, *self._unsent]
+        if pending:
+            return min(pending)
+        return self._todo[0] if self._todo else None
+
+    def _forget(self, item: Item) -> None:
+        request = self._outstanding.pop(item, None)
         if request is not None:
             request.link.outstanding -= 1
 
@@ -376,27 +397,28 @@ class EpochPass:
     def _send_requests(self, now: float) -> None:
         # Re-ask requests that went unanswered for too long, preferring another server.
         retry_after = self._retry_after_s()
-        for k, request in list(self._outstanding.items()):
+        for item, request in list(self._outstanding.items()):
             if now - request.sent_at >= retry_after:
                 link = self._pick(now, avoid=request.link)
-                if link is not None and self.session.request(link, self.epoch, k):
+                if link is not None and self.session.request(link, *item):
                     request.link.outstanding -= 1
                     link.outstanding += 1
                     request.link, request.sent_at = link, now
                     request.tries += 1
-                    log.debug("re-asked batch %d of epoch %d (try %d) from %s", k, self.epoch, request.tries, link.endpoint)
+                    log.debug("re-asked batch %s (try %d) from %s", item, request.tries, link.endpoint)
         if now < self._hold_until:
             return
         while (self._unsent or self._todo) and len(self._outstanding) + len(self._ready) < self.prefetch:
-            k = self._unsent[0] if self._unsent else self._todo[0]
+            queue = self._unsent if self._unsent else self._todo
+            item = queue[0]
             link = self._pick(now)
-            if link is None or not self.session.request(link, self.epoch, k):
+            if link is None or not self.session.request(link, *item):
                 if link is not None:
                     link.avoid_until = now + 0.05  # not connected right now
                 return
-            (self._unsent if self._unsent and self._unsent[0] == k else self._todo).popleft()
+            queue.popleft()
             link.outstanding += 1
-            self._outstanding[k] = _Request(link, now)
+            self._outstanding[item] = _Request(link, now)
 
     def _pick(self, now: float, avoid: ServerLink | None = None) -> ServerLink | None:
         links = [link for link in self.session.links if link.available(now)]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import socket
 import sys
 from collections.abc import Callable
@@ -84,7 +85,14 @@ def serve(settings: ServerSettings) -> int:
         lifespan="on",
     )
     server = uvicorn.Server(config)
+    received: list[int] = []
+    # uvicorn handles SIGINT/SIGTERM while it runs (graceful shutdown, which drains the engine) and
+    # re-raises the signal afterwards; these handlers only note it, so a drained stop exits 0.
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda number, frame: received.append(number))
     server.run(sockets=[sock])
+    if received:
+        log.info("stopped by signal %d", received[0])
     # uvicorn reports a failed lifespan start-up (e.g. workers that cannot start) by not starting.
     return 0 if server.started else 1
 

@@ -156,3 +156,21 @@ def test_eval_pipeline_matches_torchvision_and_imagefolder(cluster) -> None:
             theirs = torch.from_numpy(np.array(picture)).permute(2, 0, 1).to(torch.int16)
             assert (image.to(torch.int16) - theirs).abs().float().mean().item() < 2.0
             assert label.item() == target
+
+
+def test_breaking_out_and_iterating_again_continues_where_it_stopped(cluster) -> None:
+    server = cluster.start()
+    options = dict(image_size=16, batch_size=6, device="cpu", normalize=False, return_indices=True,
+                   timeout_s=TIMEOUT_S, seed=9)
+    with RemoteBatches(server.data, "demo", **options) as reference:
+        epochs = [[idx.tolist() for _, _, idx in reference] for _ in range(2)]
+    with RemoteBatches(server.data, "demo", **options) as batches:
+        got = []
+        for _, _, idx in batches:
+            got.append(idx.tolist())
+            if len(got) == 3:
+                break
+        got += [idx.tolist() for _, _, idx in batches]  # the rest of epoch 0
+        assert batches.epoch == 1
+        following = [idx.tolist() for _, _, idx in batches]
+    assert got == epochs[0] and following == epochs[1]
