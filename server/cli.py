@@ -40,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--http", help="HTTP HOST:PORT (default 127.0.0.1:8080)")
     serve.add_argument("--http-token", help="bearer token for PATCH /config (or STOKER_HTTP_TOKEN)")
     serve.add_argument("--workers", type=int, help="worker processes (default: usable CPU cores)")
+    serve.add_argument("--max-workers", type=int, help="cap for growing the pool live (default 4 x cores)")
     serve.add_argument("--max-prefetch", type=int, help="most batches in flight per client (default 16)")
     serve.add_argument("--on-error", choices=["skip", "raise"], help="bad samples: skip (default) or raise")
     serve.add_argument("--cache-batches", type=int, help="finished batches kept for repeated requests")
@@ -57,11 +58,14 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--step-ms", type=float, default=0.0, help="simulated training step per batch")
     demo.add_argument("--device", help="client device (default: cuda if available, else cpu)")
     demo.add_argument("--no-compare", action="store_true", help="skip the torch DataLoader comparison")
+    status = commands.add_parser("status", help="print a summary of a server's /status")
+    status.add_argument("url", nargs="?", default="http://127.0.0.1:8080", help="the server's HTTP address")
+    status.add_argument("--json", action="store_true", help="print the raw JSON")
     return parser
 
 
 _SERVE_FIELDS = (
-    "bind", "http", "http_token", "workers", "max_prefetch", "on_error", "cache_batches",
+    "bind", "http", "http_token", "workers", "max_workers", "max_prefetch", "on_error", "cache_batches",
     "client_timeout_s", "drain_timeout_s", "heartbeat_ms", "log_level", "ready_file",
 )
 
@@ -114,6 +118,20 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _status(args: argparse.Namespace) -> int:
+    import json
+
+    from stoker.server.status_cli import fetch_status, format_status
+
+    try:
+        status = fetch_status(args.url)
+    except OSError as exc:
+        print(f"stoker status: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(status, indent=2) if args.json else format_status(status))
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``stoker`` console script."""
     args = build_parser().parse_args(argv)
@@ -122,6 +140,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _serve(args)
         if args.command == "demo":
             return _demo(args)
+        if args.command == "status":
+            return _status(args)
     except ImportError as exc:
         print(f"stoker {args.command}: {exc}. The server side needs: pip install 'stoker[server]'", file=sys.stderr)
         return 2

@@ -27,6 +27,8 @@ class EngineConfig:
 
     bind: str = "tcp://*:5555"
     workers: int = field(default_factory=usable_cores)
+    max_workers: int = 1024
+    """Upper bound for growing the pool live (``PATCH /config``)."""
     max_prefetch: int = 16
     """Most batches one client may have requested and not yet received."""
     on_error: OnError = "skip"
@@ -52,6 +54,7 @@ class EngineConfig:
     def __post_init__(self) -> None:
         checks = {
             "workers": (self.workers, 1, 1024),
+            "max_workers": (self.max_workers, 1, 1024),
             "max_prefetch": (self.max_prefetch, 1, 1024),
             "cache_batches": (self.cache_batches, 0, 4096),
             "max_batch_size": (self.max_batch_size, 1, 16384),
@@ -63,6 +66,8 @@ class EngineConfig:
         for name, (value, low, high) in checks.items():
             if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
                 raise ValueError(f"{name}={value!r} must be an int in [{low}, {high}]")
+        if self.workers > self.max_workers:
+            raise ValueError(f"workers={self.workers} must be <= max_workers={self.max_workers}")
         if self.on_error not in ("skip", "raise"):
             raise ValueError(f"on_error={self.on_error!r} must be 'skip' or 'raise'")
         if self.max_shm_bytes < 1024**2:

@@ -528,7 +528,8 @@ class Engine:
         self._maybe_complete(work)
 
     def _on_worker_died(self, event: WorkerDied[Task]) -> None:
-        self.stats.restarts_total.inc()
+        if not event.worker.retiring:
+            self.stats.restarts_total.inc()
         tasks = event.tasks
         if tasks and 0 <= event.position < len(tasks[0].samples):
             first = tasks[0]
@@ -738,10 +739,11 @@ class Engine:
                 }
             )
         workers = self.pool.workers
+        stalls = [c["stall_share"] for c in clients if c["stall_share"] is not None]
         return {
             "version": VERSION,
             "uptime_s": round(time.time() - stats.started_at, 1),
-            "endpoint": self.endpoint,
+            "endpoints": {"data": self.endpoint},
             "ready": self.ready,
             "pool": {
                 "size": self.pool.target_size,
@@ -767,6 +769,7 @@ class Engine:
             ],
             "clients": clients,
             "throughput": {"images_per_s": round(images_s, 1), "mb_per_s": round(bytes_s / 1e6, 2)},
+            "stall_share": round(sum(stalls) / len(stalls), 4) if stalls else None,
             "stages": stats.stage_summary(),
             "latency": stats.latency.summary(),
             "inflight_batches": len(self._works) + len(self._sends),

@@ -43,6 +43,7 @@ class WorkerHandle(Generic[T]):
     tasks: deque[T] = field(default_factory=deque)
     ready: bool = False
     retiring: bool = False
+    stop_sent: bool = False
     busy_s: float = 0.0
     """Seconds spent on tasks, for the busy share in ``/status``."""
     task_started_at: float | None = None
@@ -145,17 +146,15 @@ class WorkerPool(Generic[T]):
         self._stop_idle_retirees()
 
     def _stop_idle_retirees(self) -> None:
-        for worker in [w for w in self.workers if w.retiring and not w.tasks]:
-            self._forget(worker)
-            try:
-                worker.conn.send(("stop",))
-            except OSError:
-                pass
-            worker.process.join(timeout=5.0)
-            if worker.process.is_alive():
-                worker.process.kill()
-            worker.conn.close()
-            log.info("worker %d retired", worker.worker_id)
+        # Ask; the sentinel reports the exit, so the engine thread never blocks on a join here.
+        for worker in self.workers:
+            if worker.retiring and not worker.tasks and not worker.stop_sent:
+                try:
+                    worker.conn.send(("stop",))
+                except OSError:
+                    pass
+                worker.stop_sent = True
+                log.info("worker %d retiring", worker.worker_id)
 
     def close(self, timeout_s: float = 5.0) -> None:
         """Stop every worker: ask, wait ``timeout_s``, then terminate, then kill."""
@@ -224,10 +223,13 @@ class WorkerPool(Generic[T]):
         tasks = list(worker.tasks)
         self._forget(worker)
         worker.conn.close()
-        log.warning(
-            "worker %d (pid %s) died with exit code %s holding %d tasks",
-            worker.worker_id, worker.process.pid, worker.process.exitcode, len(tasks),
-        )
+        if worker.retiring and not tasks:
+            log.info("worker %d retired", worker.worker_id)
+        else:
+            log.warning(
+                "worker %d (pid %s) died with exit code %s holding %d tasks",
+                worker.worker_id, worker.process.pid, worker.process.exitcode, len(tasks),
+            )
         if not worker.retiring:
             self.restarts += 1
             self._spawn()

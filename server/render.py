@@ -16,7 +16,7 @@ from stoker.server.decode import DecodeLimits, decode, probe, read_file
 from stoker.server.geometry import oriented_size, plan_geometry, raw_box, reduction_for
 from stoker.server.pipelines import Pipeline
 
-__all__ = ["StageTimes", "render_sample", "orient"]
+__all__ = ["StageTimes", "render_sample", "render_bytes", "orient", "warm_up"]
 
 
 @dataclass(slots=True)
@@ -75,6 +75,14 @@ def render_sample(
     """Produce one sample into ``out`` (``size x size x 3`` ``uint8``); raises ``BadImage``."""
     started = time.perf_counter()
     data = read_file(path, limits)
+    times.read += time.perf_counter() - started
+    render_bytes(data, key, pipeline, size, out, limits, times)
+
+
+def render_bytes(
+    data: bytes, key: int, pipeline: Pipeline, size: int, out: np.ndarray, limits: DecodeLimits, times: StageTimes
+) -> None:
+    """Like :func:`render_sample`, from the file's bytes."""
     read_done = time.perf_counter()
     info = probe(data, limits)
     width, height = oriented_size(info.width, info.height, info.orientation)
@@ -98,6 +106,19 @@ def render_sample(
         result = result.flip(1)
     torch.from_numpy(out).copy_(result)
     finished = time.perf_counter()
-    times.read += read_done - started
     times.decode += decoded - read_done
     times.augment += finished - decoded
+
+
+def warm_up() -> None:
+    """Run every pipeline once on a synthetic JPEG, so a worker's first real batch pays no
+    one-time costs (torch kernel dispatch set-up, decoder tables, first page faults)."""
+    import simplejpeg
+
+    from stoker.server.pipelines import BUILTIN_PIPELINES
+
+    gradient = np.linspace(0, 255, 320 * 480 * 3).astype(np.uint8).reshape(320, 480, 3)
+    data = simplejpeg.encode_jpeg(gradient, quality=90, colorspace="RGB")
+    out = np.empty((224, 224, 3), dtype=np.uint8)
+    for key, pipeline in enumerate(BUILTIN_PIPELINES.values()):
+        render_bytes(data, key, pipeline, 224, out, DecodeLimits(), StageTimes())

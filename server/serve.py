@@ -76,7 +76,7 @@ def serve(settings: ServerSettings) -> int:
     sock = bind_http(settings.http)
     bound_host, bound_port = sock.getsockname()[:2]
     http_url = f"http://{'[' + bound_host + ']' if ':' in bound_host else bound_host}:{bound_port}"
-    app = create_app(engine, settings, on_ready=_announce(settings, http_url))
+    app = create_app(engine, settings, http_url=http_url, on_ready=_announce(settings, http_url))
     config = uvicorn.Config(
         app,
         log_level=settings.log_level.lower(),

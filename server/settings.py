@@ -65,6 +65,7 @@ class ServerSettings(BaseModel):
     http: str = Field("127.0.0.1:8080", description="HOST:PORT of the HTTP side (port 0 picks one)")
     http_token: SecretStr | None = Field(None, description="bearer token required by PATCH /config")
     workers: int = Field(default_factory=usable_cores, ge=1, le=1024, description="worker processes")
+    max_workers: int | None = Field(None, ge=1, le=1024, description="cap for live pool growth (default 4 x cores)")
     max_prefetch: int = Field(16, ge=1, le=1024, description="most batches in flight per client")
     on_error: OnError = Field("skip", description="bad samples: skip (replace) or raise")
     cache_batches: int = Field(8, ge=0, le=4096, description="finished batches kept for repeated requests")
@@ -110,6 +111,7 @@ class ServerSettings(BaseModel):
         return EngineConfig(
             bind=self.bind,
             workers=self.workers,
+            max_workers=self.max_workers or max(self.workers, 4 * usable_cores()),
             max_prefetch=self.max_prefetch,
             on_error=self.on_error,
             cache_batches=self.cache_batches,

@@ -49,9 +49,12 @@ class Throughput:
     def __init__(self, span_s: float = 10.0) -> None:
         self.span_s = span_s
         self._events: deque[tuple[float, int, int]] = deque()
+        self._first: float | None = None
 
     def add(self, now: float, images: int, nbytes: int) -> None:
         """Record a delivery."""
+        if self._first is None:
+            self._first = now
         self._events.append((now, images, nbytes))
         self._trim(now)
 
@@ -64,7 +67,9 @@ class Throughput:
         self._trim(now)
         images = sum(e[1] for e in self._events)
         nbytes = sum(e[2] for e in self._events)
-        return images / self.span_s, nbytes / self.span_s
+        # Right after the first delivery, divide by the time observed, not the whole span.
+        window = min(self.span_s, max(1.0, now - self._first)) if self._first is not None else self.span_s
+        return images / window, nbytes / window
 
 
 @dataclass(eq=False)

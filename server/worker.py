@@ -83,6 +83,9 @@ def worker_main(conn: Connection, progress: Synchronized, limits: DecodeLimits) 
 
         # One intra-op thread: parallelism comes from the pool, and oversubscribing cores hurts.
         torch.set_num_threads(1)
+        from stoker.server.render import warm_up
+
+        warm_up()
         views = SlotViews()
         conn.send(("ready", os.getpid()))
     except BaseException as exc:  # report any start-up failure, then exit

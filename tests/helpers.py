@@ -28,15 +28,16 @@ class Cluster:
         self._logs: list[Any] = []
 
     def start(self, *args: str, datasets: dict[str, Path] | None = None, workers: int = 2,
-              bind: str = "tcp://127.0.0.1:0", env: dict[str, str] | None = None) -> ServerProcess:
+              bind: str = "tcp://127.0.0.1:0", env: dict[str, str] | None = None,
+              env_http: str = "127.0.0.1:0") -> ServerProcess:
         """Start ``stoker serve`` and wait until it reports its endpoints."""
-        full = ["--bind", bind, "--http", "127.0.0.1:0", "--workers", str(workers), "--log-level", "INFO"]
+        full = ["--bind", bind, "--http", env_http, "--workers", str(workers), "--log-level", "INFO"]
         for name, path in (datasets or {"demo": DEMO_DATA}).items():
             full += ["--dataset", f"{name}={path}"]
         full += list(args)
         log = open(self.log_dir / f"server-{len(self._logs)}.log", "wb")
         self._logs.append(log)
-        server = start_server(full, timeout_s=START_TIMEOUT_S, env=env, stderr=log.fileno())
+        server = start_server(full, timeout_s=START_TIMEOUT_S, env={**os.environ, **(env or {})}, stderr=log.fileno())
         self.servers.append(server)
         self._args[id(server)] = full
         return server

@@ -10,7 +10,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from stoker.server.engine import VERSION, Engine
-from stoker.server.http import health, status
+from stoker.server.http import config, dashboard, health, metrics, status
 from stoker.server.settings import ServerSettings
 
 __all__ = ["create_app"]
@@ -19,13 +19,16 @@ log = logging.getLogger(__name__)
 
 
 def create_app(
-    engine: Engine, settings: ServerSettings, on_ready: Callable[[Engine], None] | None = None
+    engine: Engine,
+    settings: ServerSettings,
+    http_url: str = "",
+    on_ready: Callable[[Engine], None] | None = None,
 ) -> FastAPI:
     """Build the app; starting it starts the engine, stopping it drains the engine."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        # Worker start-up blocks for a while: keep the event loop answering /healthz meanwhile.
+        # Worker start-up blocks for a while; keep it off the event loop.
         await asyncio.to_thread(engine.start)
         if on_ready is not None:
             on_ready(engine)
@@ -34,9 +37,16 @@ def create_app(
         finally:
             await asyncio.to_thread(engine.close)
 
-    app = FastAPI(title="stoker", version=VERSION, lifespan=lifespan)
+    app = FastAPI(
+        title="stoker",
+        version=VERSION,
+        lifespan=lifespan,
+        description="Control plane of a stoker loader server: health, status, metrics, live config.",
+    )
     app.state.engine = engine
     app.state.settings = settings
-    app.include_router(health.router)
-    app.include_router(status.router)
+    app.state.http_url = http_url
+    config_router = config.build_router(engine.config.max_workers)
+    for router in (health.router, status.router, metrics.router, config_router, dashboard.router):
+        app.include_router(router)
     return app

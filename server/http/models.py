@@ -1,0 +1,123 @@
+"""The HTTP API's data shapes: what ``/status`` returns and what ``/config`` reads and accepts."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+__all__ = ["LiveConfig", "ConfigPatch", "Status"]
+
+LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
+
+
+class LiveConfig(BaseModel):
+    """Settings that can change while serving, without dropping clients."""
+
+    workers: int = Field(ge=1, le=1024, description="worker processes (the pool grows or shrinks live)")
+    max_prefetch: int = Field(ge=1, le=1024, description="most batches one client may have in flight")
+    on_error: Literal["skip", "raise"] = Field(description="bad samples: replace (skip) or fail the batch (raise)")
+    cache_batches: int = Field(ge=0, le=4096, description="finished batches kept for repeated requests")
+    log_level: LogLevel = Field(description="level of the server's log")
+
+
+class ConfigPatch(BaseModel):
+    """A change to the live settings; fields left out stay as they are."""
+
+    model_config = ConfigDict(extra="forbid")
+    workers: int | None = Field(None, ge=1, le=1024)
+    max_prefetch: int | None = Field(None, ge=1, le=1024)
+    on_error: Literal["skip", "raise"] | None = None
+    cache_batches: int | None = Field(None, ge=0, le=4096)
+    log_level: LogLevel | None = None
+
+
+class Endpoints(BaseModel):
+    data: str = Field(description="ZeroMQ endpoint clients connect to")
+    http: str = Field(description="this HTTP side")
+
+
+class PoolStatus(BaseModel):
+    size: int = Field(description="target number of workers")
+    alive: int
+    busy: int = Field(description="workers holding a task now")
+    restarts: int = Field(description="workers replaced after dying")
+
+
+class DatasetStatus(BaseModel):
+    name: str
+    samples: int
+    classes: int
+    fingerprint: str
+
+
+class JobStatus(BaseModel):
+    job_id: str
+    dataset: str
+    pipeline: str
+    image_size: int
+    batch_size: int
+    world_size: int
+    batches_per_rank: int
+
+
+class ClientStatus(BaseModel):
+    client_id: str
+    job_id: str
+    rank: int
+    world_size: int
+    epoch: int
+    batches: int = Field(description="batches delivered")
+    images: int
+    bytes: int
+    inflight: int = Field(description="batches requested and not yet delivered")
+    images_per_s: float = Field(description="over the last 10 s")
+    mb_per_s: float = Field(description="over the last 10 s")
+    stall_share: float | None = Field(description="share of the client's loop spent waiting for data")
+    last_seen_s: float
+
+
+class StageStatus(BaseModel):
+    mean_ms: float
+    p95_ms: float
+    count: int = Field(description="recent values the figures cover")
+
+
+class Throughput(BaseModel):
+    images_per_s: float
+    mb_per_s: float
+
+
+class BadSampleStatus(BaseModel):
+    dataset: str
+    index: int
+    path: str
+    reason: str
+    at: float = Field(description="unix time it was found")
+
+
+class BadSamples(BaseModel):
+    count: int
+    recent: list[BadSampleStatus]
+
+
+class Status(BaseModel):
+    """What the server is doing. Stage times are per sample (read, decode, augment) or per batch."""
+
+    version: str
+    uptime_s: float
+    ready: bool
+    endpoints: Endpoints
+    pool: PoolStatus
+    datasets: list[DatasetStatus]
+    jobs: list[JobStatus]
+    clients: list[ClientStatus]
+    throughput: Throughput = Field(description="all clients, over the last 10 s")
+    stall_share: float | None = Field(description="mean of the clients' reported data-stall shares")
+    stages: dict[str, StageStatus]
+    latency: StageStatus = Field(description="from a batch's request to its send completing")
+    inflight_batches: int
+    shm_bytes: int
+    errors: dict[str, int] = Field(description="ERROR replies by code")
+    bad_samples: BadSamples
+    config: LiveConfig
