@@ -46,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--cache-batches", type=int, help="finished batches kept for repeated requests")
     serve.add_argument("--client-timeout-s", type=float, help="forget clients silent this long")
     serve.add_argument("--drain-timeout-s", type=float, help="on shutdown, time to finish in-flight batches")
+    serve.add_argument("--task-timeout-s", type=float, help="kill a worker stuck this long on one task")
     serve.add_argument("--heartbeat-ms", type=int, help="ZeroMQ heartbeat interval")
     serve.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     serve.add_argument("--ready-file", help="write the bound endpoints here as JSON once serving")
@@ -66,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 _SERVE_FIELDS = (
     "bind", "http", "http_token", "workers", "max_workers", "max_prefetch", "on_error", "cache_batches",
-    "client_timeout_s", "drain_timeout_s", "heartbeat_ms", "log_level", "ready_file",
+    "client_timeout_s", "drain_timeout_s", "task_timeout_s", "heartbeat_ms", "log_level", "ready_file",
 )
 
 

@@ -44,6 +44,8 @@ class EngineConfig:
     drain_timeout_s: float = 10.0
     """On shutdown, how long in-flight batches may take to finish sending."""
     worker_start_timeout_s: float = 120.0
+    task_timeout_s: float = 120.0
+    """A worker on one task longer than this is killed (and the task redone elsewhere)."""
     worker_queue_depth: int = 2
     """Tasks queued per worker, so a worker never waits for the engine."""
     max_replacements: int = 64
@@ -72,7 +74,7 @@ class EngineConfig:
             raise ValueError(f"on_error={self.on_error!r} must be 'skip' or 'raise'")
         if self.max_shm_bytes < 1024**2:
             raise ValueError(f"max_shm_bytes={self.max_shm_bytes!r} must be at least 1 MiB")
-        for name in ("client_timeout_s", "drain_timeout_s", "worker_start_timeout_s"):
+        for name in ("client_timeout_s", "drain_timeout_s", "worker_start_timeout_s", "task_timeout_s"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not value > 0:
                 raise ValueError(f"{name}={value!r} must be > 0")

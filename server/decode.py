@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import math
+import os
 import warnings
 from dataclasses import dataclass
 
@@ -58,13 +59,14 @@ def read_file(path: bytes, limits: DecodeLimits) -> bytes:
     """Read a whole file, refusing empty and oversized ones."""
     try:
         with open(path, "rb") as handle:
-            data = handle.read(limits.max_file_bytes + 1)
+            # Check the size first: read(n) would reserve n bytes up front, whatever the file holds.
+            if os.fstat(handle.fileno()).st_size > limits.max_file_bytes:
+                raise BadImage(f"file larger than max_file_bytes={limits.max_file_bytes}")
+            data = handle.read()
     except OSError as exc:
         raise BadImage(f"cannot read: {exc.strerror or exc}") from None
     if not data:
         raise BadImage("empty file")
-    if len(data) > limits.max_file_bytes:
-        raise BadImage(f"file larger than max_file_bytes={limits.max_file_bytes}")
     return data
 
 
@@ -118,7 +120,7 @@ def probe(data: bytes, limits: DecodeLimits) -> ImageInfo:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data))
-            orientation = int(image.getexif().get(_EXIF_ORIENTATION, 1) or 1)
+            orientation = _header_orientation(image)
     except Image.DecompressionBombError as exc:
         raise BadImage(f"decompression bomb: {exc}") from None
     except Exception as exc:  # Pillow signals unreadable data with many exception types
@@ -126,6 +128,20 @@ def probe(data: bytes, limits: DecodeLimits) -> ImageInfo:
     info = ImageInfo(image.width, image.height, orientation if 1 <= orientation <= 8 else 1, jpeg=False)
     _check_declared(info, limits)
     return info
+
+
+def _header_orientation(image: Image.Image) -> int:
+    """EXIF orientation known from the headers alone. ``getexif()`` would decode a whole PNG to look
+    for an eXIf chunk after the pixels; such late chunks are ignored (documented)."""
+    if image.format == "TIFF":
+        value = image.tag_v2.get(_EXIF_ORIENTATION, 1)  # type: ignore[attr-defined]
+    elif "exif" in image.info:
+        exif = Image.Exif()
+        exif.load(image.info["exif"])
+        value = exif.get(_EXIF_ORIENTATION, 1)
+    else:
+        value = 1
+    return int(value) if isinstance(value, int) and 1 <= value <= 8 else 1
 
 
 def _check_declared(info: ImageInfo, limits: DecodeLimits) -> None:
@@ -195,4 +211,4 @@ def _to_rgb(image: Image.Image) -> np.ndarray:
         return blended.astype(np.uint8)
     if mode != "RGB":
         image = image.convert("RGB")
-    return np.asarray(image)
+    return np.array(image)  # writable (np.asarray of a Pillow image is read-only)

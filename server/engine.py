@@ -518,6 +518,7 @@ class Engine:
         for stage, total in zip(("read", "decode", "augment"), event.times):
             self.stats.stage(stage, total / count, count)
         for row, reason in event.outcomes:
+            self.stats.samples_total.labels("ok" if reason is None else "bad").inc()
             if work.failure is not None:
                 break
             if reason is None:
@@ -641,9 +642,10 @@ class Engine:
 
     def _housekeeping(self) -> None:
         now = time.monotonic()
-        if now - self._last_housekeeping < 0.5:
+        if now - self._last_housekeeping < min(0.5, self.config.task_timeout_s / 4):
             return
         self._last_housekeeping = now
+        self.pool.kill_stuck(self.config.task_timeout_s)
         for identity, peer in list(self._peers.items()):
             # A silent client's queued batches are dropped and its slots freed once sends finish.
             if now - peer.stats.last_seen > self.config.client_timeout_s:
@@ -696,6 +698,22 @@ class Engine:
         log.info("engine stopped")
 
     # -- operator API (run on the engine thread through call()) ----------------------------------
+
+    @staticmethod
+    def _worker_view(worker: Any) -> dict[str, Any]:
+        current = None
+        position = int(worker.progress.value)
+        if worker.tasks and 0 <= position < len(worker.tasks[0].samples):
+            task = worker.tasks[0]
+            current = task.work.job.table.display_path(task.samples[position][1])
+        return {
+            "id": worker.worker_id,
+            "pid": worker.process.pid,
+            "tasks": len(worker.tasks),
+            "current": current,
+            "retiring": worker.retiring,
+            "busy_s": round(worker.busy_s, 3),
+        }
 
     def reconfigure(self, **changes: Any) -> EngineConfig:
         """Apply live changes (workers, max_prefetch, on_error, cache_batches); return the new config."""
@@ -750,6 +768,7 @@ class Engine:
                 "alive": sum(1 for w in workers if w.process.is_alive()),
                 "busy": sum(1 for w in workers if w.tasks),
                 "restarts": self.pool.restarts,
+                "workers": [self._worker_view(w) for w in workers],
             },
             "datasets": [
                 {"name": t.name, "samples": len(t), "classes": len(t.classes), "fingerprint": t.fingerprint}

@@ -239,6 +239,16 @@ class WorkerPool(Generic[T]):
         self.workers.remove(worker)
         self._by_fd = {fd: w for fd, w in self._by_fd.items() if w is not worker}
 
+    def kill_stuck(self, timeout_s: float) -> None:
+        """SIGKILL workers on one task for longer than ``timeout_s`` (a hung decoder is a dead one)."""
+        now = time.monotonic()
+        for worker in self.workers:
+            started = worker.task_started_at
+            if started is not None and now - started > timeout_s and worker.process.is_alive():
+                log.warning("worker %d stuck on a task for %.1f s; killing it", worker.worker_id, now - started)
+                worker.process.kill()
+                worker.task_started_at = None  # its death, reported by the sentinel, redoes the task
+
     # -- work ------------------------------------------------------------------------------------
 
     def available(self, depth: int) -> list[WorkerHandle[T]]:

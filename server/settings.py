@@ -78,6 +78,7 @@ class ServerSettings(BaseModel):
     client_timeout_s: float = Field(120.0, gt=0, description="forget clients silent this long")
     drain_timeout_s: float = Field(10.0, gt=0, description="time to finish in-flight batches on shutdown")
     worker_start_timeout_s: float = Field(120.0, gt=0)
+    task_timeout_s: float = Field(120.0, gt=0, description="kill a worker stuck this long on one task")
     heartbeat_ms: int = Field(2000, ge=10, le=600000, description="ZeroMQ heartbeat interval")
     log_level: LogLevel = "INFO"
     ready_file: str | None = Field(None, description="write the bound endpoints here as JSON once serving")
@@ -121,6 +122,7 @@ class ServerSettings(BaseModel):
             client_timeout_s=self.client_timeout_s,
             drain_timeout_s=self.drain_timeout_s,
             worker_start_timeout_s=self.worker_start_timeout_s,
+            task_timeout_s=self.task_timeout_s,
             heartbeat_ms=self.heartbeat_ms,
             limits=DecodeLimits(
                 max_file_bytes=self.max_file_mb * 1024**2,

@@ -146,6 +146,9 @@ class EngineStats:
         self.images_total = Counter("stoker_images_served", "Images sent to clients", registry=r)
         self.batches_total = Counter("stoker_batches_served", "Batches sent to clients", registry=r)
         self.bytes_total = Counter("stoker_bytes_served", "Image bytes sent to clients", registry=r)
+        self.samples_total = Counter(
+            "stoker_samples_decoded", "Samples a worker attempted, by outcome", ["outcome"], registry=r
+        )
         self.bad_total = Counter("stoker_bad_samples", "Samples refused as bad", ["dataset"], registry=r)
         self.restarts_total = Counter("stoker_worker_restarts", "Workers replaced after dying", registry=r)
         self.errors_total = Counter("stoker_errors", "ERROR replies sent, by code", ["code"], registry=r)

@@ -113,3 +113,54 @@ def run_cli(*args: str, timeout_s: float = 300.0, env: dict[str, str] | None = N
         [sys.executable, "-m", "stoker.server", *args],
         capture_output=True, text=True, timeout=timeout_s, env={**os.environ, **(env or {})},
     )
+
+
+def process_tree_rss_mb(pid: int, field: str = "Pss") -> float:
+    """Memory of a process and all its descendants, in MB (Linux /proc): ``Pss`` (shared pages split
+    between the processes sharing them, so torch loaded once in the forkserver is not counted per
+    worker) or ``Rss``."""
+    total_kb = 0
+    pending = [pid]
+    while pending:
+        current = pending.pop()
+        try:
+            with open(f"/proc/{current}/smaps_rollup") as handle:
+                for line in handle:
+                    if line.startswith(f"{field}:"):
+                        total_kb += int(line.split()[1])
+            for task in os.listdir(f"/proc/{current}/task"):
+                with open(f"/proc/{current}/task/{task}/children") as handle:
+                    pending += [int(child) for child in handle.read().split()]
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+    return total_kb / 1024
+
+
+def wait_until(predicate, timeout_s: float = 30.0, interval_s: float = 0.02, what: str = "condition"):
+    """Poll ``predicate`` until it returns something truthy; fail after ``timeout_s``."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+        time.sleep(interval_s)
+
+
+def make_bad_dataset(root: Path) -> tuple[Path, list[str]]:
+    """An ImageFolder of demo photos plus broken files; returns the root and the bad files' names."""
+    import shutil
+
+    good = sorted(DEMO_DATA.rglob("*.jpg"))
+    for i, photo in enumerate(good[:30]):
+        target = root / ("a" if i % 2 else "b") / photo.name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(photo, target)
+    bad = ["truncated_50pct_coffee.jpg", "zero_bytes.jpg", "text_file.jpg", "corrupt_scan_data_coffee.jpg",
+           "html_error_page.jpg"]
+    for name in bad:
+        shutil.copy(ODD_DATA / name, root / "b" / name)
+    return root, bad

@@ -37,11 +37,21 @@ class Endpoints(BaseModel):
     http: str = Field(description="this HTTP side")
 
 
+class WorkerStatus(BaseModel):
+    id: int
+    pid: int | None
+    tasks: int = Field(description="tasks held (one running, the rest queued)")
+    current: str | None = Field(description="the file being decoded now")
+    retiring: bool
+    busy_s: float = Field(description="seconds spent on tasks since start")
+
+
 class PoolStatus(BaseModel):
     size: int = Field(description="target number of workers")
     alive: int
     busy: int = Field(description="workers holding a task now")
     restarts: int = Field(description="workers replaced after dying")
+    workers: list[WorkerStatus]
 
 
 class DatasetStatus(BaseModel):

@@ -84,9 +84,11 @@ def test_streaming_while_polling_and_resizing_the_pool_loses_nothing(cluster) ->
     assert final["pool"]["size"] == 2 and final["config"]["max_prefetch"] == 2
     assert final["pool"]["restarts"] == 0, "retiring workers are not restarts"
     values = metrics(server.http)
-    assert values["stoker_images_served_total"] == 6 * 48
-    assert values["stoker_batches_served_total"] == 6 * 12
-    assert values["stoker_bytes_served_total"] == 6 * 48 * 96 * 96 * 3
+    # Six epochs, plus at most a prefetch window (4 batches of 4) already asked for of the seventh.
+    images = values["stoker_images_served_total"]
+    assert 6 * 48 <= images <= 6 * 48 + 16
+    assert 6 * 12 <= values["stoker_batches_served_total"] <= 6 * 12 + 4
+    assert values["stoker_bytes_served_total"] == images * 96 * 96 * 3
     assert values["stoker_stage_seconds_count|stage=decode"] >= 6 * 48
     assert values["stoker_workers"] >= 1
     assert "config change: workers 2 -> 1" in cluster.logs()
