@@ -57,9 +57,7 @@ class BadSampleError(ServerError):
     ``path`` is the file on the server, ``reason`` what went wrong with it.
     """
 
-    def __init__(
-        self, message: str, code: int, endpoint: str | None = None, path: str = "", reason: str = ""
-    ) -> None:
+    def __init__(self, message: str, code: int, endpoint: str | None = None, path: str = "", reason: str = "") -> None:
         super().__init__(message, code, endpoint)
         self.path = path
         self.reason = reason

@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import logging
-import time
 from typing import Any
 
 import zmq
-
 from stoker.client.wire import Kind, encode
 
 __all__ = ["ServerLink"]

@@ -16,7 +16,6 @@ from __future__ import annotations
 import math
 
 import numpy as np
-
 from stoker.client.rng import mix, splitmix64_array
 
 __all__ = ["batches_per_rank", "batch_sizes", "permutation", "batch_positions", "batch_indices", "sample_seed"]
@@ -59,9 +58,7 @@ def permutation(num_samples: int, seed: int, epoch: int, shuffle: bool) -> np.nd
     return np.argsort(keys, kind="stable").astype(np.int64, copy=False)
 
 
-def batch_positions(
-    num_samples: int, batch_size: int, world_size: int, drop_last: bool, rank: int, k: int
-) -> range:
+def batch_positions(num_samples: int, batch_size: int, world_size: int, drop_last: bool, rank: int, k: int) -> range:
     """Positions in the (padded) epoch order that make batch ``k`` of ``rank``."""
     count = batches_per_rank(num_samples, batch_size, world_size, drop_last)
     if not 0 <= rank < world_size:

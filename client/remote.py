@@ -9,11 +9,10 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
-from torch.utils.data import IterableDataset, get_worker_info
-
 from stoker.client.buffers import PinnedPool
 from stoker.client.job import JobSpec
 from stoker.client.session import BatchStream, JobInfo, RawBatch, Session
+from torch.utils.data import IterableDataset, get_worker_info
 
 __all__ = ["RemoteBatches", "IMAGENET_MEAN", "IMAGENET_STD"]
 
@@ -80,8 +79,10 @@ class RemoteBatches(IterableDataset):
         if len(mean) != 3 or len(std) != 3 or any(s <= 0 for s in std):
             raise ValueError(f"mean={tuple(mean)} and std={tuple(std)} must be 3 values each, std > 0")
         self.prefetch = prefetch
-        self.device = torch.device(device) if device is not None else (
-            torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+        self.device = (
+            torch.device(device)
+            if device is not None
+            else (torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
         )
         self.normalize = normalize
         self.mean = tuple(float(m) for m in mean)

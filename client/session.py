@@ -3,9 +3,10 @@
 A :class:`Session` owns one :class:`ServerLink` per server. A :class:`BatchStream` walks a list of
 batches ``(epoch, k)``, running ahead into the next epoch. It keeps at most ``prefetch`` of them
 requested or received-but-unconsumed (its requests are its credits, so the server never holds more
-than that for us), spreads requests over usable servers by expected wait, re-asks (another server when there is one) when a request goes unanswered, and hands
-batches back strictly in order. Because batch bytes depend only on ``(job, epoch, rank, k)``, a re-ask
-can never produce a different or duplicated batch: late duplicates are simply dropped.
+than that for us), spreads requests over usable servers by expected wait, re-asks (another server
+when there is one) when a request goes unanswered, and hands batches back strictly in order. Because
+batch bytes depend only on ``(job, epoch, rank, k)``, a re-ask can never produce a different or
+duplicated batch: late duplicates are simply dropped.
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import zmq
-
 from stoker.client.errors import (
     BadSampleError,
     InvalidJobError,

@@ -10,13 +10,12 @@ answer with.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import IntEnum
-from collections.abc import Callable
 from typing import Any, Final
 
 import msgpack
-
 from stoker.client.errors import ProtocolError
 
 __all__ = [

@@ -121,7 +121,7 @@ def _read_file_list(name: str, path: Path, root: Path | None) -> SampleTable:
         index = {cls: i for i, cls in enumerate(classes)}
         numbers = [index[text] for text in labels_text]
     base = root if root is not None else path.parent
-    rows = ((os.fsencode(row[0].strip()), label) for row, label in zip(raw, numbers))
+    rows = ((os.fsencode(row[0].strip()), label) for row, label in zip(raw, numbers, strict=False))
     return SampleTable(name, base, classes, rows)
 
 

@@ -33,7 +33,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="run a loader server")
     serve.add_argument("--config", type=Path, help="TOML file with settings, datasets and pipelines")
     serve.add_argument(
-        "--dataset", action="append", type=_dataset_arg, default=[], metavar="NAME=PATH",
+        "--dataset",
+        action="append",
+        type=_dataset_arg,
+        default=[],
+        metavar="NAME=PATH",
         help="declare a dataset: an ImageFolder directory or a CSV/TSV file list (repeatable)",
     )
     serve.add_argument("--bind", help="ZeroMQ data endpoint (default tcp://*:5555)")
@@ -66,8 +70,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 _SERVE_FIELDS = (
-    "bind", "http", "http_token", "workers", "max_workers", "max_prefetch", "on_error", "cache_batches",
-    "client_timeout_s", "drain_timeout_s", "task_timeout_s", "heartbeat_ms", "log_level", "ready_file",
+    "bind",
+    "http",
+    "http_token",
+    "workers",
+    "max_workers",
+    "max_prefetch",
+    "on_error",
+    "cache_batches",
+    "client_timeout_s",
+    "drain_timeout_s",
+    "task_timeout_s",
+    "heartbeat_ms",
+    "log_level",
+    "ready_file",
 )
 
 
@@ -96,14 +112,27 @@ def _demo(args: argparse.Namespace) -> int:
     from stoker.server.launcher import start_server
 
     workers = args.workers or usable_cores()
-    print(f"stoker demo: {sum(1 for _ in DEMO_DATA.rglob('*.jpg'))} photos in {DEMO_DATA}, "
-          f"{args.epochs} epochs, batch {args.batch_size}, {args.image_size}px, {workers} workers")
-    server_args = ["--dataset", f"demo={DEMO_DATA}", "--bind", "tcp://127.0.0.1:0", "--http", "127.0.0.1:0",
-                   "--workers", str(workers), "--log-level", "WARNING"]
+    print(
+        f"stoker demo: {sum(1 for _ in DEMO_DATA.rglob('*.jpg'))} photos in {DEMO_DATA}, "
+        f"{args.epochs} epochs, batch {args.batch_size}, {args.image_size}px, {workers} workers"
+    )
+    server_args = [
+        "--dataset",
+        f"demo={DEMO_DATA}",
+        "--bind",
+        "tcp://127.0.0.1:0",
+        "--http",
+        "127.0.0.1:0",
+        "--workers",
+        str(workers),
+        "--log-level",
+        "WARNING",
+    ]
     with start_server(server_args) as server:
         print(f"server up: data {server.data}, status {server.http}/status")
-        result = stream_stoker(server.data, args.epochs, args.batch_size, args.image_size,
-                               args.step_ms / 1000.0, args.device)
+        result = stream_stoker(
+            server.data, args.epochs, args.batch_size, args.image_size, args.step_ms / 1000.0, args.device
+        )
     rows = [result]
     if not args.no_compare:
         rows.append(run_dataloader_baseline(DEMO_DATA, args.epochs, args.batch_size, args.image_size, 2))
@@ -112,8 +141,10 @@ def _demo(args: argparse.Namespace) -> int:
         stall = "-" if row.stall_share is None else f"{100 * row.stall_share:.0f}%"
         print(f"{row.label:34s} {row.images:7d} {row.images_per_s:9.1f} {row.mb_per_s:8.1f} {stall:>10s}")
     if len(rows) == 2 and rows[1].images_per_s > 0:
-        print(f"\nstoker / DataLoader: {rows[0].images_per_s / rows[1].images_per_s:.2f}x images/s "
-              "(stoker ships uint8 and normalises on the client's device)")
+        print(
+            f"\nstoker / DataLoader: {rows[0].images_per_s / rows[1].images_per_s:.2f}x images/s "
+            "(stoker ships uint8 and normalises on the client's device)"
+        )
     if args.step_ms == 0:
         print("data stall is the share of the loop spent waiting; with --step-ms 0 the loop does nothing else")
     return 0

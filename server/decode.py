@@ -162,9 +162,7 @@ def decode(data: bytes, info: ImageInfo, reduction: int, limits: DecodeLimits) -
         width, height = math.ceil(info.width / reduction), math.ceil(info.height / reduction)
         _check_decoded(width, height, info, limits)
         try:
-            return simplejpeg.decode_jpeg(
-                data, colorspace="RGB", min_width=width, min_height=height, strict=True
-            )
+            return simplejpeg.decode_jpeg(data, colorspace="RGB", min_width=width, min_height=height, strict=True)
         except ValueError as exc:
             raise BadImage(f"corrupt JPEG: {exc}") from None
     return _decode_with_pillow(data, info, reduction, limits)

@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["DEMO_DATA", "DemoResult", "run_demo", "run_dataloader_baseline"]
+__all__ = ["DEMO_DATA", "DemoResult", "stream_stoker", "run_dataloader_baseline"]
 
 DEMO_DATA = Path(__file__).resolve().parent / "demo-data"
 
@@ -40,7 +40,6 @@ def stream_stoker(
 ) -> DemoResult:
     """Iterate ``epochs`` epochs of the demo dataset from a running server."""
     import torch
-
     from stoker.client import RemoteBatches
 
     with RemoteBatches(
@@ -49,7 +48,7 @@ def stream_stoker(
         len(batches)  # connect and open the job before the clock starts
         started = time.perf_counter()
         for _ in range(epochs):
-            for images, labels in batches:
+            for images, _labels in batches:
                 if step_s:
                     _simulated_step(images, step_s)
                 if images.device.type == "cuda":

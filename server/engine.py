@@ -11,6 +11,7 @@ side) talk to it through :meth:`Engine.call`, which runs a function on the engin
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import math
@@ -21,103 +22,32 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from typing import Any, TypeVar
 
-import numpy as np
 import zmq
-
 from stoker.client.errors import ProtocolError
 from stoker.client.job import JobSpec
 from stoker.client.wire import ErrorCode, Header, Kind, decode, encode
+from stoker.server.batches import BatchKey, BatchPlanner, BatchWork, CachedBatch, Peer, PendingSend, Task
 from stoker.server.catalog import Catalog
 from stoker.server.config import EngineConfig
-from stoker.server.jobs import JobRegistry, OpenJob, replacement_candidate
+from stoker.server.jobs import JobRegistry, OpenJob
 from stoker.server.pipelines import Pipeline
 from stoker.server.pool import TaskDone, WorkerDied, WorkerFailed, WorkerPool
-from stoker.server.slots import Slot, SlotPool
-from stoker.server.stats import BadSample, BadSamples, EngineStats, PeerStats
+from stoker.server.slots import SlotPool
+from stoker.server.snapshot import build_snapshot
+from stoker.server.stats import BadSamples, EngineStats, PeerStats
 from stoker.server.transport import Incoming, Transport
+from stoker.server.version import VERSION
 from stoker.server.worker import TaskMessage
 
 __all__ = ["Engine", "VERSION"]
 
 log = logging.getLogger(__name__)
 R = TypeVar("R")
-VERSION = "0.1.0"
-BatchKey = tuple[str, int, int, int]
 _MAX_EPOCH = 2**31 - 1
 _KILLS_BEFORE_QUARANTINE = 2
-
-
-@dataclass(eq=False)
-class BatchWork:
-    """A batch being produced, and who is waiting for it."""
-
-    key: BatchKey
-    job: OpenJob
-    indices: np.ndarray
-    """Dataset index per row, after bad-sample replacement."""
-    originals: np.ndarray
-    """Dataset index per row as planned; replacements are derived from it."""
-    attempts: dict[int, int]
-    waiters: dict[bytes, float]
-    """Routing identity -> when it asked."""
-    pending: set[int]
-    slot: Slot | None = None
-    tasks_out: int = 0
-    failure: dict[str, Any] | None = None
-    created_at: float = field(default_factory=time.monotonic)
-    dispatched_at: float = 0.0
-
-    @property
-    def nbytes(self) -> int:
-        return self.job.batch_nbytes(self.key[3])
-
-
-@dataclass(eq=False)
-class Task:
-    """Some rows of one batch, as given to one worker."""
-
-    task_id: int
-    work: BatchWork
-    samples: list[tuple[int, int]]
-    """``(row, dataset index)``."""
-
-
-@dataclass(frozen=True, slots=True)
-class CachedBatch:
-    """A finished batch kept for repeated requests."""
-
-    slot: Slot
-    header: bytes
-    nbytes: int
-    images: int
-
-
-@dataclass(slots=True)
-class PendingSend:
-    """A batch handed to ZeroMQ whose buffer is still in use."""
-
-    tracker: zmq.MessageTracker
-    slot: Slot
-    identity: bytes
-    key: BatchKey
-    nbytes: int
-    images: int
-    requested_at: float
-    started_at: float
-
-
-@dataclass(eq=False)
-class Peer:
-    """Engine-side bookkeeping of one client connection."""
-
-    stats: PeerStats
-    inflight: set[BatchKey] = field(default_factory=set)
-    """Batches requested and not yet fully handed to the kernel: the flow-control window."""
-    deferred: deque[BatchKey] = field(default_factory=deque)
-    """Requests parked while the window is full (a client may ask again before a send completes)."""
 
 
 class Engine:
@@ -130,6 +60,7 @@ class Engine:
         self.jobs = JobRegistry(catalog, self.pipelines, config.max_batch_size, config.max_image_size)
         self.stats = EngineStats()
         self.bad = BadSamples()
+        self.planner = BatchPlanner(self.jobs, self.bad, self.stats)
         self.pool: WorkerPool[Task] = WorkerPool(config.workers, config.limits, config.worker_start_timeout_s)
         self.slots = SlotPool(config.max_shm_bytes)
         self.endpoint = ""
@@ -202,10 +133,8 @@ class Engine:
             future.set_exception(RuntimeError("engine is stopped"))
             return future
         self._commands.put((fn, args, future))
-        try:
+        with contextlib.suppress(OSError):
             os.write(self._wake_w, b"x")
-        except OSError:
-            pass
         return future
 
     # -- the loop --------------------------------------------------------------------------------
@@ -378,7 +307,7 @@ class Engine:
             return
         work = self._works.get(key)
         if work is None:
-            work = self._plan(job, key)
+            work = self.planner.plan(job, key, self.config.on_error, self.config.max_replacements)
             self._works[key] = work
             if work.failure is None:
                 self._queue.append(work)
@@ -399,58 +328,6 @@ class Engine:
                 self._queue.remove(work)
                 del self._works[key]
         log.info("client %s (%s) gone", peer.stats.client_id or "?", identity.hex())
-
-    # -- planning --------------------------------------------------------------------------------
-
-    def _plan(self, job: OpenJob, key: BatchKey) -> BatchWork:
-        _, epoch, rank, k = key
-        originals = self.jobs.indices(job, epoch, rank, k)
-        work = BatchWork(key, job, originals.copy(), originals, {}, {}, set(range(len(originals))))
-        for row, index in enumerate(originals):
-            known = self.bad.get(job.table.name, int(index))
-            if known is not None:
-                self._replace(work, row, known)
-        return work
-
-    def _replace(self, work: BatchWork, row: int, bad: BadSample) -> bool:
-        """Point ``row`` at the next usable stand-in; ``False`` (and the work failed) if none."""
-        if self.config.on_error == "raise":
-            work.failure = {
-                "code": int(ErrorCode.BAD_SAMPLE),
-                "message": f"bad sample {bad.path}: {bad.reason}",
-                "path": bad.path,
-                "reason": bad.reason,
-            }
-            work.pending.clear()
-            return False
-        job, epoch = work.job, work.key[1]
-        table = job.table
-        original = int(work.originals[row])
-        attempt = work.attempts.get(row, -1) + 1
-        while attempt < self.config.max_replacements:
-            candidate = replacement_candidate(job.spec, epoch, original, attempt, len(table))
-            if self.bad.get(table.name, candidate) is None:
-                work.attempts[row] = attempt
-                work.indices[row] = candidate
-                return True
-            attempt += 1
-        work.failure = {
-            "code": int(ErrorCode.BAD_SAMPLE),
-            "message": f"no usable stand-in for {bad.path} after {self.config.max_replacements} tries",
-            "path": bad.path,
-            "reason": bad.reason,
-        }
-        work.pending.clear()
-        return False
-
-    def _record_bad(self, work: BatchWork, row: int, reason: str) -> BadSample:
-        table = work.job.table
-        index = int(work.indices[row])
-        sample = BadSample(table.name, index, table.display_path(index), reason, time.time())
-        if self.bad.add(sample):
-            self.stats.bad_total.labels(table.name).inc()
-            log.warning("bad sample %s (dataset %r, index %d): %s", sample.path, table.name, index, reason)
-        return self.bad.get(table.name, index) or sample
 
     # -- dispatch --------------------------------------------------------------------------------
 
@@ -494,7 +371,9 @@ class Engine:
         work = task.work
         job, epoch = work.job, work.key[1]
         table = job.table
-        samples = tuple((row, table.path(index), self.jobs.sample_key(job, epoch, index)) for row, index in task.samples)
+        samples = tuple(
+            (row, table.path(index), self.jobs.sample_key(job, epoch, index)) for row, index in task.samples
+        )
         if work.slot is None:
             raise RuntimeError("a task of an undispatched batch")  # unreachable: tasks come from dispatch
         return TaskMessage(
@@ -515,7 +394,7 @@ class Engine:
         task, work = event.task, event.task.work
         work.tasks_out -= 1
         count = len(task.samples)
-        for stage, total in zip(("read", "decode", "augment"), event.times):
+        for stage, total in zip(("read", "decode", "augment"), event.times, strict=False):
             self.stats.stage(stage, total / count, count)
         for row, reason in event.outcomes:
             self.stats.samples_total.labels("ok" if reason is None else "bad").inc()
@@ -523,7 +402,13 @@ class Engine:
                 break
             if reason is None:
                 work.pending.discard(row)
-            elif self._replace(work, row, self._record_bad(work, row, reason)):
+            elif self.planner.replace(
+                work,
+                row,
+                self.planner.record_bad(work, row, reason),
+                self.config.on_error,
+                self.config.max_replacements,
+            ):
                 self._ready.appendleft(Task(next(self._task_ids), work, [(row, int(work.indices[row]))]))
                 work.tasks_out += 1
         self._maybe_complete(work)
@@ -541,7 +426,13 @@ class Engine:
                 reason = f"quarantined: killed {kills} workers (last exit code {event.exitcode})"
                 first.samples.remove((row, index))
                 work = first.work
-                if self._replace(work, row, self._record_bad(work, row, reason)):
+                if self.planner.replace(
+                    work,
+                    row,
+                    self.planner.record_bad(work, row, reason),
+                    self.config.on_error,
+                    self.config.max_replacements,
+                ):
                     first.samples.append((row, int(work.indices[row])))
         # Redo everything the dead worker held, ahead of new work: slots are already reserved.
         for task in reversed(tasks):
@@ -562,8 +453,13 @@ class Engine:
                 peer = self._peers.get(identity)
                 if peer is not None:
                     peer.inflight.discard(work.key)
-                self._error(identity, ErrorCode(work.failure["code"]), work.failure["message"],
-                            **_batch_where(work.key), **{k: v for k, v in work.failure.items() if k in ("path", "reason")})
+                self._error(
+                    identity,
+                    ErrorCode(work.failure["code"]),
+                    work.failure["message"],
+                    **_batch_where(work.key),
+                    **{k: v for k, v in work.failure.items() if k in ("path", "reason")},
+                )
             if work.slot is not None:
                 self.slots.release(work.slot)
             return
@@ -598,8 +494,10 @@ class Engine:
     def _send(self, identity: bytes, key: BatchKey, batch: CachedBatch, asked_at: float) -> None:
         transport = self._transport
         peer = self._peers.get(identity)
-        tracker = None if transport is None or peer is None else transport.send_batch(
-            identity, batch.header, batch.slot.view(batch.nbytes)
+        tracker = (
+            None
+            if transport is None or peer is None
+            else transport.send_batch(identity, batch.header, batch.slot.view(batch.nbytes))
         )
         if tracker is None:
             if peer is not None:
@@ -666,8 +564,7 @@ class Engine:
         # Batches no worker has started are answered at once, so clients can go elsewhere.
         while self._queue:
             work = self._queue.popleft()
-            work.failure = {"code": int(ErrorCode.SHUTTING_DOWN), "message": "server is shutting down"}
-            work.pending.clear()
+            work.fail(ErrorCode.SHUTTING_DOWN, "server is shutting down")
             self._maybe_complete(work)
         for peer in self._peers.values():
             peer.deferred.clear()
@@ -699,22 +596,6 @@ class Engine:
 
     # -- operator API (run on the engine thread through call()) ----------------------------------
 
-    @staticmethod
-    def _worker_view(worker: Any) -> dict[str, Any]:
-        current = None
-        position = int(worker.progress.value)
-        if worker.tasks and 0 <= position < len(worker.tasks[0].samples):
-            task = worker.tasks[0]
-            current = task.work.job.table.display_path(task.samples[position][1])
-        return {
-            "id": worker.worker_id,
-            "pid": worker.process.pid,
-            "tasks": len(worker.tasks),
-            "current": current,
-            "retiring": worker.retiring,
-            "busy_s": round(worker.busy_s, 3),
-        }
-
     def reconfigure(self, **changes: Any) -> EngineConfig:
         """Apply live changes (workers, max_prefetch, on_error, cache_batches); return the new config."""
         allowed = {"workers", "max_prefetch", "on_error", "cache_batches", "client_timeout_s"}
@@ -731,84 +612,8 @@ class Engine:
         return new
 
     def snapshot(self) -> dict[str, Any]:
-        """Everything ``/status`` shows, built on the engine thread."""
-        now = time.monotonic()
-        stats = self.stats
-        images_s, bytes_s = stats.throughput.rates(now)
-        clients = []
-        for peer in self._peers.values():
-            p = peer.stats
-            p_images, p_bytes = p.throughput.rates(now)
-            clients.append(
-                {
-                    "client_id": p.client_id,
-                    "job_id": p.job_id,
-                    "rank": p.rank,
-                    "world_size": p.world_size,
-                    "epoch": p.epoch,
-                    "batches": p.batches,
-                    "images": p.images,
-                    "bytes": p.bytes,
-                    "inflight": len(peer.inflight),
-                    "images_per_s": round(p_images, 1),
-                    "mb_per_s": round(p_bytes / 1e6, 2),
-                    "stall_share": None if p.stall_share is None else round(p.stall_share, 4),
-                    "last_seen_s": round(now - p.last_seen, 2),
-                }
-            )
-        workers = self.pool.workers
-        stalls = [c["stall_share"] for c in clients if c["stall_share"] is not None]
-        return {
-            "version": VERSION,
-            "uptime_s": round(time.time() - stats.started_at, 1),
-            "endpoints": {"data": self.endpoint},
-            "ready": self.ready,
-            "pool": {
-                "size": self.pool.target_size,
-                "alive": sum(1 for w in workers if w.process.is_alive()),
-                "busy": sum(1 for w in workers if w.tasks),
-                "restarts": self.pool.restarts,
-                "workers": [self._worker_view(w) for w in workers],
-            },
-            "datasets": [
-                {"name": t.name, "samples": len(t), "classes": len(t.classes), "fingerprint": t.fingerprint}
-                for t in self.catalog.values()
-            ],
-            "jobs": [
-                {
-                    "job_id": j.job_id,
-                    "dataset": j.spec.dataset,
-                    "pipeline": j.spec.pipeline,
-                    "image_size": j.spec.image_size,
-                    "batch_size": j.spec.batch_size,
-                    "world_size": j.spec.world_size,
-                    "batches_per_rank": j.batches,
-                }
-                for j in self.jobs.open_jobs
-            ],
-            "clients": clients,
-            "throughput": {"images_per_s": round(images_s, 1), "mb_per_s": round(bytes_s / 1e6, 2)},
-            "stall_share": round(sum(stalls) / len(stalls), 4) if stalls else None,
-            "stages": stats.stage_summary(),
-            "latency": stats.latency.summary(),
-            "inflight_batches": len(self._works) + len(self._sends),
-            "shm_bytes": self.slots.total_bytes,
-            "errors": dict(stats.errors),
-            "bad_samples": {
-                "count": len(self.bad),
-                "recent": [
-                    {"dataset": b.dataset, "index": b.index, "path": b.path, "reason": b.reason, "at": b.at}
-                    for b in reversed(self.bad.recent)
-                ],
-            },
-            "config": {
-                "workers": self.config.workers,
-                "max_prefetch": self.config.max_prefetch,
-                "on_error": self.config.on_error,
-                "cache_batches": self.config.cache_batches,
-                "client_timeout_s": self.config.client_timeout_s,
-            },
-        }
+        """Everything ``/status`` shows, built on the engine thread (call it through :meth:`call`)."""
+        return build_snapshot(self)
 
 
 def _where(header: Header) -> dict[str, int]:

@@ -74,10 +74,7 @@ def plan_geometry(width: int, height: int, size: int, pipeline: Pipeline, rng: S
     elif pipeline.geometry == "resize_center_crop":
         # torchvision's Resize(short) keeps the aspect, truncating the long side; CenterCrop rounds.
         short = int(size * pipeline.resize_ratio)
-        if width <= height:
-            resize = (int(short * height / width), short)
-        else:
-            resize = (short, int(short * width / height))
+        resize = (int(short * height / width), short) if width <= height else (short, int(short * width / height))
         top = int(round((resize[0] - size) / 2.0))
         left = int(round((resize[1] - size) / 2.0))
         box, crop = (0, 0, width, height), (left, top, left + size, top + size)

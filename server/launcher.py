@@ -6,6 +6,7 @@ parent never guesses a free port and never sleeps: it waits for the file, or for
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -72,9 +73,7 @@ def start_server(
         if time.monotonic() > deadline:
             process.kill()
             raise TimeoutError(f"stoker serve not ready within {timeout_s} s: {command}")
-        try:
+        with contextlib.suppress(subprocess.TimeoutExpired):
             process.wait(0.05)  # wakes early if the child dies
-        except subprocess.TimeoutExpired:
-            pass
     info = json.loads(ready.read_text())
     return ServerProcess(process, info["data"], info["http"], ready)

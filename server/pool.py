@@ -8,6 +8,7 @@ replacement is ready in milliseconds and never inherits the server's threads or 
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import multiprocessing
@@ -149,20 +150,16 @@ class WorkerPool(Generic[T]):
         # Ask; the sentinel reports the exit, so the engine thread never blocks on a join here.
         for worker in self.workers:
             if worker.retiring and not worker.tasks and not worker.stop_sent:
-                try:
+                with contextlib.suppress(OSError):
                     worker.conn.send(("stop",))
-                except OSError:
-                    pass
                 worker.stop_sent = True
                 log.info("worker %d retiring", worker.worker_id)
 
     def close(self, timeout_s: float = 5.0) -> None:
         """Stop every worker: ask, wait ``timeout_s``, then terminate, then kill."""
         for worker in self.workers:
-            try:
+            with contextlib.suppress(OSError):
                 worker.conn.send(("stop",))
-            except OSError:
-                pass
         deadline = time.monotonic() + timeout_s
         for worker in self.workers:
             worker.process.join(max(0.0, deadline - time.monotonic()))
@@ -228,7 +225,10 @@ class WorkerPool(Generic[T]):
         else:
             log.warning(
                 "worker %d (pid %s) died with exit code %s holding %d tasks",
-                worker.worker_id, worker.process.pid, worker.process.exitcode, len(tasks),
+                worker.worker_id,
+                worker.process.pid,
+                worker.process.exitcode,
+                len(tasks),
             )
         if not worker.retiring:
             self.restarts += 1
@@ -266,7 +266,5 @@ class WorkerPool(Generic[T]):
     def broadcast(self, message: tuple) -> None:
         """Send a control message to every live worker."""
         for worker in self.workers:
-            try:
+            with contextlib.suppress(OSError):
                 worker.conn.send(message)
-            except OSError:
-                pass

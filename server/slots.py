@@ -7,6 +7,7 @@ registered with multiprocessing's resource tracker, which unlinks it even if the
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import os
@@ -42,10 +43,8 @@ class Slot:
         except BufferError:
             # A send still references the buffer (shutdown with sends in flight); unlinking is enough.
             log.debug("slot %s still exported at destroy; unlinking only", self.name)
-        try:
+        with contextlib.suppress(FileNotFoundError):
             self._shm.unlink()
-        except FileNotFoundError:
-            pass
 
 
 class SlotPool:

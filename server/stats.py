@@ -153,12 +153,17 @@ class EngineStats:
         self.restarts_total = Counter("stoker_worker_restarts", "Workers replaced after dying", registry=r)
         self.errors_total = Counter("stoker_errors", "ERROR replies sent, by code", ["code"], registry=r)
         self.stage_seconds = Histogram(
-            "stoker_stage_seconds", "Time per stage (per sample for read/decode/augment, per batch otherwise)",
-            ["stage"], buckets=_STAGE_BUCKETS, registry=r,
+            "stoker_stage_seconds",
+            "Time per stage (per sample for read/decode/augment, per batch otherwise)",
+            ["stage"],
+            buckets=_STAGE_BUCKETS,
+            registry=r,
         )
         self.latency_seconds = Histogram(
-            "stoker_batch_latency_seconds", "From a batch's first request to its send completing",
-            buckets=_STAGE_BUCKETS, registry=r,
+            "stoker_batch_latency_seconds",
+            "From a batch's first request to its send completing",
+            buckets=_STAGE_BUCKETS,
+            registry=r,
         )
         self.workers_gauge = Gauge("stoker_workers", "Worker processes alive", registry=r)
         self.busy_gauge = Gauge("stoker_workers_busy", "Workers holding a task", registry=r)

@@ -25,7 +25,7 @@ def fetch_status(url: str, timeout_s: float = 10.0) -> dict[str, Any]:
 def _table(headers: list[str], rows: list[list[Any]]) -> list[str]:
     cells = [headers] + [[str(value) for value in row] for row in rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
-    lines = ["  ".join(value.ljust(width) for value, width in zip(row, widths)).rstrip() for row in cells]
+    lines = ["  ".join(value.ljust(width) for value, width in zip(row, widths, strict=False)).rstrip() for row in cells]
     lines.insert(1, "  ".join("-" * width for width in widths))
     return lines
 
@@ -50,9 +50,17 @@ def format_status(status: dict[str, Any]) -> str:
         lines += _table(
             ["client", "rank", "epoch", "batches", "images/s", "MB/s", "stall", "in flight", "seen"],
             [
-                [c["client_id"][:8], f"{c['rank']}/{c['world_size']}", c["epoch"], c["batches"],
-                 f"{c['images_per_s']:.1f}", f"{c['mb_per_s']:.1f}", _pct(c["stall_share"]), c["inflight"],
-                 f"{c['last_seen_s']:.0f}s ago"]
+                [
+                    c["client_id"][:8],
+                    f"{c['rank']}/{c['world_size']}",
+                    c["epoch"],
+                    c["batches"],
+                    f"{c['images_per_s']:.1f}",
+                    f"{c['mb_per_s']:.1f}",
+                    _pct(c["stall_share"]),
+                    c["inflight"],
+                    f"{c['last_seen_s']:.0f}s ago",
+                ]
                 for c in clients
             ],
         )
@@ -60,11 +68,16 @@ def format_status(status: dict[str, Any]) -> str:
         lines.append("no clients connected")
     lines.append("")
     stages = dict(status["stages"], latency=status["latency"])
-    lines += _table(["stage", "mean ms", "p95 ms", "n"],
-                    [[name, f"{s['mean_ms']:.2f}", f"{s['p95_ms']:.2f}", s["count"]] for name, s in stages.items()])
+    lines += _table(
+        ["stage", "mean ms", "p95 ms", "n"],
+        [[name, f"{s['mean_ms']:.2f}", f"{s['p95_ms']:.2f}", s["count"]] for name, s in stages.items()],
+    )
     errors = status["errors"]
     bad = status["bad_samples"]
-    lines += ["", "errors: " + (", ".join(f"{code} {n}" for code, n in errors.items()) or "none"),
-              f"bad samples: {bad['count']}"]
+    lines += [
+        "",
+        "errors: " + (", ".join(f"{code} {n}" for code, n in errors.items()) or "none"),
+        f"bad samples: {bad['count']}",
+    ]
     lines += [f"  {b['path']}: {b['reason']}" for b in bad["recent"][:10]]
     return "\n".join(lines)

@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import zmq
-
 from stoker.client.wire import MAX_HEADER_BYTES, Kind, encode
 
 __all__ = ["Incoming", "Transport"]

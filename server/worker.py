@@ -31,7 +31,6 @@ from stoker.server.decode import BadImage, DecodeLimits
 from stoker.server.pipelines import Pipeline
 from stoker.server.slots import SlotViews
 
-
 __all__ = ["TaskMessage", "worker_main"]
 
 log = logging.getLogger(__name__)

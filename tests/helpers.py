@@ -27,15 +27,22 @@ class Cluster:
         self._args: dict[int, list[str]] = {}
         self._logs: list[Any] = []
 
-    def start(self, *args: str, datasets: dict[str, Path] | None = None, workers: int = 2,
-              bind: str = "tcp://127.0.0.1:0", env: dict[str, str] | None = None,
-              env_http: str = "127.0.0.1:0") -> ServerProcess:
+    def start(
+        self,
+        *args: str,
+        datasets: dict[str, Path] | None = None,
+        workers: int = 2,
+        bind: str = "tcp://127.0.0.1:0",
+        env: dict[str, str] | None = None,
+        env_http: str = "127.0.0.1:0",
+    ) -> ServerProcess:
         """Start ``stoker serve`` and wait until it reports its endpoints."""
         full = ["--bind", bind, "--http", env_http, "--workers", str(workers), "--log-level", "INFO"]
-        for name, path in (datasets or {"demo": DEMO_DATA}).items():
+        for name, path in ({"demo": DEMO_DATA} if datasets is None else datasets).items():
             full += ["--dataset", f"{name}={path}"]
         full += list(args)
-        log = open(self.log_dir / f"server-{len(self._logs)}.log", "wb")
+        # Kept open for the server's lifetime; close() closes it.
+        log = open(self.log_dir / f"server-{len(self._logs)}.log", "wb")  # noqa: SIM115
         self._logs.append(log)
         server = start_server(full, timeout_s=START_TIMEOUT_S, env={**os.environ, **(env or {})}, stderr=log.fileno())
         self.servers.append(server)
@@ -85,8 +92,9 @@ def _drop_pairs(args: list[str], flags: set[str]) -> list[str]:
     return out
 
 
-def http_json(url: str, method: str = "GET", body: Any = None, token: str | None = None,
-              timeout_s: float = 10.0) -> tuple[int, Any]:
+def http_json(
+    url: str, method: str = "GET", body: Any = None, token: str | None = None, timeout_s: float = 10.0
+) -> tuple[int, Any]:
     """Send an HTTP request; return ``(status, decoded JSON or text)``."""
     data = None if body is None else json.dumps(body).encode()
     request = urllib.request.Request(url, data=data, method=method)
@@ -105,13 +113,18 @@ def http_json(url: str, method: str = "GET", body: Any = None, token: str | None
         return status, raw.decode(errors="replace")
 
 
-def run_cli(*args: str, timeout_s: float = 300.0, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+def run_cli(
+    *args: str, timeout_s: float = 300.0, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     """Run the ``stoker`` command (as ``python -m stoker.server``) and capture its output."""
     import sys
 
     return subprocess.run(
         [sys.executable, "-m", "stoker.server", *args],
-        capture_output=True, text=True, timeout=timeout_s, env={**os.environ, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+        env={**os.environ, **(env or {})},
     )
 
 
@@ -159,8 +172,13 @@ def make_bad_dataset(root: Path) -> tuple[Path, list[str]]:
         target = root / ("a" if i % 2 else "b") / photo.name
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(photo, target)
-    bad = ["truncated_50pct_coffee.jpg", "zero_bytes.jpg", "text_file.jpg", "corrupt_scan_data_coffee.jpg",
-           "html_error_page.jpg"]
+    bad = [
+        "truncated_50pct_coffee.jpg",
+        "zero_bytes.jpg",
+        "text_file.jpg",
+        "corrupt_scan_data_coffee.jpg",
+        "html_error_page.jpg",
+    ]
     for name in bad:
         shutil.copy(ODD_DATA / name, root / "b" / name)
     return root, bad

@@ -8,10 +8,10 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
-
-from stoker.server.engine import VERSION, Engine
+from stoker.server.engine import Engine
 from stoker.server.http import config, dashboard, health, metrics, status
 from stoker.server.settings import ServerSettings
+from stoker.server.version import VERSION
 
 __all__ = ["create_app"]
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from fastapi import Request
-
 from stoker.server.engine import Engine
 from stoker.server.settings import ServerSettings
 

@@ -5,16 +5,17 @@ from __future__ import annotations
 
 import pytest
 import torch
+from stoker.client import BadSampleError, RemoteBatches
 from torchvision.datasets import ImageFolder
 
-from stoker.client import BadSampleError, RemoteBatches
 from tests.helpers import http_json, make_bad_dataset
 from tests.integration.test_http import metrics
 
 
 def _epochs(endpoint: str, count: int, **options) -> list[list[tuple[torch.Tensor, ...]]]:
-    with RemoteBatches(endpoint, "mixed", device="cpu", normalize=False, return_indices=True, timeout_s=60,
-                       **options) as batches:
+    with RemoteBatches(
+        endpoint, "mixed", device="cpu", normalize=False, return_indices=True, timeout_s=60, **options
+    ) as batches:
         return [list(batches) for _ in range(count)]
 
 
@@ -27,8 +28,9 @@ def test_skip_replaces_bad_samples_deterministically_and_reports_them(cluster, t
     assert len(bad_indices) == 5 and len(samples) == 35
 
     options = dict(batch_size=6, image_size=48, seed=1)
-    with RemoteBatches(server.data, "mixed", device="cpu", normalize=False, return_indices=True, timeout_s=60,
-                       **options) as batches:
+    with RemoteBatches(
+        server.data, "mixed", device="cpu", normalize=False, return_indices=True, timeout_s=60, **options
+    ) as batches:
         epochs = [list(batches)]
         # Batches in flight together may both meet a file before it is known bad; never a later epoch.
         decoded_bad = metrics(server.http)["stoker_samples_decoded_total|outcome=bad"]
@@ -51,8 +53,8 @@ def test_skip_replaces_bad_samples_deterministically_and_reports_them(cluster, t
 
     # Another server (one worker, no knowledge of the bad files) makes the same stand-ins, same bytes.
     again = _epochs(other.data, 2, **options)
-    for mine, theirs in zip(epochs, again):
-        for (xa, ya, ia), (xb, yb, ib) in zip(mine, theirs):
+    for mine, theirs in zip(epochs, again, strict=False):
+        for (xa, ya, ia), (xb, yb, ib) in zip(mine, theirs, strict=False):
             assert torch.equal(ia, ib) and torch.equal(ya, yb) and torch.equal(xa, xb)
 
 

@@ -8,7 +8,6 @@ import subprocess
 import threading
 
 import pytest
-
 from stoker.client import RemoteBatches
 
 CHROMIUM_CANDIDATES = ("chromium", "chromium-browser", "google-chrome")
@@ -30,8 +29,13 @@ def chromium() -> str:
         env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
         try:
             subprocess.run(["apt-get", "update", "-qq"], check=True, timeout=600, env=env, capture_output=True)
-            subprocess.run(["apt-get", "install", "-y", "-qq", "--no-install-recommends", "chromium"],
-                           check=True, timeout=900, env=env, capture_output=True)
+            subprocess.run(
+                ["apt-get", "install", "-y", "-qq", "--no-install-recommends", "chromium"],
+                check=True,
+                timeout=900,
+                env=env,
+                capture_output=True,
+            )
         except (subprocess.SubprocessError, OSError) as exc:
             pytest.skip(f"Chromium is not installed and apt-get could not install it: {exc}")
         path = _find_chromium()
@@ -48,8 +52,7 @@ def test_dashboard_shows_live_numbers(cluster, chromium: str) -> None:
 
     def stream() -> None:
         try:
-            with RemoteBatches(server.data, "demo", batch_size=8, image_size=64, device="cpu",
-                               timeout_s=60) as batches:
+            with RemoteBatches(server.data, "demo", batch_size=8, image_size=64, device="cpu", timeout_s=60) as batches:
                 while not stop.is_set():
                     for _ in batches:
                         if stop.is_set():
@@ -63,8 +66,15 @@ def test_dashboard_shows_live_numbers(cluster, chromium: str) -> None:
         with sync_api.sync_playwright() as playwright:
             browser = playwright.chromium.launch(
                 executable_path=chromium,
-                args=["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                      "--disable-component-update", "--disable-sync", "--no-first-run"],
+                args=[
+                    "--headless",
+                    "--no-sandbox",
+                    "--disable-gpu",
+                    "--disable-background-networking",
+                    "--disable-component-update",
+                    "--disable-sync",
+                    "--no-first-run",
+                ],
             )
             try:
                 page = browser.new_page()
@@ -75,9 +85,7 @@ def test_dashboard_shows_live_numbers(cluster, chromium: str) -> None:
                 page.wait_for_function(
                     "() => parseFloat(document.getElementById('images-per-s').textContent) > 0", timeout=30000
                 )
-                page.wait_for_function(
-                    "() => document.querySelectorAll('#clients tr td').length >= 9", timeout=30000
-                )
+                page.wait_for_function("() => document.querySelectorAll('#clients tr td').length >= 9", timeout=30000)
                 assert page.text_content("#state") == "serving"
                 assert page.text_content("#workers-alive") == "2 / 2"
                 assert "%" in page.text_content("#stall-share")

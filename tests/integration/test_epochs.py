@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from stoker.client import RemoteBatches
 from torchvision.datasets import ImageFolder
 
-from stoker.client import RemoteBatches
 from tests.helpers import DEMO_DATA
 
 TIMEOUT_S = 60.0
@@ -28,8 +28,9 @@ def fetch_epoch(endpoint: str, dataset: str = "demo", **kwargs) -> list[tuple[to
 def test_three_ranks_cover_an_epoch_exactly_once(cluster, batch_size: int, drop_last: bool) -> None:
     server = cluster.start()
     per_rank = {
-        rank: fetch_epoch(server.data, image_size=32, batch_size=batch_size, drop_last=drop_last,
-                          rank=rank, world_size=3, seed=11)
+        rank: fetch_epoch(
+            server.data, image_size=32, batch_size=batch_size, drop_last=drop_last, rank=rank, world_size=3, seed=11
+        )
         for rank in range(3)
     }
     counts = {rank: len(batches) for rank, batches in per_rank.items()}
@@ -66,23 +67,25 @@ def test_batches_are_byte_identical_whatever_the_worker_count(cluster) -> None:
         a = _epoch(one.data, epoch, **options)
         b = _epoch(two.data, epoch, **options)
         assert len(a) == len(b) == 3
-        for (xa, ya, ia), (xb, yb, ib) in zip(a, b):
+        for (xa, ya, ia), (xb, yb, ib) in zip(a, b, strict=False):
             assert torch.equal(ia, ib) and torch.equal(ya, yb)
             assert torch.equal(xa, xb), "same job, epoch and rank must give the same bytes"
     assert not torch.equal(_epoch(one.data, 0, **options)[0][0], _epoch(one.data, 1, **options)[0][0])
 
 
 def _epoch(endpoint: str, epoch: int, **options) -> list[tuple[torch.Tensor, ...]]:
-    with RemoteBatches(endpoint, "demo", device="cpu", normalize=False, return_indices=True,
-                       timeout_s=TIMEOUT_S, **options) as batches:
+    with RemoteBatches(
+        endpoint, "demo", device="cpu", normalize=False, return_indices=True, timeout_s=TIMEOUT_S, **options
+    ) as batches:
         batches.set_epoch(epoch)
         return list(batches)
 
 
 def test_state_dict_resumes_with_exactly_the_remaining_batches(cluster) -> None:
     server = cluster.start()
-    options = dict(image_size=32, batch_size=5, seed=3, device="cpu", normalize=False, return_indices=True,
-                   timeout_s=TIMEOUT_S)
+    options = dict(
+        image_size=32, batch_size=5, seed=3, device="cpu", normalize=False, return_indices=True, timeout_s=TIMEOUT_S
+    )
     with RemoteBatches(server.data, "demo", **options) as reference:
         full = [list(reference), list(reference)]  # epochs 0 and 1
     with RemoteBatches(server.data, "demo", **options) as first:
@@ -99,9 +102,9 @@ def test_state_dict_resumes_with_exactly_the_remaining_batches(cluster) -> None:
         rest = list(resumed)
         following = list(resumed)
     assert len(taken) + len(rest) == len(full[0]) == 10
-    for got, want in zip(taken + rest, full[0]):
+    for got, want in zip(taken + rest, full[0], strict=False):
         assert torch.equal(got[0], want[0]) and torch.equal(got[2], want[2])
-    for got, want in zip(following, full[1]):
+    for got, want in zip(following, full[1], strict=False):
         assert torch.equal(got[0], want[0])
 
 
@@ -130,8 +133,17 @@ def test_normalized_channels_last_float_output_and_stats(cluster) -> None:
 
 def test_dataloader_wrapping_batch_size_none(cluster) -> None:
     server = cluster.start()
-    with RemoteBatches(server.data, "demo", batch_size=8, image_size=32, device="cpu", normalize=False,
-                       return_indices=True, shuffle=False, timeout_s=TIMEOUT_S) as batches:
+    with RemoteBatches(
+        server.data,
+        "demo",
+        batch_size=8,
+        image_size=32,
+        device="cpu",
+        normalize=False,
+        return_indices=True,
+        shuffle=False,
+        timeout_s=TIMEOUT_S,
+    ) as batches:
         loader = torch.utils.data.DataLoader(batches, batch_size=None)
         got = list(loader)
         assert len(got) == len(batches) == 6
@@ -140,18 +152,19 @@ def test_dataloader_wrapping_batch_size_none(cluster) -> None:
         batches.set_epoch(0)
         parallel = list(torch.utils.data.DataLoader(batches, batch_size=None, num_workers=2))
         assert [idx.tolist() for _, _, idx in parallel] == [idx.tolist() for _, _, idx in got]
-        assert all(torch.equal(a[0], b[0]) for a, b in zip(parallel, got))
+        assert all(torch.equal(a[0], b[0]) for a, b in zip(parallel, got, strict=False))
 
 
 def test_eval_pipeline_matches_torchvision_and_imagefolder(cluster) -> None:
     from torchvision import transforms
 
     server = cluster.start()
-    reference = ImageFolder(str(DEMO_DATA), transform=transforms.Compose([transforms.Resize(256),
-                                                                           transforms.CenterCrop(224)]))
+    reference = ImageFolder(
+        str(DEMO_DATA), transform=transforms.Compose([transforms.Resize(256), transforms.CenterCrop(224)])
+    )
     batches = fetch_epoch(server.data, pipeline="eval", batch_size=16, shuffle=False)
     for images, labels, indices in batches:
-        for image, label, index in zip(images, labels, indices.tolist()):
+        for image, label, index in zip(images, labels, indices.tolist(), strict=False):
             picture, target = reference[index]
             theirs = torch.from_numpy(np.array(picture)).permute(2, 0, 1).to(torch.int16)
             assert (image.to(torch.int16) - theirs).abs().float().mean().item() < 2.0
@@ -160,8 +173,9 @@ def test_eval_pipeline_matches_torchvision_and_imagefolder(cluster) -> None:
 
 def test_breaking_out_and_iterating_again_continues_where_it_stopped(cluster) -> None:
     server = cluster.start()
-    options = dict(image_size=16, batch_size=6, device="cpu", normalize=False, return_indices=True,
-                   timeout_s=TIMEOUT_S, seed=9)
+    options = dict(
+        image_size=16, batch_size=6, device="cpu", normalize=False, return_indices=True, timeout_s=TIMEOUT_S, seed=9
+    )
     with RemoteBatches(server.data, "demo", **options) as reference:
         epochs = [[idx.tolist() for _, _, idx in reference] for _ in range(2)]
     with RemoteBatches(server.data, "demo", **options) as batches:

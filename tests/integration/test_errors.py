@@ -6,7 +6,6 @@ import socket
 import time
 
 import pytest
-
 from stoker.client import InvalidJobError, RemoteBatches, StokerTimeoutError, UnknownDatasetError
 
 
@@ -29,8 +28,9 @@ def test_out_of_range_parameters_are_invalid_job_errors(cluster) -> None:
     with RemoteBatches(server.data, "demo", image_size=2048, device="cpu", timeout_s=30) as batches:
         with pytest.raises(InvalidJobError, match="image_size=2048 exceeds"):
             len(batches)
-    with RemoteBatches(server.data, "demo", batch_size=40, drop_last=True, world_size=2, rank=0,
-                       device="cpu", timeout_s=30) as batches:
+    with RemoteBatches(
+        server.data, "demo", batch_size=40, drop_last=True, world_size=2, rank=0, device="cpu", timeout_s=30
+    ) as batches:
         with pytest.raises(InvalidJobError, match="leaves no batch"):
             len(batches)
 

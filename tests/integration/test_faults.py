@@ -13,9 +13,9 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+from stoker.client import RemoteBatches
 from torchvision.datasets import ImageFolder
 
-from stoker.client import RemoteBatches
 from tests.helpers import DEMO_DATA, http_json, wait_until
 
 TIMEOUT_S = 60.0
@@ -24,12 +24,23 @@ TIMEOUT_S = 60.0
 class Streamer(threading.Thread):
     """A client iterating epochs in the background; it pauses at ``pause_at`` batches until released."""
 
-    def __init__(self, endpoint: str, epochs: int = 1, pause_at: int | None = None, dataset: str = "demo",
-                 **options) -> None:
+    def __init__(
+        self, endpoint: str, epochs: int = 1, pause_at: int | None = None, dataset: str = "demo", **options
+    ) -> None:
         super().__init__(daemon=True)
         self.endpoint, self.epochs, self.pause_at, self.dataset = endpoint, epochs, pause_at, dataset
-        self.options = dict(batch_size=4, image_size=64, device="cpu", normalize=False, return_indices=True,
-                            timeout_s=TIMEOUT_S, seed=3) | options
+        self.options = (
+            dict(
+                batch_size=4,
+                image_size=64,
+                device="cpu",
+                normalize=False,
+                return_indices=True,
+                timeout_s=TIMEOUT_S,
+                seed=3,
+            )
+            | options
+        )
         self.paused, self.release = threading.Event(), threading.Event()
         self.indices: list[list[int]] = []
         self.error: BaseException | None = None
@@ -78,8 +89,10 @@ def test_a_killed_worker_is_replaced_and_its_batch_redone(cluster) -> None:
     victim = wait_until(busy_worker, what="a worker in the middle of a sample")
     os.kill(victim["pid"], signal.SIGKILL)
     assert_exactly_once(client.result())
-    pool = wait_until(lambda: (p := http_json(server.http + "/status")[1]["pool"])["alive"] == 2 and p,
-                      what="the pool back at 2 workers")
+    pool = wait_until(
+        lambda: (p := http_json(server.http + "/status")[1]["pool"])["alive"] == 2 and p,
+        what="the pool back at 2 workers",
+    )
     assert pool["restarts"] >= 1 and victim["pid"] not in [w["pid"] for w in pool["workers"]]
     assert "died with exit code -9" in cluster.logs()
 

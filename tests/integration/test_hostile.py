@@ -8,10 +8,10 @@ import random
 import msgpack
 import pytest
 import zmq
-
 from stoker.client import RemoteBatches
 from stoker.client.job import JobSpec
 from stoker.client.wire import MAX_HEADER_BYTES, ErrorCode, Kind, decode, encode
+
 from tests.helpers import Cluster, http_json
 from tests.integration.test_http import metrics
 
@@ -67,8 +67,25 @@ def request(**fields) -> bytes:
         ([request(), b"extra"], ErrorCode.BAD_MESSAGE, "one header frame"),
         ([msgpack.packb(["stoker", 99, 3, {}])], ErrorCode.UNSUPPORTED_VERSION, "version 99"),
         ([msgpack.packb(["stoker", 1, 42, {}])], ErrorCode.BAD_MESSAGE, "unknown message kind"),
-        ([encode(Kind.BATCH, {"job_id": "x", "epoch": 0, "rank": 0, "k": 0, "dtype": "uint8", "shape": [1],
-                              "labels": [], "indices": []})], ErrorCode.BAD_MESSAGE, "clients do not send BATCH"),
+        (
+            [
+                encode(
+                    Kind.BATCH,
+                    {
+                        "job_id": "x",
+                        "epoch": 0,
+                        "rank": 0,
+                        "k": 0,
+                        "dtype": "uint8",
+                        "shape": [1],
+                        "labels": [],
+                        "indices": [],
+                    },
+                )
+            ],
+            ErrorCode.BAD_MESSAGE,
+            "clients do not send BATCH",
+        ),
         ([request(job=JOB | {"batch_size": 10**9})], ErrorCode.INVALID_JOB, "batch_size"),
         ([request(job=JOB | {"image_size": 4000})], ErrorCode.INVALID_JOB, "max_image_size"),
         ([request(job=JOB | {"dataset": "/etc/passwd"})], ErrorCode.INVALID_JOB, "dataset="),
@@ -98,10 +115,12 @@ def test_oversized_frames_drop_the_peer_and_nothing_else(cluster, raw_socket) ->
 def test_a_storm_of_random_frames_leaves_the_server_serving(cluster, raw_socket) -> None:
     server = cluster.start()
     rng = random.Random(1234)
-    valid = [request(k=rng.randrange(12)), encode(Kind.HELLO, {"job": JOB, "client": "y"}),
-             encode(Kind.BYE, {"client": "y"})]
+    valid = [
+        request(k=rng.randrange(12)),
+        encode(Kind.HELLO, {"job": JOB, "client": "y"}),
+        encode(Kind.BYE, {"client": "y"}),
+    ]
     sockets = [raw_socket(server.data) for _ in range(4)]
-    sent = 0
     for i in range(1500):
         socket = sockets[i % len(sockets)]
         choice = rng.random()
@@ -119,7 +138,6 @@ def test_a_storm_of_random_frames_leaves_the_server_serving(cluster, raw_socket)
             fields = {rng.choice(["job", "k", "epoch", "client", "rank"]): rng.choice([None, -1, "x", [1], {}, 2**63])}
             frames = [msgpack.packb(["stoker", 1, rng.randrange(0, 9), fields])]
         socket.send_multipart(frames)
-        sent += 1
     # Drain replies for a while: every reply must be well-formed.
     for socket in sockets:
         socket.setsockopt(zmq.RCVTIMEO, 200)
@@ -130,8 +148,16 @@ def test_a_storm_of_random_frames_leaves_the_server_serving(cluster, raw_socket)
                 break
             assert decode(reply[0]).kind in (Kind.ERROR, Kind.BATCH, Kind.JOB_INFO)
     # A well-behaved client still completes an epoch, and the server is healthy.
-    with RemoteBatches(server.data, "demo", batch_size=4, image_size=32, device="cpu", normalize=False,
-                       return_indices=True, timeout_s=30) as batches:
+    with RemoteBatches(
+        server.data,
+        "demo",
+        batch_size=4,
+        image_size=32,
+        device="cpu",
+        normalize=False,
+        return_indices=True,
+        timeout_s=30,
+    ) as batches:
         assert sorted(int(i) for _, _, idx in batches for i in idx) == list(range(48))
     assert http_json(server.http + "/healthz")[0] == 200
     assert server.process.poll() is None

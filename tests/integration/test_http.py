@@ -7,8 +7,8 @@ import time
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-
 from stoker.client import RemoteBatches
+
 from tests.helpers import http_json, run_cli
 
 TIMEOUT_S = 60.0
@@ -34,8 +34,17 @@ def test_streaming_while_polling_and_resizing_the_pool_loses_nothing(cluster) ->
 
     def stream() -> None:
         try:
-            with RemoteBatches(server.data, "demo", batch_size=4, image_size=96, device="cpu", normalize=False,
-                               return_indices=True, timeout_s=TIMEOUT_S, seed=2) as batches:
+            with RemoteBatches(
+                server.data,
+                "demo",
+                batch_size=4,
+                image_size=96,
+                device="cpu",
+                normalize=False,
+                return_indices=True,
+                timeout_s=TIMEOUT_S,
+                seed=2,
+            ) as batches:
                 epochs, received = [], 0
                 for _ in range(6):
                     epoch = []
@@ -102,8 +111,9 @@ def test_status_shows_clients_stages_and_stall(cluster) -> None:
         status = http_json(server.http + "/status")[1]
     assert status["ready"] and status["endpoints"]["data"] == server.data
     assert status["endpoints"]["http"] == server.http
-    assert status["datasets"] == [{"name": "demo", "samples": 48, "classes": 6,
-                                   "fingerprint": status["datasets"][0]["fingerprint"]}]
+    assert status["datasets"] == [
+        {"name": "demo", "samples": 48, "classes": 6, "fingerprint": status["datasets"][0]["fingerprint"]}
+    ]
     assert status["jobs"][0]["batches_per_rank"] == 6
     (client,) = status["clients"]
     # The client runs ahead into the next epoch by up to `prefetch` (4) batches.
@@ -174,6 +184,6 @@ def test_documents_are_served(cluster, path: str) -> None:
     code, body = http_json(server.http + path)
     assert code == 200
     if path == "/":
-        assert "<canvas" in body and "fetch(\"status\"" in body and "https://" not in body
+        assert "<canvas" in body and 'fetch("status"' in body and "https://" not in body
     else:
         assert "Status" in body["components"]["schemas"]

@@ -5,8 +5,8 @@ from __future__ import annotations
 import sys
 
 import pytest
-
 from stoker.client import RemoteBatches
+
 from tests.helpers import process_tree_rss_mb
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
@@ -16,8 +16,9 @@ def test_server_rss_is_flat_over_20_epochs(cluster) -> None:
     server = cluster.start("--cache-batches", "4")
     samples: list[float] = []
     main_rss: list[float] = []
-    with RemoteBatches(server.data, "demo", batch_size=16, image_size=224, device="cpu", normalize=False,
-                       timeout_s=60) as batches:
+    with RemoteBatches(
+        server.data, "demo", batch_size=16, image_size=224, device="cpu", normalize=False, timeout_s=60
+    ) as batches:
         for epoch in range(20):
             for _ in batches:
                 pass

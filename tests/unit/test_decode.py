@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 import simplejpeg
 from PIL import Image
-
 from stoker.server.decode import ALPHA_BACKGROUND, BadImage, DecodeLimits
 from stoker.server.pipelines import BUILTIN_PIPELINES
 from stoker.server.render import StageTimes, render_sample
+
 from tests.helpers import ODD_DATA
 
 LIMITS = DecodeLimits()
@@ -94,7 +94,9 @@ def _png_declaring(width: int, height: int) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
     header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+    )
 
 
 def _jpeg_declaring(width: int, height: int) -> bytes:
@@ -132,8 +134,14 @@ def test_huge_valid_jpeg_is_decoded_reduced_in_bounded_memory(tmp_path: Path) ->
     width, height = 12000, 8000
     rows = np.linspace(0, 255, height, dtype=np.uint8)[:, None, None]
     cols = np.linspace(0, 255, width, dtype=np.uint8)[None, :, None]
-    picture = np.concatenate([np.broadcast_to(rows, (height, width, 1)), np.broadcast_to(cols, (height, width, 1)),
-                              np.full((height, width, 1), 90, np.uint8)], axis=2)
+    picture = np.concatenate(
+        [
+            np.broadcast_to(rows, (height, width, 1)),
+            np.broadcast_to(cols, (height, width, 1)),
+            np.full((height, width, 1), 90, np.uint8),
+        ],
+        axis=2,
+    )
     path = tmp_path / "huge.jpg"
     path.write_bytes(simplejpeg.encode_jpeg(np.ascontiguousarray(picture), quality=80))
     del picture
