@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 import msgpack
+
 from stoker.client.errors import ProtocolError
 from stoker.client.wire import MAX_BATCH_SAMPLES, ErrorCode
 

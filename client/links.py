@@ -6,6 +6,7 @@ import logging
 from typing import Any
 
 import zmq
+
 from stoker.client.wire import Kind, encode
 
 __all__ = ["ServerLink"]
@@ -23,10 +24,11 @@ class ServerLink:
         # Queue nothing for a server that is not connected: a failed send tells us to go elsewhere.
         self.socket.setsockopt(zmq.IMMEDIATE, 1)
         self.socket.setsockopt(zmq.RECONNECT_IVL, 100)
-        self.socket.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
+        self.socket.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
         self.socket.setsockopt(zmq.HEARTBEAT_IVL, heartbeat_ms)
         self.socket.setsockopt(zmq.HEARTBEAT_TIMEOUT, heartbeat_ms * 5)
         self.socket.setsockopt(zmq.RCVHWM, 0)
+        self.socket.setsockopt(zmq.IPV6, 1)  # tcp://[::1]:5555 and dual-stack names
         self.socket.connect(endpoint)
         self.usable = False
         self.hello_sent_at = 0.0

@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+
 from stoker.client.rng import mix, splitmix64_array
 
 __all__ = ["batches_per_rank", "batch_sizes", "permutation", "batch_positions", "batch_indices", "sample_seed"]

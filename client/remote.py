@@ -9,10 +9,12 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
+from torch.utils.data import IterableDataset, get_worker_info
+
 from stoker.client.buffers import PinnedPool
+from stoker.client.endpoints import parse_endpoints
 from stoker.client.job import JobSpec
 from stoker.client.session import BatchStream, JobInfo, RawBatch, Session
-from torch.utils.data import IterableDataset, get_worker_info
 
 __all__ = ["RemoteBatches", "IMAGENET_MEAN", "IMAGENET_STD"]
 
@@ -65,11 +67,14 @@ class RemoteBatches(IterableDataset):
         std: Sequence[float] = IMAGENET_STD,
         return_indices: bool = False,
         timeout_s: float = 60.0,
+        resolve_interval_s: float = 10.0,
     ) -> None:
         super().__init__()
         self.endpoints = [endpoints] if isinstance(endpoints, str) else list(endpoints)
-        if not self.endpoints:
-            raise ValueError("endpoints must name at least one server")
+        parse_endpoints(self.endpoints)  # a malformed endpoint is a ValueError now, not a timeout later
+        if not resolve_interval_s > 0:
+            raise ValueError(f"{resolve_interval_s=} must be > 0")
+        self.resolve_interval_s = float(resolve_interval_s)
         self.rank, world_size = _distributed_defaults(rank, world_size)
         self.spec = JobSpec(dataset, pipeline, image_size, batch_size, seed, shuffle, drop_last, world_size)
         if not isinstance(prefetch, int) or not 1 <= prefetch <= 1024:
@@ -263,6 +268,7 @@ class RemoteBatches(IterableDataset):
                 self.timeout_s,
                 progress=self._progress,
                 receive_into=self._pinned_buffer if cuda else None,
+                resolve_interval_s=self.resolve_interval_s,
             )
         if self._session.info is None:
             try:

@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import zmq
+
+from stoker.client.endpoints import parse_endpoints
 from stoker.client.errors import (
     BadSampleError,
     InvalidJobError,
@@ -101,18 +103,52 @@ class Session:
     receive_into: Callable[[int], Any] | None = None
     """Allocates a writable buffer for a batch of ``n`` bytes; ``None`` keeps ZeroMQ's frame."""
     client_id: str = field(default_factory=lambda: uuid.uuid4().hex[:16])
+    resolve_interval_s: float = 10.0
+    """How often ``dns+tcp://`` endpoints are resolved again."""
 
     def __post_init__(self) -> None:
-        if not self.endpoints:
-            raise ValueError("endpoints must name at least one server")
+        self.sources = parse_endpoints(list(self.endpoints))
         self.context = zmq.Context()
-        self.links = [ServerLink(self.context, endpoint) for endpoint in self.endpoints]
         self.poller = zmq.Poller()
-        for link in self.links:
-            self.poller.register(link.socket, zmq.POLLIN)
+        self._links: dict[str, ServerLink] = {}
+        self._by_socket: dict[zmq.Socket, ServerLink] = {}
+        self._resolved: dict[str, list[str]] = {}
+        self._resolved_at = float("-inf")
         self.info: JobInfo | None = None
         self.current: BatchStream | None = None
         self._job_wire = self.spec.to_wire()
+        self.refresh(time.monotonic())
+
+    @property
+    def links(self) -> list[ServerLink]:
+        """The servers currently known."""
+        return list(self._links.values())
+
+    def refresh(self, now: float) -> None:
+        """Resolve ``dns+tcp://`` endpoints when due; connect to new servers, drop vanished ones."""
+        if now - self._resolved_at < self.resolve_interval_s:
+            return
+        self._resolved_at = now
+        for source in self.sources:
+            try:
+                self._resolved[source.raw] = source.resolve()
+            except OSError as exc:  # keep what we had: DNS hiccups must not drop healthy servers
+                log.warning("cannot resolve %s: %s", source.raw, exc)
+        wanted = {endpoint for endpoints in self._resolved.values() for endpoint in endpoints}
+        for endpoint in wanted - self._links.keys():
+            link = ServerLink(self.context, endpoint)
+            self._links[endpoint] = link
+            self._by_socket[link.socket] = link
+            self.poller.register(link.socket, zmq.POLLIN)
+            log.info("server %s added", endpoint)
+        for endpoint in self._links.keys() - wanted:
+            link = self._links.pop(endpoint)
+            if self.current is not None:
+                self.current.on_link_removed(link)
+            self.poller.unregister(link.socket)
+            del self._by_socket[link.socket]
+            link.close()
+            log.info("server %s removed (no longer in DNS)", endpoint)
 
     # -- opening ---------------------------------------------------------------------------------
 
@@ -121,6 +157,7 @@ class Session:
         deadline = time.monotonic() + self.timeout_s
         while self.info is None:
             now = time.monotonic()
+            self.refresh(now)
             if now >= deadline:
                 raise StokerTimeoutError(
                     f"no stoker server answered within timeout_s={self.timeout_s}: tried {list(self.endpoints)}"
@@ -164,8 +201,9 @@ class Session:
         """Wait up to ``timeout_s`` for messages and handle them; ``True`` if any arrived."""
         events = self.poller.poll(max(0, int(timeout_s * 1000)))
         for socket, _ in events:
-            link = next(link for link in self.links if link.socket is socket)
-            self._read(link)
+            link = self._by_socket.get(socket)
+            if link is not None:
+                self._read(link)
         return bool(events)
 
     def _read(self, link: ServerLink) -> None:
@@ -359,6 +397,7 @@ class BatchStream:
                     f"no batch from {[link.endpoint for link in session.links]} within timeout_s={timeout_s} "
                     f"(waiting for (epoch, batch) {waiting[:8]})"
                 )
+            session.refresh(now)
             session.greet(now)
             self._send_requests(now)
             if session.poll(min(0.05, deadline - now)) and self._ready:
@@ -384,6 +423,13 @@ class BatchStream:
         if pending:
             return min(pending)
         return self._todo[0] if self._todo else None
+
+    def on_link_removed(self, link: ServerLink) -> None:
+        """A server left: what it owed us is asked of the others at once."""
+        owed = sorted(item for item, request in self._outstanding.items() if request.link is link)
+        for item in owed:
+            del self._outstanding[item]
+        self._unsent.extendleft(reversed(owed))
 
     def _forget(self, item: Item) -> None:
         request = self._outstanding.pop(item, None)

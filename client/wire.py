@@ -16,6 +16,7 @@ from enum import IntEnum
 from typing import Any, Final
 
 import msgpack
+
 from stoker.client.errors import ProtocolError
 
 __all__ = [

@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 import zmq
+
 from stoker.client.wire import ErrorCode
 from stoker.server.config import OnError
 from stoker.server.jobs import JobRegistry, OpenJob, replacement_candidate

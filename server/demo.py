@@ -40,6 +40,7 @@ def stream_stoker(
 ) -> DemoResult:
     """Iterate ``epochs`` epochs of the demo dataset from a running server."""
     import torch
+
     from stoker.client import RemoteBatches
 
     with RemoteBatches(

@@ -26,6 +26,7 @@ from dataclasses import replace
 from typing import Any, TypeVar
 
 import zmq
+
 from stoker.client.errors import ProtocolError
 from stoker.client.job import JobSpec
 from stoker.client.wire import ErrorCode, Header, Kind, decode, encode

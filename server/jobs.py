@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
+
 from stoker.client.errors import ProtocolError
 from stoker.client.job import JobSpec
 from stoker.client.plan import batch_indices, batch_sizes, batches_per_rank, permutation, sample_seed

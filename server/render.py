@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
+
 from stoker.client.rng import SampleRng
 from stoker.server.decode import DecodeLimits, decode, probe, read_file
 from stoker.server.geometry import oriented_size, plan_geometry, raw_box, reduction_for
@@ -113,6 +114,7 @@ def warm_up() -> None:
     """Run every pipeline once on a synthetic JPEG, so a worker's first real batch pays no
     one-time costs (torch kernel dispatch set-up, decoder tables, first page faults)."""
     import simplejpeg
+
     from stoker.server.pipelines import BUILTIN_PIPELINES
 
     gradient = np.linspace(0, 255, 320 * 480 * 3).astype(np.uint8).reshape(320, 480, 3)

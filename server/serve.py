@@ -56,6 +56,7 @@ def _announce(settings: ServerSettings, http_url: str) -> Callable[[Engine], Non
 def serve(settings: ServerSettings) -> int:
     """Run a server in this process until SIGTERM/SIGINT; return the exit status."""
     import uvicorn
+
     from stoker.server.http import create_app
 
     host, _ = parse_http(settings.http)

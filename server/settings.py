@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+
 from stoker.server.catalog import DatasetDecl
 from stoker.server.config import EngineConfig, OnError, usable_cores
 from stoker.server.decode import DecodeLimits

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import zmq
+
 from stoker.client.wire import MAX_HEADER_BYTES, Kind, encode
 
 __all__ = ["Incoming", "Transport"]
@@ -43,6 +44,7 @@ class Transport:
         self.socket.setsockopt(zmq.HEARTBEAT_IVL, heartbeat_ms)
         self.socket.setsockopt(zmq.HEARTBEAT_TIMEOUT, heartbeat_ms * 5)
         self.socket.setsockopt(zmq.LINGER, 0)
+        self.socket.setsockopt(zmq.IPV6, 1)  # tcp://*:5555 accepts IPv4 and IPv6 clients
         self.socket.bind(bind)
         self.endpoint: str = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
         log.info("data socket bound to %s", self.endpoint)

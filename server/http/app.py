@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+
 from stoker.server.engine import Engine
 from stoker.server.http import config, dashboard, health, metrics, status
 from stoker.server.settings import ServerSettings

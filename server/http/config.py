@@ -10,6 +10,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Body, Depends, HTTPException
 from pydantic import Field, create_model
+
 from stoker.server.engine import Engine
 from stoker.server.http.deps import get_engine
 from stoker.server.http.models import ConfigPatch, LiveConfig

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from fastapi import Request
+
 from stoker.server.engine import Engine
 from stoker.server.settings import ServerSettings
 

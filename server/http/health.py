@@ -6,6 +6,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends
 from fastapi.responses import JSONResponse
+
 from stoker.server.engine import Engine
 from stoker.server.http.deps import get_engine
 

@@ -6,6 +6,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
 from stoker.server.engine import Engine
 from stoker.server.http.deps import get_engine
 

@@ -7,6 +7,7 @@ from typing import Annotated
 
 from fastapi import Depends, HTTPException
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
 from stoker.server.http.deps import get_settings
 from stoker.server.settings import ServerSettings
 

@@ -7,6 +7,7 @@ import logging
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, HTTPException, Request
+
 from stoker.server.engine import Engine
 from stoker.server.http.deps import get_engine
 from stoker.server.http.models import Status

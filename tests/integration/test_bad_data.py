@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from stoker.client import BadSampleError, RemoteBatches
 from torchvision.datasets import ImageFolder
 
+from stoker.client import BadSampleError, RemoteBatches
 from tests.helpers import http_json, make_bad_dataset
 from tests.integration.test_http import metrics
 

@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from stoker.client import RemoteBatches
 from torchvision.datasets import ImageFolder
 
+from stoker.client import RemoteBatches
 from tests.helpers import DEMO_DATA
 
 TIMEOUT_S = 60.0

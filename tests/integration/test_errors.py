@@ -6,6 +6,7 @@ import socket
 import time
 
 import pytest
+
 from stoker.client import InvalidJobError, RemoteBatches, StokerTimeoutError, UnknownDatasetError
 
 

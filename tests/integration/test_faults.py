@@ -13,9 +13,9 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from stoker.client import RemoteBatches
 from torchvision.datasets import ImageFolder
 
+from stoker.client import RemoteBatches
 from tests.helpers import DEMO_DATA, http_json, wait_until
 
 TIMEOUT_S = 60.0

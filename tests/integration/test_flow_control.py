@@ -6,9 +6,9 @@ import time
 import uuid
 
 import zmq
+
 from stoker.client.job import JobSpec
 from stoker.client.wire import ErrorCode, Kind, decode, encode
-
 from tests.helpers import http_json
 
 

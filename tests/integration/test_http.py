@@ -7,8 +7,8 @@ import time
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from stoker.client import RemoteBatches
 
+from stoker.client import RemoteBatches
 from tests.helpers import http_json, run_cli
 
 TIMEOUT_S = 60.0

@@ -8,8 +8,8 @@ from collections.abc import Iterator
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
-from stoker.server.launcher import ServerProcess
 
+from stoker.server.launcher import ServerProcess
 from tests.helpers import Cluster
 
 TOKEN = "fuzz-token"

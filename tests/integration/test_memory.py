@@ -5,8 +5,8 @@ from __future__ import annotations
 import sys
 
 import pytest
-from stoker.client import RemoteBatches
 
+from stoker.client import RemoteBatches
 from tests.helpers import process_tree_rss_mb
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")

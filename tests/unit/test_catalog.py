@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from stoker.server.catalog import DatasetDecl, load_dataset
 from torchvision.datasets import ImageFolder
 
+from stoker.server.catalog import DatasetDecl, load_dataset
 from tests.helpers import DEMO_DATA
 
 

@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 import simplejpeg
 from PIL import Image
+
 from stoker.server.decode import ALPHA_BACKGROUND, BadImage, DecodeLimits
 from stoker.server.pipelines import BUILTIN_PIPELINES
 from stoker.server.render import StageTimes, render_sample
-
 from tests.helpers import ODD_DATA
 
 LIMITS = DecodeLimits()

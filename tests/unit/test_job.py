@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from stoker.client.errors import ProtocolError
 from stoker.client.job import JobSpec
 from stoker.client.wire import ErrorCode

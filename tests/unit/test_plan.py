@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from stoker.client.plan import batch_indices, batches_per_rank, permutation, sample_seed
 
 

@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image, ImageOps
+from torchvision.transforms import v2
+
 from stoker.client.rng import SampleRng
 from stoker.server.decode import DecodeLimits
 from stoker.server.geometry import plan_geometry
 from stoker.server.pipelines import BUILTIN_PIPELINES, Pipeline
 from stoker.server.render import StageTimes, render_sample
-from torchvision.transforms import v2
-
 from tests.helpers import DEMO_DATA, ODD_DATA
 
 LIMITS = DecodeLimits()

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+
 from stoker.server.config import EngineConfig
 from stoker.server.pipelines import BUILTIN_PIPELINES, pipeline_from_ops
 from stoker.server.settings import load_settings, parse_http

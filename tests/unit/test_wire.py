@@ -10,6 +10,7 @@ import msgpack
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from stoker.client.errors import ProtocolError
 from stoker.client.wire import MAX_HEADER_BYTES, PROTOCOL_VERSION, ErrorCode, Kind, decode, encode
 

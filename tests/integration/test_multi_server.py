@@ -1,0 +1,145 @@
+"""Several loader servers behind one job: requests spread over all of them, same bytes, exactly once,
+whichever server dies, and servers joining mid-epoch get work."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from stoker.client import RemoteBatches
+from tests.helpers import wait_until
+from tests.integration.test_http import metrics
+
+TIMEOUT_S = 60.0
+OPTIONS = dict(
+    batch_size=4,
+    image_size=48,
+    device="cpu",
+    normalize=False,
+    return_indices=True,
+    timeout_s=TIMEOUT_S,
+    seed=21,
+    world_size=2,
+)
+
+
+def epoch_of(
+    endpoints, rank: int, pause_at: int | None = None, paused=None, release=None, step_s: float = 0.0, **extra
+):
+    with RemoteBatches(endpoints, "demo", rank=rank, **(OPTIONS | extra)) as batches:
+        out = []
+        for n, batch in enumerate(batches, 1):
+            out.append(batch)
+            if n == pause_at:
+                paused.set()
+                assert release.wait(TIMEOUT_S)
+            elif n > (pause_at or n):
+                time.sleep(step_s)  # a training step: the loop is busy, not waiting on stoker
+        return out
+
+
+def served(server) -> float:
+    return metrics(server.http).get("stoker_batches_served_total", 0.0)
+
+
+def same(a, b) -> bool:
+    return len(a) == len(b) and all(
+        torch.equal(x[0], y[0]) and torch.equal(x[2], y[2]) for x, y in zip(a, b, strict=False)
+    )
+
+
+def test_two_ranks_draw_an_epoch_from_three_servers(cluster) -> None:
+    servers = [cluster.start(workers=1) for _ in range(3)]
+    endpoints = [s.data for s in servers]
+    per_rank = [epoch_of(endpoints, rank) for rank in range(2)]
+    indices = sorted(int(i) for batches in per_rank for _, _, idx in batches for i in idx)
+    assert indices == list(range(48))
+    assert all(served(s) > 0 for s in servers), "every server got requests"
+    reference = [epoch_of(servers[0].data, rank) for rank in range(2)]
+    assert all(same(a, b) for a, b in zip(per_rank, reference, strict=False)), "same bytes as from a single server"
+
+
+def test_an_epoch_survives_a_server_killed_mid_epoch(cluster) -> None:
+    servers = [cluster.start(workers=1) for _ in range(3)]
+    reference = epoch_of(servers[2].data, 0)
+    paused, release = threading.Event(), threading.Event()
+    result: dict[str, object] = {}
+
+    def run() -> None:
+        try:
+            result["batches"] = epoch_of([s.data for s in servers], 0, pause_at=2, paused=paused, release=release)
+        except BaseException as exc:
+            result["error"] = exc
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    assert paused.wait(TIMEOUT_S)
+    cluster.kill(servers[0])
+    release.set()
+    thread.join(120)
+    assert "error" not in result, result.get("error")
+    assert same(result["batches"], reference), "exactly once, identical to a single-server run"
+
+
+def test_a_server_started_mid_epoch_receives_requests(cluster, tmp_path: Path) -> None:
+    first = cluster.start(workers=1)
+    late_endpoint = f"ipc://{tmp_path / 'late.ipc'}"  # an address known before the server exists
+    paused, release = threading.Event(), threading.Event()
+    result: dict[str, object] = {}
+
+    def run() -> None:
+        try:
+            result["batches"] = epoch_of(
+                [first.data, late_endpoint],
+                0,
+                pause_at=2,
+                paused=paused,
+                release=release,
+                step_s=0.05,
+                world_size=1,
+                batch_size=1,
+                prefetch=2,
+            )
+        except BaseException as exc:
+            result["error"] = exc
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    assert paused.wait(TIMEOUT_S)
+    late = cluster.start(workers=1, bind=late_endpoint)
+    # The client greets the newcomer within a second and spreads requests to it.
+    release.set()
+    thread.join(120)
+    assert "error" not in result, result.get("error")
+    assert sorted(int(i) for _, _, idx in result["batches"] for i in idx) == list(range(48))
+    assert served(late) > 0, "the server that joined mid-epoch got requests"
+
+
+def _ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+        return len({info[4][0] for info in socket.getaddrinfo("localhost", 1, type=socket.SOCK_STREAM)}) > 1
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not _ipv6_loopback(), reason="needs 'localhost' to resolve to both 127.0.0.1 and ::1")
+def test_dns_endpoint_uses_every_address_of_the_name(cluster) -> None:
+    v4 = cluster.start(workers=1, bind="tcp://127.0.0.1:0")
+    port = v4.data.rsplit(":", 1)[1]
+    v6 = cluster.start(workers=1, bind=f"tcp://[::1]:{port}")
+    batches = epoch_of(f"dns+tcp://localhost:{port}", 0, world_size=1, batch_size=2)
+    assert sorted(int(i) for _, _, idx in batches for i in idx) == list(range(48))
+    wait_until(lambda: served(v4) > 0 and served(v6) > 0, what="both addresses of localhost to serve")
+
+
+def test_malformed_endpoints_are_refused_up_front() -> None:
+    for bad in ("localhost:5555", "dns+tcp://nameonly", "http://x:1", ""):
+        with pytest.raises(ValueError, match="endpoint"):
+            RemoteBatches(bad, "demo")
