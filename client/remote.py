@@ -9,6 +9,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
+import zmq
 from torch.utils.data import IterableDataset, get_worker_info
 
 from stoker.client.buffers import PinnedPool
@@ -278,10 +279,11 @@ class RemoteBatches(IterableDataset):
                 raise
         return self._session.info  # type: ignore[return-value]
 
-    def _pinned_buffer(self, nbytes: int) -> torch.Tensor:
+    def _pinned_buffer(self, nbytes: int) -> tuple[memoryview, torch.Tensor]:
         if self._pinned is None:
             raise RuntimeError("pinned pool closed")  # unreachable while a CUDA session is open
-        return self._pinned.take(nbytes)
+        buffer = self._pinned.take(nbytes)
+        return memoryview(buffer.numpy()), buffer
 
     def _deliver(self, raw: RawBatch) -> tuple[torch.Tensor, ...]:
         fields = raw.fields
@@ -292,8 +294,9 @@ class RemoteBatches(IterableDataset):
             images = host.to(self.device, non_blocking=True)
             if self._pinned is not None:
                 self._pinned.give_back(raw.data, torch.cuda.current_stream(self.device))
-        else:  # a ZeroMQ frame: wrap it without copying
-            images = torch.frombuffer(raw.data.buffer, dtype=torch.uint8, count=nbytes).view(n, height, width, channels)
+        else:  # a ZeroMQ frame (wrapped without copying) or frames gathered into one array
+            data = raw.data.buffer if isinstance(raw.data, zmq.Frame) else raw.data
+            images = torch.frombuffer(data, dtype=torch.uint8, count=nbytes).view(n, height, width, channels)
             if self.device.type != "cpu":
                 images = images.to(self.device)
         # NHWC memory viewed as NCHW is exactly the channels_last layout: no copy.

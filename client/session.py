@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import zmq
 
 from stoker.client.endpoints import parse_endpoints
@@ -32,7 +33,7 @@ from stoker.client.errors import (
 )
 from stoker.client.job import JobSpec
 from stoker.client.links import ServerLink
-from stoker.client.wire import ErrorCode, Header, Kind, batch_nbytes, decode
+from stoker.client.wire import MAX_PART_BYTES, ErrorCode, Header, Kind, batch_nbytes, decode
 
 __all__ = ["JobInfo", "RawBatch", "Session", "BatchStream", "Item"]
 
@@ -100,8 +101,9 @@ class Session:
     timeout_s: float
     progress: Callable[[], dict[str, float]] = dict
     """Figures (waited_s, elapsed_s) sent with every request, for the server's stall-share view."""
-    receive_into: Callable[[int], Any] | None = None
-    """Allocates a writable buffer for a batch of ``n`` bytes; ``None`` keeps ZeroMQ's frame."""
+    receive_into: Callable[[int], tuple[memoryview, Any]] | None = None
+    """For a batch of ``n`` bytes: a writable view to receive into and the object that owns it (a
+    pinned tensor); ``None`` keeps ZeroMQ's frame."""
     client_id: str = field(default_factory=lambda: uuid.uuid4().hex[:16])
     resolve_interval_s: float = 10.0
     """How often ``dns+tcp://`` endpoints are resolved again."""
@@ -246,17 +248,20 @@ class Session:
             _discard_rest(link.socket, more)
             raise ProtocolError(f"server {link.endpoint} sent an inconsistent BATCH header {shape}")
         wanted = self.current is not None and self.current.wants(fields)
-        nbytes = batch_nbytes(shape)
         if not wanted:
-            link.socket.recv(copy=False)  # a late duplicate of a re-asked batch
+            _discard_rest(link.socket, more)  # a late duplicate of a re-asked batch
             return
+        nbytes = batch_nbytes(shape)
         if self.receive_into is not None:
-            data = self.receive_into(nbytes)
-            received = link.socket.recv_into(data)
+            view, data = self.receive_into(nbytes)
+            received = _receive_parts(link.socket, view, nbytes)
+        elif nbytes <= MAX_PART_BYTES:
+            data = link.socket.recv(copy=False)  # one frame: hand ZeroMQ's buffer over, no copy
+            received = len(data.buffer) if not link.socket.getsockopt(zmq.RCVMORE) else -1
         else:
-            data = link.socket.recv(copy=False)
-            received = len(data.buffer)
-        if received != nbytes or link.socket.getsockopt(zmq.RCVMORE):
+            data = np.empty(nbytes, dtype=np.uint8)  # several frames: gather them into one array
+            received = _receive_parts(link.socket, memoryview(data), nbytes)
+        if received != nbytes:
             _discard_rest(link.socket, link.socket.getsockopt(zmq.RCVMORE))
             raise ProtocolError(f"server {link.endpoint} sent {received} image bytes for shape {shape}")
         if self.current is not None:
@@ -294,6 +299,21 @@ class Session:
             link.send(Kind.BYE, {"client": self.client_id})
             link.close()
         self.context.term()
+
+
+def _receive_parts(socket: zmq.Socket, view: memoryview, nbytes: int) -> int:
+    """Receive the image frames one after another into ``view``; return the bytes received, or -1
+    when the frames overflow ``nbytes`` (the rest is discarded)."""
+    offset = 0
+    while True:
+        size = socket.recv_into(view[offset:nbytes]) if offset < nbytes else socket.recv_into(bytearray())
+        offset += size
+        more = socket.getsockopt(zmq.RCVMORE)
+        if offset > nbytes:
+            _discard_rest(socket, more)
+            return -1
+        if not more:
+            return offset
 
 
 def _discard_rest(socket: zmq.Socket, more: int) -> None:

@@ -43,6 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--bind", help="ZeroMQ data endpoint (default tcp://*:5555)")
     serve.add_argument("--http", help="HTTP HOST:PORT (default 127.0.0.1:8080)")
     serve.add_argument("--http-token", help="bearer token for PATCH /config (or STOKER_HTTP_TOKEN)")
+    serve.add_argument("--http-token-file", help="read the bearer token from this file (a mounted secret)")
+    serve.add_argument("--max-shm-mb", type=int, help="shared-memory budget for batch buffers, MiB (default 2048)")
     serve.add_argument("--workers", type=int, help="worker processes (default: usable CPU cores)")
     serve.add_argument("--max-workers", type=int, help="cap for growing the pool live (default 4 x cores)")
     serve.add_argument("--max-prefetch", type=int, help="most batches in flight per client (default 16)")
@@ -63,6 +65,22 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--step-ms", type=float, default=0.0, help="simulated training step per batch")
     demo.add_argument("--device", help="client device (default: cuda if available, else cpu)")
     demo.add_argument("--no-compare", action="store_true", help="skip the torch DataLoader comparison")
+    bench = commands.add_parser("bench", help="compare stoker with torch's DataLoader on the same data and cores")
+    bench.add_argument("--data", type=Path, required=True, help="an ImageFolder directory of JPEGs")
+    bench.add_argument("--pipeline", default="train", choices=["train", "eval", "resize"])
+    bench.add_argument("--image-size", type=int, default=224)
+    bench.add_argument("--batch-size", type=int, default=64)
+    bench.add_argument("--workers", type=int, help="workers for every loader (default: usable CPU cores)")
+    bench.add_argument("--seconds", type=float, default=10.0, help="timed window per run")
+    bench.add_argument("--repeats", type=int, default=3, help="runs per row (the median is reported)")
+    bench.add_argument(
+        "--poll-status-ms",
+        type=float,
+        default=0.0,
+        help="also run stoker with /status polled this often, to show the HTTP side's cost",
+    )
+    bench.add_argument("--json", action="store_true", help="print the results as JSON")
+
     status = commands.add_parser("status", help="print a summary of a server's /status")
     status.add_argument("url", nargs="?", default="http://127.0.0.1:8080", help="the server's HTTP address")
     status.add_argument("--json", action="store_true", help="print the raw JSON")
@@ -73,6 +91,8 @@ _SERVE_FIELDS = (
     "bind",
     "http",
     "http_token",
+    "http_token_file",
+    "max_shm_mb",
     "workers",
     "max_workers",
     "max_prefetch",
@@ -150,6 +170,28 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench(args: argparse.Namespace) -> int:
+    from stoker.server.bench import BenchConfig, dump_json, format_table, run_bench
+    from stoker.server.config import usable_cores
+
+    if not args.data.is_dir():
+        print(f"stoker bench: --data {args.data} is not a directory", file=sys.stderr)
+        return 2
+    config = BenchConfig(
+        args.data.resolve(),
+        args.pipeline,
+        args.image_size,
+        args.batch_size,
+        args.workers or usable_cores(),
+        args.seconds,
+        args.repeats,
+        args.poll_status_ms,
+    )
+    result = run_bench(config, progress=sys.stderr.isatty() or not args.json)
+    print(dump_json(result) if args.json else format_table(result))
+    return 0
+
+
 def _status(args: argparse.Namespace) -> int:
     import json
 
@@ -174,6 +216,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _demo(args)
         if args.command == "status":
             return _status(args)
+        if args.command == "bench":
+            return _bench(args)
     except ImportError as exc:
         print(f"stoker {args.command}: {exc}. The server side needs: pip install 'stoker[server]'", file=sys.stderr)
         return 2

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 from stoker.server.decode import DecodeLimits
@@ -14,11 +16,19 @@ OnError = Literal["skip", "raise"]
 
 
 def usable_cores() -> int:
-    """CPU cores this process may run on (respects affinity masks and cgroup cpusets)."""
+    """CPU cores this process may use: its affinity mask (cgroup cpusets), capped by a cgroup v2 CPU
+    quota (``docker --cpus``, Kubernetes CPU limits), which the mask does not show."""
     try:
-        return max(1, len(os.sched_getaffinity(0)))
+        cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
-        return max(1, os.cpu_count() or 1)
+        cores = os.cpu_count() or 1
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        if quota != "max":
+            cores = min(cores, math.ceil(int(quota) / int(period)))
+    except (OSError, ValueError):
+        pass
+    return max(1, cores)
 
 
 @dataclass(frozen=True, slots=True)

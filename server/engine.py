@@ -17,6 +17,7 @@ import logging
 import math
 import os
 import queue
+import shutil
 import threading
 import time
 from collections import OrderedDict, deque
@@ -58,7 +59,11 @@ class Engine:
         self.config = config
         self.catalog = catalog
         self.pipelines = dict(pipelines)
-        self.jobs = JobRegistry(catalog, self.pipelines, config.max_batch_size, config.max_image_size)
+        config = replace(config, max_shm_bytes=_fit_shm(config.max_shm_bytes))
+        self.config = config
+        self.jobs = JobRegistry(
+            catalog, self.pipelines, config.max_batch_size, config.max_image_size, config.max_shm_bytes // 2
+        )
         self.stats = EngineStats()
         self.bad = BadSamples()
         self.planner = BatchPlanner(self.jobs, self.bad, self.stats)
@@ -495,11 +500,10 @@ class Engine:
     def _send(self, identity: bytes, key: BatchKey, batch: CachedBatch, asked_at: float) -> None:
         transport = self._transport
         peer = self._peers.get(identity)
-        tracker = (
-            None
-            if transport is None or peer is None
-            else transport.send_batch(identity, batch.header, batch.slot.view(batch.nbytes))
-        )
+        tracker = None
+        if transport is not None and peer is not None:
+            payload = batch.slot.view(batch.nbytes)
+            tracker = transport.send_batch(identity, batch.header, payload, batch.nbytes // batch.images)
         if tracker is None:
             if peer is not None:
                 peer.inflight.discard(key)
@@ -615,6 +619,27 @@ class Engine:
     def snapshot(self) -> dict[str, Any]:
         """Everything ``/status`` shows, built on the engine thread (call it through :meth:`call`)."""
         return build_snapshot(self)
+
+
+def _fit_shm(budget: int, mount: str = "/dev/shm") -> int:
+    """The shared-memory budget, cut to what the shm mount can hold. A container's /dev/shm is often
+    64 MiB; writing past it kills the writer with SIGBUS, so better a smaller budget and a warning."""
+    try:
+        free = shutil.disk_usage(mount).free
+    except OSError:
+        return budget
+    usable = int(free * 0.9)
+    if budget > usable:
+        log.warning(
+            "shared-memory budget %d MiB exceeds what %s can hold (%d MiB free); using %d MiB. "
+            "Give the container more (docker --shm-size, a Memory emptyDir) or lower max_shm_mb.",
+            budget // 2**20,
+            mount,
+            free // 2**20,
+            usable // 2**20,
+        )
+        return max(usable, 2**20)
+    return budget
 
 
 def _where(header: Header) -> dict[str, int]:

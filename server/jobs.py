@@ -62,6 +62,7 @@ class JobRegistry:
         pipelines: Mapping[str, Pipeline],
         max_batch_size: int,
         max_image_size: int,
+        max_batch_bytes: int = 2**62,
         max_jobs: int = 256,
         max_orders: int = 8,
     ) -> None:
@@ -69,6 +70,7 @@ class JobRegistry:
         self.pipelines = pipelines
         self.max_batch_size = max_batch_size
         self.max_image_size = max_image_size
+        self.max_batch_bytes = max_batch_bytes
         self._jobs: OrderedDict[str, OpenJob] = OrderedDict()
         self._orders: OrderedDict[tuple[str, int, bool, int], np.ndarray] = OrderedDict()
         self._max_jobs = max_jobs
@@ -101,6 +103,13 @@ class JobRegistry:
         if spec.image_size > self.max_image_size:
             raise ProtocolError(
                 f"image_size={spec.image_size} exceeds this server's max_image_size={self.max_image_size}",
+                ErrorCode.INVALID_JOB,
+            )
+        batch_bytes = spec.batch_size * spec.image_size * spec.image_size * 3
+        if batch_bytes > self.max_batch_bytes:
+            raise ProtocolError(
+                f"a batch of {spec.batch_size} x {spec.image_size}px needs {batch_bytes / 2**20:.0f} MiB; this "
+                f"server's shared-memory budget is {self.max_batch_bytes / 2**20:.0f} MiB",
                 ErrorCode.INVALID_JOB,
             )
         count = batches_per_rank(len(table), spec.batch_size, spec.world_size, spec.drop_last)

@@ -29,7 +29,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 from stoker.server.catalog import DatasetDecl
 from stoker.server.config import EngineConfig, OnError, usable_cores
@@ -64,6 +64,7 @@ class ServerSettings(BaseModel):
     bind: str = Field("tcp://*:5555", description="ZeroMQ endpoint for data (tcp://HOST:PORT; port 0 picks one)")
     http: str = Field("127.0.0.1:8080", description="HOST:PORT of the HTTP side (port 0 picks one)")
     http_token: SecretStr | None = Field(None, description="bearer token required by PATCH /config")
+    http_token_file: str | None = Field(None, description="read the bearer token from this file (a mounted secret)")
     workers: int = Field(default_factory=usable_cores, ge=1, le=1024, description="worker processes")
     max_workers: int | None = Field(None, ge=1, le=1024, description="cap for live pool growth (default 4 x cores)")
     max_prefetch: int = Field(16, ge=1, le=1024, description="most batches in flight per client")
@@ -84,6 +85,18 @@ class ServerSettings(BaseModel):
     ready_file: str | None = Field(None, description="write the bound endpoints here as JSON once serving")
     datasets: dict[str, DatasetSettings] = Field(default_factory=dict)
     pipelines: dict[str, PipelineSettings] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _token_from_file(self) -> ServerSettings:
+        if self.http_token is None and self.http_token_file:
+            try:
+                token = Path(self.http_token_file).read_text().strip()
+            except OSError as exc:
+                raise ValueError(f"http_token_file={self.http_token_file!r}: {exc.strerror}") from None
+            if not token:
+                raise ValueError(f"http_token_file={self.http_token_file!r} is empty")
+            self.http_token = SecretStr(token)
+        return self
 
     @field_validator("http")
     @classmethod

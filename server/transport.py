@@ -8,6 +8,7 @@ heartbeats, which drops whatever was queued for them.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -15,11 +16,22 @@ from typing import Any
 
 import zmq
 
-from stoker.client.wire import MAX_HEADER_BYTES, Kind, encode
+from stoker.client.wire import MAX_HEADER_BYTES, Kind, encode, payload_parts
 
 __all__ = ["Incoming", "Transport"]
 
 log = logging.getLogger(__name__)
+
+
+def _wants_ipv6(bind: str) -> bool:
+    # Not for an IPv4 literal: the bound endpoint would read tcp://[::ffff:127.0.0.1]:PORT.
+    if not bind.startswith("tcp://"):
+        return False
+    host = bind[len("tcp://") :].rpartition(":")[0].strip("[]")
+    try:
+        return ipaddress.ip_address(host).version == 6
+    except ValueError:
+        return True  # "*" or a host name: listen on both families
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,7 +56,8 @@ class Transport:
         self.socket.setsockopt(zmq.HEARTBEAT_IVL, heartbeat_ms)
         self.socket.setsockopt(zmq.HEARTBEAT_TIMEOUT, heartbeat_ms * 5)
         self.socket.setsockopt(zmq.LINGER, 0)
-        self.socket.setsockopt(zmq.IPV6, 1)  # tcp://*:5555 accepts IPv4 and IPv6 clients
+        if _wants_ipv6(bind):  # tcp://*:5555 then accepts IPv4 and IPv6 clients
+            self.socket.setsockopt(zmq.IPV6, 1)
         self.socket.bind(bind)
         self.endpoint: str = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
         log.info("data socket bound to %s", self.endpoint)
@@ -67,10 +80,16 @@ class Transport:
             log.debug("dropping %s to a gone peer: %s", kind.name, exc)
             return False
 
-    def send_batch(self, identity: bytes, header: bytes, payload: memoryview) -> zmq.MessageTracker | None:
-        """Send a batch from ``payload`` without copying; ``None`` when the peer is gone."""
+    def send_batch(
+        self, identity: bytes, header: bytes, payload: memoryview, sample_bytes: int
+    ) -> zmq.MessageTracker | None:
+        """Send a batch from ``payload`` without copying; ``None`` when the peer is gone.
+
+        The tracker is the last frame's: ZeroMQ writes frames in order, so when it is done all are.
+        """
+        parts = [payload[offset : offset + length] for offset, length in payload_parts(len(payload), sample_bytes)]
         try:
-            return self.socket.send_multipart([identity, header, payload], zmq.NOBLOCK, copy=False, track=True)
+            return self.socket.send_multipart([identity, header, *parts], zmq.NOBLOCK, copy=False, track=True)
         except zmq.ZMQError as exc:
             log.debug("dropping a batch to a gone peer: %s", exc)
             return None

@@ -8,6 +8,7 @@ import subprocess
 import threading
 
 import pytest
+
 from stoker.client import RemoteBatches
 
 CHROMIUM_CANDIDATES = ("chromium", "chromium-browser", "google-chrome")

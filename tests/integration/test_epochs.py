@@ -188,3 +188,29 @@ def test_breaking_out_and_iterating_again_continues_where_it_stopped(cluster) ->
         assert batches.epoch == 1
         following = [idx.tolist() for _, _, idx in batches]
     assert got == epochs[0] and following == epochs[1]
+
+
+def test_batches_over_16_mib_arrive_in_several_frames_in_order(cluster) -> None:
+    from stoker.client.plan import sample_seed
+    from stoker.server.decode import DecodeLimits
+    from stoker.server.pipelines import BUILTIN_PIPELINES
+    from stoker.server.render import StageTimes, render_sample
+
+    server = cluster.start()
+    # 48 x 352 x 352 x 3 = 17.8 MB: two frames on the wire, gathered into one tensor.
+    ((images, _, indices),) = fetch_epoch(server.data, batch_size=48, image_size=352, seed=4)
+    assert images.shape == (48, 3, 352, 352) and images.is_contiguous(memory_format=torch.channels_last)
+    paths = [path for path, _ in ImageFolder(str(DEMO_DATA)).samples]
+    for row in (0, 23, 47):  # first frame, boundary, second frame
+        expected = np.zeros((352, 352, 3), np.uint8)
+        index = int(indices[row])
+        render_sample(
+            paths[index].encode(),
+            sample_seed(4, 0, index),
+            BUILTIN_PIPELINES["train"],
+            352,
+            expected,
+            DecodeLimits(),
+            StageTimes(),
+        )
+        assert torch.equal(images[row].permute(1, 2, 0), torch.from_numpy(expected)), row

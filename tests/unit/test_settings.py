@@ -8,7 +8,7 @@ import pytest
 
 from stoker.server.config import EngineConfig
 from stoker.server.pipelines import BUILTIN_PIPELINES, pipeline_from_ops
-from stoker.server.settings import load_settings, parse_http
+from stoker.server.settings import ServerSettings, load_settings, parse_http
 
 
 @pytest.mark.parametrize(
@@ -75,3 +75,27 @@ def test_declared_pipelines_are_validated() -> None:
     with pytest.raises(ValueError, match="scale="):
         pipeline_from_ops("x", [{"op": "random_resized_crop", "scale": [0.5, 2.0]}])
     assert BUILTIN_PIPELINES["train"].hflip == 0.5
+
+
+def test_token_can_come_from_a_file(tmp_path: Path) -> None:
+    secret = tmp_path / "token"
+    secret.write_text("from-file\n")
+    settings = load_settings(env={}, overrides={"http_token_file": str(secret)})
+    assert settings.http_token is not None and settings.http_token.get_secret_value() == "from-file"
+    with pytest.raises(ValueError, match="http_token_file"):
+        load_settings(env={}, overrides={"http_token_file": str(tmp_path / "missing")})
+
+
+def test_default_workers_respect_affinity_and_a_cgroup_cpu_quota() -> None:
+    import math
+    import os
+
+    from stoker.server.config import usable_cores
+
+    limit = len(os.sched_getaffinity(0))
+    quota_file = Path("/sys/fs/cgroup/cpu.max")
+    if quota_file.exists() and quota_file.read_text().split()[0] != "max":
+        quota, period = quota_file.read_text().split()[:2]
+        limit = min(limit, math.ceil(int(quota) / int(period)))
+    assert usable_cores() == max(1, limit)
+    assert ServerSettings().workers == usable_cores()

@@ -139,3 +139,16 @@ def test_decoder_never_fails_untyped_on_structured_garbage(kind: int, fields: ob
     except ProtocolError:
         return
     assert header.kind == kind and isinstance(header.fields, dict)
+
+
+def test_payload_parts_are_whole_samples_within_the_frame_limit() -> None:
+    from stoker.client.wire import MAX_PART_BYTES, payload_parts
+
+    sample = 224 * 224 * 3
+    parts = payload_parts(256 * sample, sample)
+    assert sum(length for _, length in parts) == 256 * sample
+    assert all(length <= MAX_PART_BYTES and length % sample == 0 for _, length in parts)
+    assert [offset for offset, _ in parts] == [sum(length for _, length in parts[:i]) for i in range(len(parts))]
+    assert payload_parts(10 * sample, sample) == [(0, 10 * sample)]
+    huge = MAX_PART_BYTES * 2  # a single sample larger than the limit still travels whole
+    assert payload_parts(3 * huge, huge) == [(0, huge), (huge, huge), (2 * huge, huge)]
