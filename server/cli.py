@@ -129,25 +129,14 @@ def _serve(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from stoker.server.config import usable_cores
     from stoker.server.demo import DEMO_DATA, run_dataloader_baseline, stream_stoker
-    from stoker.server.launcher import start_server
+    from stoker.server.launcher import loopback_args, start_server
 
     workers = args.workers or usable_cores()
     print(
         f"stoker demo: {sum(1 for _ in DEMO_DATA.rglob('*.jpg'))} photos in {DEMO_DATA}, "
         f"{args.epochs} epochs, batch {args.batch_size}, {args.image_size}px, {workers} workers"
     )
-    server_args = [
-        "--dataset",
-        f"demo={DEMO_DATA}",
-        "--bind",
-        "tcp://127.0.0.1:0",
-        "--http",
-        "127.0.0.1:0",
-        "--workers",
-        str(workers),
-        "--log-level",
-        "WARNING",
-    ]
+    server_args = loopback_args("demo", DEMO_DATA, workers)
     with start_server(server_args) as server:
         print(f"server up: data {server.data}, status {server.http}/status")
         result = stream_stoker(

@@ -408,16 +408,15 @@ class Engine:
                 break
             if reason is None:
                 work.pending.discard(row)
-            elif self.planner.replace(
-                work,
-                row,
-                self.planner.record_bad(work, row, reason),
-                self.config.on_error,
-                self.config.max_replacements,
-            ):
+            elif self._stand_in(work, row, reason):
                 self._ready.appendleft(Task(next(self._task_ids), work, [(row, int(work.indices[row]))]))
                 work.tasks_out += 1
         self._maybe_complete(work)
+
+    def _stand_in(self, work: BatchWork, row: int, reason: str) -> bool:
+        """Record ``row``'s sample as bad and point the row at its stand-in (``False``: batch failed)."""
+        bad = self.planner.record_bad(work, row, reason)
+        return self.planner.replace(work, row, bad, self.config.on_error, self.config.max_replacements)
 
     def _on_worker_died(self, event: WorkerDied[Task]) -> None:
         if not event.worker.retiring:
@@ -432,13 +431,7 @@ class Engine:
                 reason = f"quarantined: killed {kills} workers (last exit code {event.exitcode})"
                 first.samples.remove((row, index))
                 work = first.work
-                if self.planner.replace(
-                    work,
-                    row,
-                    self.planner.record_bad(work, row, reason),
-                    self.config.on_error,
-                    self.config.max_replacements,
-                ):
+                if self._stand_in(work, row, reason):
                     first.samples.append((row, int(work.indices[row])))
         # Redo everything the dead worker held, ahead of new work: slots are already reserved.
         for task in reversed(tasks):

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["ServerProcess", "start_server"]
+__all__ = ["ServerProcess", "start_server", "loopback_args"]
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +51,17 @@ class ServerProcess:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def loopback_args(dataset: str, path: Path, workers: int) -> list[str]:
+    """``stoker serve`` flags for one dataset on loopback ports chosen by the kernel, quiet logs."""
+    return [
+        "--dataset", f"{dataset}={path}",
+        "--bind", "tcp://127.0.0.1:0",
+        "--http", "127.0.0.1:0",
+        "--workers", str(workers),
+        "--log-level", "WARNING",
+    ]  # fmt: skip
 
 
 def start_server(

@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import datasets, transforms
 from torchvision.transforms import v2
 
-from stoker.server.launcher import start_server
+from stoker.server.launcher import loopback_args, start_server
 
 __all__ = ["seed_recipe", "strong_recipe", "stoker_stream"]
 
@@ -107,18 +107,7 @@ def stoker_stream(
     """A real server (child process) and client; optionally a thread polling ``/status``."""
     from stoker.client import RemoteBatches
 
-    args = [
-        "--dataset",
-        f"bench={data}",
-        "--bind",
-        "tcp://127.0.0.1:0",
-        "--http",
-        "127.0.0.1:0",
-        "--workers",
-        str(workers),
-        "--log-level",
-        "WARNING",
-    ]
+    args = loopback_args("bench", data, workers)
     with start_server(args) as server:
         stop = threading.Event()
 

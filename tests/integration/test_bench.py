@@ -8,8 +8,23 @@ from tests.helpers import DEMO_DATA, run_cli
 
 
 def test_bench_runs_every_row_and_reports_json() -> None:
-    result = run_cli("bench", "--data", str(DEMO_DATA), "--seconds", "0.5", "--repeats", "1", "--workers", "2",
-                     "--batch-size", "16", "--poll-status-ms", "100", "--json", timeout_s=300)
+    result = run_cli(
+        "bench",
+        "--data",
+        str(DEMO_DATA),
+        "--seconds",
+        "0.5",
+        "--repeats",
+        "1",
+        "--workers",
+        "2",
+        "--batch-size",
+        "16",
+        "--poll-status-ms",
+        "100",
+        "--json",
+        timeout_s=300,
+    )
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     rows = report["rows"]
@@ -19,17 +34,40 @@ def test_bench_runs_every_row_and_reports_json() -> None:
         assert len(row["runs"]) == 1
     for key in ("dataloader_seed", "dataloader_strong", "stoker"):
         assert rows[key]["mb_per_s"] > 0 and rows[key]["cpu_s_per_1000_images"] > 0
-    assert set(report["ratios"]) >= {"stoker_vs_seed", "stoker_vs_strong", "stoker_vs_cores_x_decode",
-                                     "status_polling_overhead"}
+    assert set(report["ratios"]) >= {
+        "stoker_vs_seed",
+        "stoker_vs_strong",
+        "stoker_vs_cores_x_decode",
+        "status_polling_overhead",
+    }
     assert report["wire_gb_per_s"] > 0
     assert len(report["decoders_1core_images_per_s"]) == 3
 
 
 def test_bench_table_output() -> None:
-    result = run_cli("bench", "--data", str(DEMO_DATA), "--seconds", "0.3", "--repeats", "1", "--workers", "1",
-                     "--batch-size", "8", timeout_s=300)
+    result = run_cli(
+        "bench",
+        "--data",
+        str(DEMO_DATA),
+        "--seconds",
+        "0.3",
+        "--repeats",
+        "1",
+        "--workers",
+        "1",
+        "--batch-size",
+        "8",
+        timeout_s=300,
+    )
     assert result.returncode == 0, result.stderr
-    for needle in ("(a) DataLoader seed recipe", "(b) DataLoader, stoker's work", "(c) decode, 1 core",
-                   "(d) stoker end to end", "(d) / (a) =", "wire path alone", "GB/s"):
+    for needle in (
+        "(a) DataLoader seed recipe",
+        "(b) DataLoader, stoker's work",
+        "(c) decode, 1 core",
+        "(d) stoker end to end",
+        "(d) / (a) =",
+        "wire path alone",
+        "GB/s",
+    ):
         assert needle in result.stdout, needle
     assert run_cli("bench", "--data", "/nonexistent", timeout_s=60).returncode == 2
