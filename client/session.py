@@ -270,11 +270,8 @@ class Session:
     def _on_error(self, link: ServerLink, fields: dict[str, Any]) -> None:
         if self.current is not None and self.current.on_error(link, fields):
             return
-        code = fields["code"]
-        if code in _TRANSIENT and self.info is None:
-            return  # HELLO refused by a draining server: another try or another server will answer
-        if code in _TRANSIENT:
-            return
+        if fields["code"] in _TRANSIENT:
+            return  # e.g. HELLO refused by a draining server: another try or another server answers
         raise server_error(fields, link.endpoint)
 
     # -- sending ---------------------------------------------------------------------------------

@@ -61,6 +61,7 @@ class Engine:
         self.pipelines = dict(pipelines)
         config = replace(config, max_shm_bytes=_fit_shm(config.max_shm_bytes))
         self.config = config
+        # A job's batch must fit twice in the budget: one being filled while another is sent.
         self.jobs = JobRegistry(
             catalog, self.pipelines, config.max_batch_size, config.max_image_size, config.max_shm_bytes // 2
         )
