@@ -107,6 +107,8 @@ class Session:
     client_id: str = field(default_factory=lambda: uuid.uuid4().hex[:16])
     resolve_interval_s: float = 10.0
     """How often ``dns+tcp://`` endpoints are resolved again."""
+    join_grace_s: float = 1.0
+    """After the first server describes the job, how long :meth:`open` waits for the others."""
 
     def __post_init__(self) -> None:
         self.sources = parse_endpoints(list(self.endpoints))
@@ -155,7 +157,8 @@ class Session:
     # -- opening ---------------------------------------------------------------------------------
 
     def open(self) -> JobInfo:
-        """Say ``HELLO`` to every server and wait (``timeout_s``) for the first to describe the job."""
+        """Say ``HELLO`` to every server; wait (``timeout_s``) for the first to describe the job, then
+        up to ``join_grace_s`` for the rest."""
         deadline = time.monotonic() + self.timeout_s
         while self.info is None:
             now = time.monotonic()
@@ -166,6 +169,12 @@ class Session:
                 )
             self.greet(now)
             self.poll(min(0.1, deadline - now))
+        # Give the other servers a moment to answer too, so the first requests spread over all of
+        # them instead of piling onto whichever connected first. Late ones join whenever they answer.
+        settle_by = min(deadline, time.monotonic() + self.join_grace_s)
+        while not all(link.usable for link in self.links) and (now := time.monotonic()) < settle_by:
+            self.greet(now)
+            self.poll(min(0.05, settle_by - now))
         return self.info
 
     def greet(self, now: float) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import queue
 import threading
 import time
 
@@ -28,8 +29,10 @@ def metrics(url: str) -> dict[str, float]:
 def test_streaming_while_polling_and_resizing_the_pool_loses_nothing(cluster) -> None:
     server = cluster.start("--max-workers", "4")
     changes = [{"workers": 1}, {"workers": 3}, {"max_prefetch": 2}, {"workers": 2}]
-    due = threading.Event()  # the client reached a point where the next change is made
-    applied = threading.Event()  # the main thread made it
+    # The client thread asks for each change in turn ("due") and says when it is done; one queue
+    # keeps the two apart, so the end of the stream is never taken for another change.
+    requests: queue.Queue[str] = queue.Queue()
+    applied = threading.Event()  # the main thread made the change asked for
     results: dict[str, object] = {}
 
     def stream() -> None:
@@ -53,38 +56,45 @@ def test_streaming_while_polling_and_resizing_the_pool_loses_nothing(cluster) ->
                         received += 1
                         if received % 15 == 0 and received // 15 <= len(changes):
                             applied.clear()
-                            due.set()
+                            requests.put("due")
                             assert applied.wait(30), "the main thread did not apply the change"
                     epochs.append(epoch)
                 results["epochs"] = epochs
         except BaseException as exc:  # reported to the main thread
             results["error"] = exc
         finally:
-            due.set()
+            requests.put("done")
 
     thread = threading.Thread(target=stream)
     thread.start()
     seen_workers: set[int] = set()
     pending = iter(changes)
-    while thread.is_alive():
+    deadline = time.monotonic() + 240
+    while True:
+        assert time.monotonic() < deadline, "the client did not finish streaming"
         status, body = http_json(server.http + "/status")
         assert status == 200
         seen_workers.add(body["pool"]["alive"])
         metrics(server.http)
-        if due.wait(0.1) and thread.is_alive():
-            due.clear()
-            change = next(pending)
-            code, config = http_json(server.http + "/config", "PATCH", change)
-            assert code == 200, config
-            assert all(config[key] == value for key, value in change.items())
-            if "workers" in change:  # the pool converges while the client keeps streaming
-                deadline = time.monotonic() + 30
-                while http_json(server.http + "/status")[1]["pool"]["alive"] != change["workers"]:
-                    assert time.monotonic() < deadline, f"pool did not reach {change['workers']} workers"
-                    time.sleep(0.05)
-                seen_workers.add(change["workers"])
-            applied.set()
+        try:
+            request = requests.get(timeout=0.1)
+        except queue.Empty:
+            continue
+        if request == "done":
+            break
+        change = next(pending)
+        code, config = http_json(server.http + "/config", "PATCH", change)
+        assert code == 200, config
+        assert all(config[key] == value for key, value in change.items())
+        if "workers" in change:  # the pool converges while the client keeps streaming
+            converged_by = time.monotonic() + 30
+            while http_json(server.http + "/status")[1]["pool"]["alive"] != change["workers"]:
+                assert time.monotonic() < converged_by, f"pool did not reach {change['workers']} workers"
+                time.sleep(0.05)
+            seen_workers.add(change["workers"])
+        applied.set()
     thread.join(30)
+    assert next(pending, None) is None, "every change was made while the client streamed"
     assert "error" not in results, results.get("error")
     for epoch in results["epochs"]:  # type: ignore[union-attr]
         assert sorted(epoch) == list(range(48)), "every sample exactly once in every epoch"
