@@ -71,9 +71,14 @@ def wire_rate(seconds: float, shape: tuple[int, int, int, int] = (256, 224, 224,
     finally:
         stop.set()
         server.join(5)
-        client.close(linger=0)
+        # The sending side goes first, while the client is still connected. Closing the client first
+        # can drop the TCP connection while the server's I/O thread is half way through a multipart
+        # batch and its socket is closing: libzmq 4.3 then aborts the process (session_base.cpp,
+        # "Resource temporarily unavailable"). context.term() also waits until ZeroMQ has let go of
+        # the shared-memory slot it was sending from, before the pool unmaps it.
         transport.close()
         context.term()
+        client.close(linger=0)
         client_context.term()
         pool.release(slot)
         pool.close()
