@@ -58,7 +58,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--ready-file", help="write the bound endpoints here as JSON once serving")
 
     demo = commands.add_parser("demo", help="stream the bundled photos through a local server and client")
-    demo.add_argument("--epochs", type=int, default=2)
+    demo.add_argument("--epochs", type=int, default=2, help="epochs per timed run")
+    demo.add_argument(
+        "--repeats", type=int, default=3, help="timed runs per loader, one after another; the median is shown"
+    )
     demo.add_argument("--batch-size", type=int, default=16)
     demo.add_argument("--image-size", type=int, default=224)
     demo.add_argument("--workers", type=int, help="server workers (default: usable CPU cores)")
@@ -132,23 +135,35 @@ def _demo(args: argparse.Namespace) -> int:
     from stoker.server.launcher import loopback_args, start_server
 
     workers = args.workers or usable_cores()
+    if args.epochs < 1 or args.repeats < 1:
+        print("stoker demo: --epochs and --repeats must be at least 1", file=sys.stderr)
+        return 2
     print(
         f"stoker demo: {sum(1 for _ in DEMO_DATA.rglob('*.jpg'))} photos in {DEMO_DATA}, "
-        f"{args.epochs} epochs, batch {args.batch_size}, {args.image_size}px, {workers} workers"
+        f"{args.epochs} epochs x {args.repeats} runs, batch {args.batch_size}, {args.image_size}px, {workers} workers"
     )
     server_args = loopback_args("demo", DEMO_DATA, workers)
     with start_server(server_args) as server:
         print(f"server up: data {server.data}, status {server.http}/status")
         result = stream_stoker(
-            server.data, args.epochs, args.batch_size, args.image_size, args.step_ms / 1000.0, args.device
+            server.data,
+            args.epochs,
+            args.batch_size,
+            args.image_size,
+            args.step_ms / 1000.0,
+            args.device,
+            args.repeats,
         )
     rows = [result]
     if not args.no_compare:
-        rows.append(run_dataloader_baseline(DEMO_DATA, args.epochs, args.batch_size, args.image_size, 2))
-    print(f"\n{'loader':34s} {'images':>7s} {'images/s':>9s} {'MB/s':>8s} {'data stall':>10s}")
+        rows.append(run_dataloader_baseline(DEMO_DATA, args.epochs, args.batch_size, args.image_size, 2, args.repeats))
+    print(f"\n{'loader':34s} {'images':>7s} {'images/s':>9s} {'(min - max)':>15s} {'MB/s':>8s} {'data stall':>10s}")
     for row in rows:
         stall = "-" if row.stall_share is None else f"{100 * row.stall_share:.0f}%"
-        print(f"{row.label:34s} {row.images:7d} {row.images_per_s:9.1f} {row.mb_per_s:8.1f} {stall:>10s}")
+        low, high = row.spread
+        spread = f"({low:.0f} - {high:.0f})"
+        print(f"{row.label:34s} {row.images:7d} {row.images_per_s:9.1f} {spread:>15s} {row.mb_per_s:8.1f} {stall:>10s}")
+    print(f"images/s: median of {args.repeats} runs of {args.epochs} epochs each (range in brackets)")
     if len(rows) == 2 and rows[1].images_per_s > 0:
         print(
             f"\nstoker / DataLoader: {rows[0].images_per_s / rows[1].images_per_s:.2f}x images/s "

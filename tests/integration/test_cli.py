@@ -16,11 +16,15 @@ def test_demo_streams_two_epochs_and_reports_throughput() -> None:
     result = run_cli("demo", "--workers", "2", timeout_s=300)
     assert result.returncode == 0, result.stderr
     out = result.stdout
-    row = re.search(r"^stoker\s+(\d+)\s+([\d.]+)\s+([\d.]+)\s+(\d+)%", out, re.M)
+    numbers = r"\s+(\d+)\s+([\d.]+)\s+\((\d+) - (\d+)\)\s+([\d.]+)"
+    row = re.search(r"^stoker" + numbers + r"\s+(\d+)%", out, re.M)
     assert row, out
-    assert int(row.group(1)) == 96  # 48 photos x 2 epochs
-    assert float(row.group(2)) > 0 and float(row.group(3)) > 0
-    assert re.search(r"^torch DataLoader \(seed recipe\)\s+96\s+[\d.]+", out, re.M), out
+    images, rate, low, high, mb_per_s, stall = (float(value) for value in row.groups())
+    assert images == 96  # 48 photos x 2 epochs, per timed run
+    assert 0 < low <= round(rate) <= high and mb_per_s > 0 and 0 <= stall <= 100
+    baseline = re.search(r"^torch DataLoader \(seed recipe\)" + numbers, out, re.M)
+    assert baseline and int(baseline.group(1)) == 96, out
+    assert "median of 3 runs of 2 epochs each" in out
     assert "stoker / DataLoader:" in out
 
 
@@ -55,3 +59,8 @@ def test_client_import_pulls_in_no_server_dependencies() -> None:
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_demo_refuses_an_empty_measurement() -> None:
+    result = run_cli("demo", "--repeats", "0", timeout_s=60)
+    assert result.returncode == 2 and "--repeats must be at least 1" in result.stderr
