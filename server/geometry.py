@@ -9,6 +9,7 @@ or server runs the sample.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from stoker.client.rng import SampleRng
@@ -84,22 +85,25 @@ def plan_geometry(width: int, height: int, size: int, pipeline: Pipeline, rng: S
     return SampleGeometry(box, resize, crop, flip)
 
 
+# Where upright point (x, y) lies in the stored image (w x h as stored), per EXIF orientation.
+_TO_STORED: dict[int, Callable[[int, int, int, int], tuple[int, int]]] = {
+    1: lambda x, y, w, h: (x, y),
+    2: lambda x, y, w, h: (w - x, y),
+    3: lambda x, y, w, h: (w - x, h - y),
+    4: lambda x, y, w, h: (x, h - y),
+    5: lambda x, y, w, h: (y, x),
+    6: lambda x, y, w, h: (y, h - x),
+    7: lambda x, y, w, h: (w - y, h - x),
+    8: lambda x, y, w, h: (w - y, x),
+}
+
+
 def raw_box(box: Box, width: int, height: int, orientation: int) -> Box:
     """Map a box on the upright image to the stored image (``width x height`` as stored)."""
     left, top, right, bottom = box
-    corners = [(left, top), (right, bottom)]
-    # Where upright point (x, y) lies in the stored image, per EXIF orientation.
-    mapped = {
-        1: lambda x, y: (x, y),
-        2: lambda x, y: (width - x, y),
-        3: lambda x, y: (width - x, height - y),
-        4: lambda x, y: (x, height - y),
-        5: lambda x, y: (y, x),
-        6: lambda x, y: (y, height - x),
-        7: lambda x, y: (width - y, height - x),
-        8: lambda x, y: (width - y, x),
-    }[orientation if orientation in range(1, 9) else 1]
-    (x0, y0), (x1, y1) = (mapped(x, y) for x, y in corners)
+    to_stored = _TO_STORED.get(orientation, _TO_STORED[1])
+    x0, y0 = to_stored(left, top, width, height)
+    x1, y1 = to_stored(right, bottom, width, height)
     return min(x0, x1), min(y0, y1), max(x0, x1), max(y0, y1)
 
 
