@@ -3,6 +3,7 @@ whichever server dies, and servers joining mid-epoch get work."""
 
 from __future__ import annotations
 
+import logging
 import socket
 import threading
 import time
@@ -137,6 +138,68 @@ def test_dns_endpoint_uses_every_address_of_the_name(cluster) -> None:
     batches = epoch_of(f"dns+tcp://localhost:{port}", 0, world_size=1, batch_size=2)
     assert sorted(int(i) for _, _, idx in batches for i in idx) == list(range(48))
     wait_until(lambda: served(v4) > 0 and served(v6) > 0, what="both addresses of localhost to serve")
+
+
+def _second_loopback_address() -> bool:
+    try:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.2", 0))
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not _second_loopback_address(), reason="needs 127.0.0.2 on the loopback interface")
+def test_dns_answer_changing_mid_epoch_moves_the_client_to_the_new_server(cluster, monkeypatch, caplog) -> None:
+    """A ``dns+tcp://`` name whose answer changes from one loader to another while an epoch streams
+    (a rolling replacement): the client connects to the new address, drops the old one and the epoch
+    still comes out exactly once. The name is answered by a stand-in for the DNS server, the only
+    part that is not real here."""
+    old = cluster.start(workers=1, bind="tcp://127.0.0.1:0")
+    port = int(old.data.rsplit(":", 1)[1])
+    new = cluster.start(workers=1, bind=f"tcp://127.0.0.2:{port}")  # all of 127/8 is loopback on Linux
+    answer = ["127.0.0.1"]
+    real_getaddrinfo = socket.getaddrinfo
+
+    def dns(host, *args, **kwargs):
+        if host != "loaders.stoker.test":
+            return real_getaddrinfo(host, *args, **kwargs)
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (address, port)) for address in answer]
+
+    monkeypatch.setattr(socket, "getaddrinfo", dns)
+    paused, release = threading.Event(), threading.Event()
+    result: dict[str, object] = {}
+
+    def run() -> None:
+        try:
+            result["batches"] = epoch_of(
+                f"dns+tcp://loaders.stoker.test:{port}",
+                0,
+                pause_at=2,
+                paused=paused,
+                release=release,
+                step_s=0.02,
+                world_size=1,
+                batch_size=1,
+                prefetch=2,
+                resolve_interval_s=0.2,
+            )
+        except BaseException as exc:
+            result["error"] = exc
+
+    with caplog.at_level(logging.INFO, logger="stoker.client.session"):
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        assert paused.wait(TIMEOUT_S)
+        answer[:] = ["127.0.0.2"]
+        release.set()
+        thread.join(120)
+    assert not thread.is_alive() and "error" not in result, result.get("error")
+    assert sorted(int(i) for _, _, idx in result["batches"] for i in idx) == list(range(48))
+    assert served(new) > 0, "the address the name now points at got requests"
+    messages = [record.getMessage() for record in caplog.records]
+    assert f"server tcp://127.0.0.1:{port} removed (no longer in DNS)" in messages, messages
+    assert f"server tcp://127.0.0.2:{port} added" in messages, messages
 
 
 def test_malformed_endpoints_are_refused_up_front() -> None:
