@@ -7,7 +7,9 @@ import logging
 import socket
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 import torch
@@ -17,6 +19,7 @@ from tests.helpers import wait_until
 from tests.integration.test_http import metrics
 
 TIMEOUT_S = 60.0
+T = TypeVar("T")
 OPTIONS = dict(
     batch_size=4,
     image_size=48,
@@ -54,6 +57,31 @@ def same(a, b) -> bool:
     )
 
 
+def epoch_with_pause(endpoints, during: Callable[[], T], **options) -> tuple[list, T]:
+    """Rank 0's epoch streamed in a thread that pauses after its second batch while ``during`` runs
+    (a server killed, started, or moved in DNS); returns the epoch's batches and what ``during`` gave."""
+    paused, release = threading.Event(), threading.Event()
+    result: dict[str, object] = {}
+
+    def run() -> None:
+        try:
+            result["batches"] = epoch_of(endpoints, 0, pause_at=2, paused=paused, release=release, **options)
+        except BaseException as exc:  # reported to the test's thread
+            result["error"] = exc
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    try:
+        assert paused.wait(TIMEOUT_S), "the client did not reach the pause"
+        outcome = during()
+    finally:
+        release.set()
+    thread.join(120)
+    assert not thread.is_alive(), "the client did not finish the epoch"
+    assert "error" not in result, result.get("error")
+    return result["batches"], outcome  # type: ignore[return-value]
+
+
 def test_two_ranks_draw_an_epoch_from_three_servers(cluster) -> None:
     servers = [cluster.start(workers=1) for _ in range(3)]
     endpoints = [s.data for s in servers]
@@ -68,56 +96,23 @@ def test_two_ranks_draw_an_epoch_from_three_servers(cluster) -> None:
 def test_an_epoch_survives_a_server_killed_mid_epoch(cluster) -> None:
     servers = [cluster.start(workers=1) for _ in range(3)]
     reference = epoch_of(servers[2].data, 0)
-    paused, release = threading.Event(), threading.Event()
-    result: dict[str, object] = {}
-
-    def run() -> None:
-        try:
-            result["batches"] = epoch_of([s.data for s in servers], 0, pause_at=2, paused=paused, release=release)
-        except BaseException as exc:
-            result["error"] = exc
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    assert paused.wait(TIMEOUT_S)
-    cluster.kill(servers[0])
-    release.set()
-    thread.join(120)
-    assert "error" not in result, result.get("error")
-    assert same(result["batches"], reference), "exactly once, identical to a single-server run"
+    batches, _ = epoch_with_pause([s.data for s in servers], lambda: cluster.kill(servers[0]))
+    assert same(batches, reference), "exactly once, identical to a single-server run"
 
 
 def test_a_server_started_mid_epoch_receives_requests(cluster, tmp_path: Path) -> None:
     first = cluster.start(workers=1)
     late_endpoint = f"ipc://{tmp_path / 'late.ipc'}"  # an address known before the server exists
-    paused, release = threading.Event(), threading.Event()
-    result: dict[str, object] = {}
-
-    def run() -> None:
-        try:
-            result["batches"] = epoch_of(
-                [first.data, late_endpoint],
-                0,
-                pause_at=2,
-                paused=paused,
-                release=release,
-                step_s=0.05,
-                world_size=1,
-                batch_size=1,
-                prefetch=2,
-            )
-        except BaseException as exc:
-            result["error"] = exc
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    assert paused.wait(TIMEOUT_S)
-    late = cluster.start(workers=1, bind=late_endpoint)
     # The client greets the newcomer within a second and spreads requests to it.
-    release.set()
-    thread.join(120)
-    assert "error" not in result, result.get("error")
-    assert sorted(int(i) for _, _, idx in result["batches"] for i in idx) == list(range(48))
+    batches, late = epoch_with_pause(
+        [first.data, late_endpoint],
+        lambda: cluster.start(workers=1, bind=late_endpoint),
+        step_s=0.05,
+        world_size=1,
+        batch_size=1,
+        prefetch=2,
+    )
+    assert sorted(int(i) for _, _, idx in batches for i in idx) == list(range(48))
     assert served(late) > 0, "the server that joined mid-epoch got requests"
 
 
@@ -166,36 +161,21 @@ def test_dns_answer_changing_mid_epoch_moves_the_client_to_the_new_server(cluste
             return real_getaddrinfo(host, *args, **kwargs)
         return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (address, port)) for address in answer]
 
-    monkeypatch.setattr(socket, "getaddrinfo", dns)
-    paused, release = threading.Event(), threading.Event()
-    result: dict[str, object] = {}
-
-    def run() -> None:
-        try:
-            result["batches"] = epoch_of(
-                f"dns+tcp://loaders.stoker.test:{port}",
-                0,
-                pause_at=2,
-                paused=paused,
-                release=release,
-                step_s=0.02,
-                world_size=1,
-                batch_size=1,
-                prefetch=2,
-                resolve_interval_s=0.2,
-            )
-        except BaseException as exc:
-            result["error"] = exc
-
-    with caplog.at_level(logging.INFO, logger="stoker.client.session"):
-        thread = threading.Thread(target=run, daemon=True)
-        thread.start()
-        assert paused.wait(TIMEOUT_S)
+    def move_the_name() -> None:  # as a rolling replacement would
         answer[:] = ["127.0.0.2"]
-        release.set()
-        thread.join(120)
-    assert not thread.is_alive() and "error" not in result, result.get("error")
-    assert sorted(int(i) for _, _, idx in result["batches"] for i in idx) == list(range(48))
+
+    monkeypatch.setattr(socket, "getaddrinfo", dns)
+    with caplog.at_level(logging.INFO, logger="stoker.client.session"):
+        batches, _ = epoch_with_pause(
+            f"dns+tcp://loaders.stoker.test:{port}",
+            move_the_name,
+            step_s=0.02,
+            world_size=1,
+            batch_size=1,
+            prefetch=2,
+            resolve_interval_s=0.2,
+        )
+    assert sorted(int(i) for _, _, idx in batches for i in idx) == list(range(48))
     assert served(new) > 0, "the address the name now points at got requests"
     messages = [record.getMessage() for record in caplog.records]
     assert f"server tcp://127.0.0.1:{port} removed (no longer in DNS)" in messages, messages
