@@ -57,6 +57,11 @@ def same(a, b) -> bool:
     )
 
 
+def delivered(batches) -> list[int]:
+    """The sample indices in ``batches``, sorted: ``list(range(48))`` when an epoch came exactly once."""
+    return sorted(int(i) for _, _, idx in batches for i in idx)
+
+
 def epoch_with_pause(endpoints, during: Callable[[], T], **options) -> tuple[list, T]:
     """Rank 0's epoch streamed in a thread that pauses after its second batch while ``during`` runs
     (a server killed, started, or moved in DNS); returns the epoch's batches and what ``during`` gave."""
@@ -86,8 +91,7 @@ def test_two_ranks_draw_an_epoch_from_three_servers(cluster) -> None:
     servers = [cluster.start(workers=1) for _ in range(3)]
     endpoints = [s.data for s in servers]
     per_rank = [epoch_of(endpoints, rank) for rank in range(2)]
-    indices = sorted(int(i) for batches in per_rank for _, _, idx in batches for i in idx)
-    assert indices == list(range(48))
+    assert delivered(batch for batches in per_rank for batch in batches) == list(range(48))
     assert all(served(s) > 0 for s in servers), "every server got requests"
     reference = [epoch_of(servers[0].data, rank) for rank in range(2)]
     assert all(same(a, b) for a, b in zip(per_rank, reference, strict=False)), "same bytes as from a single server"
@@ -112,7 +116,7 @@ def test_a_server_started_mid_epoch_receives_requests(cluster, tmp_path: Path) -
         batch_size=1,
         prefetch=2,
     )
-    assert sorted(int(i) for _, _, idx in batches for i in idx) == list(range(48))
+    assert delivered(batches) == list(range(48))
     assert served(late) > 0, "the server that joined mid-epoch got requests"
 
 
@@ -131,7 +135,7 @@ def test_dns_endpoint_uses_every_address_of_the_name(cluster) -> None:
     port = v4.data.rsplit(":", 1)[1]
     v6 = cluster.start(workers=1, bind=f"tcp://[::1]:{port}")
     batches = epoch_of(f"dns+tcp://localhost:{port}", 0, world_size=1, batch_size=2)
-    assert sorted(int(i) for _, _, idx in batches for i in idx) == list(range(48))
+    assert delivered(batches) == list(range(48))
     wait_until(lambda: served(v4) > 0 and served(v6) > 0, what="both addresses of localhost to serve")
 
 
@@ -175,7 +179,7 @@ def test_dns_answer_changing_mid_epoch_moves_the_client_to_the_new_server(cluste
             prefetch=2,
             resolve_interval_s=0.2,
         )
-    assert sorted(int(i) for _, _, idx in batches for i in idx) == list(range(48))
+    assert delivered(batches) == list(range(48))
     assert served(new) > 0, "the address the name now points at got requests"
     messages = [record.getMessage() for record in caplog.records]
     assert f"server tcp://127.0.0.1:{port} removed (no longer in DNS)" in messages, messages
