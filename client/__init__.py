@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from stoker.client.errors import (
+from stoker.client.protocol.errors import (
     BadSampleError,
     InvalidJobError,
     ProtocolError,
@@ -17,10 +17,10 @@ from stoker.client.errors import (
     StokerTimeoutError,
     UnknownDatasetError,
 )
-from stoker.client.job import JobSpec
+from stoker.client.protocol.job import JobSpec
 
 if TYPE_CHECKING:
-    from stoker.client.remote import IMAGENET_MEAN, IMAGENET_STD, RemoteBatches
+    from stoker.client.runtime.remote import IMAGENET_MEAN, IMAGENET_STD, RemoteBatches
 
 __all__ = [
     "RemoteBatches",
@@ -41,7 +41,7 @@ _LAZY = {"RemoteBatches", "IMAGENET_MEAN", "IMAGENET_STD"}
 
 def __getattr__(name: str) -> Any:
     if name in _LAZY:
-        from stoker.client import remote
+        from stoker.client.runtime import remote
 
         return getattr(remote, name)
     raise AttributeError(f"module 'stoker.client' has no attribute {name!r}")

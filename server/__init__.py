@@ -11,6 +11,6 @@ __all__ = ["main"]
 
 def main() -> int:
     """Run the ``stoker`` command line."""
-    from stoker.server.cli import main as cli_main
+    from stoker.server.tools.cli import main as cli_main
 
     return cli_main()

@@ -2,6 +2,6 @@
 
 import sys
 
-from stoker.server.cli import main
+from stoker.server.tools.cli import main
 
 sys.exit(main())

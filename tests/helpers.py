@@ -10,7 +10,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from stoker.server.launcher import ServerProcess, start_server
+from stoker.server.tools.launcher import ServerProcess, start_server
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO_DATA = ROOT / "server" / "demo-data"

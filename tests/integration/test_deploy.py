@@ -28,8 +28,8 @@ from typing import Any
 import pytest
 import yaml
 
-from stoker.server.cli import build_parser
 from stoker.server.settings import ServerSettings, is_loopback, load_settings, parse_http
+from stoker.server.tools.cli import build_parser
 from tests.helpers import DEMO_DATA, ROOT, http_json
 
 DEPLOY = ROOT / "deploy"

@@ -191,10 +191,10 @@ def test_breaking_out_and_iterating_again_continues_where_it_stopped(cluster) ->
 
 
 def test_batches_over_16_mib_arrive_in_several_frames_in_order(cluster) -> None:
-    from stoker.client.plan import sample_seed
-    from stoker.server.decode import DecodeLimits
-    from stoker.server.pipelines import BUILTIN_PIPELINES
-    from stoker.server.render import StageTimes, render_sample
+    from stoker.client.protocol.plan import sample_seed
+    from stoker.server.imaging.decode import DecodeLimits
+    from stoker.server.imaging.pipelines import BUILTIN_PIPELINES
+    from stoker.server.imaging.render import StageTimes, render_sample
 
     server = cluster.start()
     # 48 x 352 x 352 x 3 = 17.8 MB: two frames on the wire, gathered into one tensor.

@@ -7,8 +7,8 @@ import uuid
 
 import zmq
 
-from stoker.client.job import JobSpec
-from stoker.client.wire import ErrorCode, Kind, decode, encode
+from stoker.client.protocol.job import JobSpec
+from stoker.client.protocol.wire import ErrorCode, Kind, decode, encode
 from tests.helpers import http_json
 
 

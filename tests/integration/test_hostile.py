@@ -10,8 +10,8 @@ import pytest
 import zmq
 
 from stoker.client import RemoteBatches
-from stoker.client.job import JobSpec
-from stoker.client.wire import MAX_HEADER_BYTES, ErrorCode, Kind, decode, encode
+from stoker.client.protocol.job import JobSpec
+from stoker.client.protocol.wire import MAX_HEADER_BYTES, ErrorCode, Kind, decode, encode
 from tests.helpers import Cluster, http_json
 from tests.integration.test_http import metrics
 

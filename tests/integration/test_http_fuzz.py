@@ -9,7 +9,7 @@ import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
 
-from stoker.server.launcher import ServerProcess
+from stoker.server.tools.launcher import ServerProcess
 from tests.helpers import Cluster
 
 TOKEN = "fuzz-token"

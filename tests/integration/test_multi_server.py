@@ -169,7 +169,7 @@ def test_dns_answer_changing_mid_epoch_moves_the_client_to_the_new_server(cluste
         answer[:] = ["127.0.0.2"]
 
     monkeypatch.setattr(socket, "getaddrinfo", dns)
-    with caplog.at_level(logging.INFO, logger="stoker.client.session"):
+    with caplog.at_level(logging.INFO, logger="stoker.client.runtime.session"):
         batches, _ = epoch_with_pause(
             f"dns+tcp://loaders.stoker.test:{port}",
             move_the_name,

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from torchvision.datasets import ImageFolder
 
-from stoker.server.catalog import DatasetDecl, load_dataset
+from stoker.server.data.catalog import DatasetDecl, load_dataset
 from tests.helpers import DEMO_DATA
 
 

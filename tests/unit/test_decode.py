@@ -14,9 +14,9 @@ import pytest
 import simplejpeg
 from PIL import Image
 
-from stoker.server.decode import ALPHA_BACKGROUND, BadImage, DecodeLimits
-from stoker.server.pipelines import BUILTIN_PIPELINES
-from stoker.server.render import StageTimes, render_sample
+from stoker.server.imaging.decode import ALPHA_BACKGROUND, BadImage, DecodeLimits
+from stoker.server.imaging.pipelines import BUILTIN_PIPELINES
+from stoker.server.imaging.render import StageTimes, render_sample
 from tests.helpers import ODD_DATA
 
 LIMITS = DecodeLimits()

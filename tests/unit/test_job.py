@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from stoker.client.errors import ProtocolError
-from stoker.client.job import JobSpec
-from stoker.client.wire import ErrorCode
+from stoker.client.protocol.errors import ProtocolError
+from stoker.client.protocol.job import JobSpec
+from stoker.client.protocol.wire import ErrorCode
 
 
 @pytest.mark.parametrize(

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from stoker.client.plan import batch_indices, batches_per_rank, permutation, sample_seed
+from stoker.client.protocol.plan import batch_indices, batches_per_rank, permutation, sample_seed
 
 
 def epoch_batches(n: int, b: int, w: int, drop_last: bool, seed: int = 0, epoch: int = 0, shuffle: bool = True):

@@ -10,11 +10,11 @@ import torch
 from PIL import Image, ImageOps
 from torchvision.transforms import v2
 
-from stoker.client.rng import SampleRng
-from stoker.server.decode import DecodeLimits
-from stoker.server.geometry import plan_geometry
-from stoker.server.pipelines import BUILTIN_PIPELINES, Pipeline
-from stoker.server.render import StageTimes, render_sample
+from stoker.client.protocol.rng import SampleRng
+from stoker.server.imaging.decode import DecodeLimits
+from stoker.server.imaging.geometry import plan_geometry
+from stoker.server.imaging.pipelines import BUILTIN_PIPELINES, Pipeline
+from stoker.server.imaging.render import StageTimes, render_sample
 from tests.helpers import DEMO_DATA, ODD_DATA
 
 LIMITS = DecodeLimits()

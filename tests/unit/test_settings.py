@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from stoker.server.config import EngineConfig
-from stoker.server.pipelines import BUILTIN_PIPELINES, pipeline_from_ops
+from stoker.server.engine.config import EngineConfig
+from stoker.server.imaging.pipelines import BUILTIN_PIPELINES, pipeline_from_ops
 from stoker.server.settings import ServerSettings, load_settings, parse_http
 
 
@@ -90,7 +90,7 @@ def test_default_workers_respect_affinity_and_a_cgroup_cpu_quota() -> None:
     import math
     import os
 
-    from stoker.server.config import usable_cores
+    from stoker.server.engine.config import usable_cores
 
     limit = len(os.sched_getaffinity(0))
     quota_file = Path("/sys/fs/cgroup/cpu.max")

@@ -11,8 +11,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from stoker.client.errors import ProtocolError
-from stoker.client.wire import MAX_HEADER_BYTES, PROTOCOL_VERSION, ErrorCode, Kind, decode, encode
+from stoker.client.protocol.errors import ProtocolError
+from stoker.client.protocol.wire import MAX_HEADER_BYTES, PROTOCOL_VERSION, ErrorCode, Kind, decode, encode
 
 JOB = {
     "dataset": "demo",
@@ -60,7 +60,7 @@ def test_every_kind_round_trips(kind: Kind) -> None:
 
 
 def test_literal_examples_in_the_docs_decode() -> None:
-    doc = (Path(__file__).resolve().parents[2] / "client" / "WIRE.md").read_text()
+    doc = (Path(__file__).resolve().parents[2] / "client" / "protocol" / "WIRE.md").read_text()
     blocks = re.findall(r"```hex\n(.*?)```", doc, re.S)
     request, batch = (decode(bytes.fromhex(block.replace("\n", " "))) for block in blocks)
     assert request.kind is Kind.REQUEST and request.fields["k"] == 3
@@ -142,7 +142,7 @@ def test_decoder_never_fails_untyped_on_structured_garbage(kind: int, fields: ob
 
 
 def test_payload_parts_are_whole_samples_within_the_frame_limit() -> None:
-    from stoker.client.wire import MAX_PART_BYTES, payload_parts
+    from stoker.client.protocol.wire import MAX_PART_BYTES, payload_parts
 
     sample = 224 * 224 * 3
     parts = payload_parts(256 * sample, sample)

@@ -1,0 +1,80 @@
+"""The job spec: what a client asks a server for, identified by the hash of its canonical form."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+import msgpack
+
+from stoker.client.protocol.errors import ProtocolError
+from stoker.client.protocol.wire import MAX_BATCH_SAMPLES, ErrorCode
+
+__all__ = ["JobSpec", "MAX_IMAGE_SIZE", "MAX_WORLD_SIZE"]
+
+MAX_IMAGE_SIZE = 4096
+MAX_WORLD_SIZE = 65536
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
+
+
+@dataclass(frozen=True, slots=True)
+class JobSpec:
+    """Everything that decides the bytes of a batch, except epoch, rank and batch number.
+
+    Two clients with equal specs get byte-identical batches from any server.
+    """
+
+    dataset: str
+    pipeline: str = "train"
+    image_size: int = 224
+    batch_size: int = 64
+    seed: int = 0
+    shuffle: bool = True
+    drop_last: bool = False
+    world_size: int = 1
+
+    def __post_init__(self) -> None:
+        for name in ("dataset", "pipeline"):
+            value = getattr(self, name)
+            if not isinstance(value, str) or not _NAME.match(value):
+                raise ValueError(f"{name}={value!r} must be a name of letters, digits, '_', '.', '-'")
+        for name, low, high in (
+            ("image_size", 8, MAX_IMAGE_SIZE),
+            ("batch_size", 1, MAX_BATCH_SAMPLES),
+            ("seed", 0, 2**63 - 1),
+            ("world_size", 1, MAX_WORLD_SIZE),
+        ):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+                raise ValueError(f"{name}={value!r} must be an int in [{low}, {high}]")
+        for name in ("shuffle", "drop_last"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name}={getattr(self, name)!r} must be a bool")
+
+    @property
+    def job_id(self) -> str:
+        """A short stable hash of the canonical spec."""
+        canonical = msgpack.packb([getattr(self, f.name) for f in fields(self)], use_bin_type=True)
+        return hashlib.blake2b(canonical, digest_size=8).hexdigest()
+
+    def to_wire(self) -> dict[str, Any]:
+        """The spec as a msgpack-ready map."""
+        return asdict(self)
+
+    @classmethod
+    def from_wire(cls, raw: dict[str, Any]) -> JobSpec:
+        """Build a spec from a peer's map; unknown or ill-typed fields are an ``INVALID_JOB`` error.
+
+        Unknown fields are refused rather than ignored: a newer client asking for a feature this
+        server lacks must not silently get different batches.
+        """
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(str(k) for k in raw if k not in known)
+        if unknown:
+            raise ProtocolError(f"unknown job fields {unknown}; known: {sorted(known)}", ErrorCode.INVALID_JOB)
+        try:
+            return cls(**raw)
+        except (TypeError, ValueError) as exc:
+            raise ProtocolError(f"invalid job: {exc}", ErrorCode.INVALID_JOB) from None

@@ -1,0 +1,320 @@
+"""``RemoteBatches``: the torch ``IterableDataset`` a training loop iterates to get batches from stoker."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+import zmq
+from torch.utils.data import IterableDataset, get_worker_info
+
+from stoker.client.protocol.job import JobSpec
+from stoker.client.runtime.buffers import PinnedPool
+from stoker.client.runtime.endpoints import parse_endpoints
+from stoker.client.runtime.session import BatchStream, JobInfo, RawBatch, Session
+
+__all__ = ["RemoteBatches", "IMAGENET_MEAN", "IMAGENET_STD"]
+
+log = logging.getLogger(__name__)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+_STATE_VERSION = 1
+
+
+def _distributed_defaults(rank: int | None, world_size: int | None) -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        default_rank, default_world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    else:
+        default_rank = int(os.environ.get("RANK", "0"))
+        default_world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = default_rank if rank is None else rank
+    world_size = default_world if world_size is None else world_size
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank={rank} must be in [0, world_size={world_size})")
+    return rank, world_size
+
+
+class RemoteBatches(IterableDataset):
+    """Batches of a dataset declared on stoker servers, delivered on ``device`` in order.
+
+    Each iteration yields one epoch (the rest of it after :meth:`load_state_dict`) as
+    ``(images, labels)`` or ``(images, labels, indices)``; the next iteration continues with the
+    following epoch. Images are NCHW in ``channels_last`` memory, ``float32`` normalised with
+    ``mean``/``std`` or ``uint8`` with ``normalize=False``.
+    """
+
+    def __init__(
+        self,
+        endpoints: str | Sequence[str],
+        dataset: str,
+        *,
+        pipeline: str = "train",
+        image_size: int = 224,
+        batch_size: int = 64,
+        seed: int = 0,
+        shuffle: bool = True,
+        drop_last: bool = False,
+        prefetch: int = 4,
+        rank: int | None = None,
+        world_size: int | None = None,
+        device: str | torch.device | None = None,
+        normalize: bool = True,
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
+        return_indices: bool = False,
+        timeout_s: float = 60.0,
+        resolve_interval_s: float = 10.0,
+    ) -> None:
+        super().__init__()
+        self.endpoints = [endpoints] if isinstance(endpoints, str) else list(endpoints)
+        parse_endpoints(self.endpoints)  # a malformed endpoint is a ValueError now, not a timeout later
+        if not resolve_interval_s > 0:
+            raise ValueError(f"{resolve_interval_s=} must be > 0")
+        self.resolve_interval_s = float(resolve_interval_s)
+        self.rank, world_size = _distributed_defaults(rank, world_size)
+        self.spec = JobSpec(dataset, pipeline, image_size, batch_size, seed, shuffle, drop_last, world_size)
+        if not isinstance(prefetch, int) or not 1 <= prefetch <= 1024:
+            raise ValueError(f"{prefetch=} must be an int in [1, 1024]")
+        if not timeout_s > 0:
+            raise ValueError(f"{timeout_s=} must be > 0")
+        if len(mean) != 3 or len(std) != 3 or any(s <= 0 for s in std):
+            raise ValueError(f"mean={tuple(mean)} and std={tuple(std)} must be 3 values each, std > 0")
+        self.prefetch = prefetch
+        self.device = (
+            torch.device(device)
+            if device is not None
+            else (torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
+        )
+        self.normalize = normalize
+        self.mean = tuple(float(m) for m in mean)
+        self.std = tuple(float(s) for s in std)
+        self.return_indices = return_indices
+        self.timeout_s = float(timeout_s)
+        self._epoch = 0
+        self._position = 0
+        self._session: Session | None = None
+        self._stream: BatchStream | None = None
+        self._owner_pid = os.getpid()
+        self._pinned: PinnedPool | None = None
+        self._scale: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._reset_stats()
+
+    # -- public API ------------------------------------------------------------------------------
+
+    @property
+    def info(self) -> JobInfo:
+        """The job as the servers describe it (connects on first use)."""
+        return self._open()
+
+    @property
+    def classes(self) -> tuple[str, ...]:
+        """Class names, index = label."""
+        return self._open().classes
+
+    @property
+    def epoch(self) -> int:
+        """The epoch the next iteration serves."""
+        return self._epoch
+
+    def __len__(self) -> int:
+        """Batches per epoch for this rank."""
+        return self._open().batches
+
+    def set_epoch(self, epoch: int) -> None:
+        """Serve ``epoch`` next. Switching epochs restarts at its first batch; the same epoch keeps
+        a resumed position, so ``set_epoch`` at the top of a loop does not undo ``load_state_dict``.
+        """
+        if not isinstance(epoch, int) or epoch < 0:
+            raise ValueError(f"{epoch=} must be an int >= 0")
+        if epoch != self._epoch:
+            self._epoch, self._position = epoch, 0
+
+    def state_dict(self) -> dict[str, Any]:
+        """Progress to checkpoint with the model: the epoch and the next batch to yield."""
+        return {
+            "version": _STATE_VERSION,
+            "job": self.spec.to_wire(),
+            "rank": self.rank,
+            "epoch": self._epoch,
+            "next_batch": self._position,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from a :meth:`state_dict`: the next iteration yields its remaining batches."""
+        if state.get("version") != _STATE_VERSION:
+            raise ValueError(f"state version {state.get('version')!r} is not {_STATE_VERSION}")
+        saved = JobSpec.from_wire(dict(state["job"]))
+        if saved != self.spec:
+            diff = {k: (v, getattr(self.spec, k)) for k, v in saved.to_wire().items() if getattr(self.spec, k) != v}
+            raise ValueError(f"state is for another job; differing fields (saved, current): {diff}")
+        if state.get("rank", self.rank) != self.rank:
+            raise ValueError(f"state is for rank {state['rank']}, this client is rank {self.rank}")
+        epoch, position = int(state["epoch"]), int(state["next_batch"])
+        if epoch < 0 or position < 0:
+            raise ValueError(f"bad state: epoch={epoch}, next_batch={position}")
+        self._epoch, self._position = epoch, position
+
+    def stats(self) -> dict[str, float | int]:
+        """Batches, images and bytes received, seconds spent waiting for data and the wait share."""
+        elapsed = (time.monotonic() - self._started) if self._started else 0.0
+        return {
+            "batches": self._batches,
+            "images": self._images,
+            "bytes": self._bytes,
+            "wait_s": round(self._wait_s, 6),
+            "elapsed_s": round(elapsed, 6),
+            "wait_share": round(self._wait_s / elapsed, 6) if elapsed > 0 else 0.0,
+            "images_per_s": round(self._images / elapsed, 2) if elapsed > 0 else 0.0,
+        }
+
+    def close(self) -> None:
+        """Release sockets and pinned buffers. Iterating again reconnects."""
+        if self._stream is not None:
+            self._stream.close()
+            self._stream = None
+        if self._session is not None:
+            self._session.close()
+            self._session = None
+        if self._pinned is not None:
+            self._pinned.close()
+            self._pinned = None
+
+    def __enter__(self) -> RemoteBatches:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __getstate__(self) -> dict[str, Any]:
+        # DataLoader worker processes get a copy without live sockets; they reconnect on use.
+        state = self.__dict__.copy()
+        state.update(_session=None, _stream=None, _pinned=None, _scale=None)
+        return state
+
+    # -- iteration -------------------------------------------------------------------------------
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
+        info = self._open()
+        epoch, start = self._epoch, self._position
+        ks = range(start, info.batches)
+        worker = get_worker_info()
+        sharded = worker is not None and worker.num_workers > 1
+        if sharded:
+            # Inside DataLoader(num_workers=n): worker i takes every n-th batch, and DataLoader's
+            # round-robin over workers restores the order. Progress is tracked per worker copy.
+            ks = ks[worker.id :: worker.num_workers]
+        stream = self._stream_for(epoch, list(ks), info.batches, lookahead=not sharded)
+        for k in ks:
+            waited = time.monotonic()
+            if not self._started:
+                self._started = waited
+            out = self._deliver(stream.get((epoch, k)))
+            self._wait_s += time.monotonic() - waited
+            self._position = k + 1
+            yield out
+        if not sharded:
+            self._epoch, self._position = epoch + 1, 0
+            # Keep one whole epoch planned ahead of the consumer, so epochs flow without a gap.
+            if stream.last_item is not None and stream.last_item[0] == epoch + 1:
+                stream.extend([(epoch + 2, k) for k in range(info.batches)])
+
+    def _stream_for(self, epoch: int, ks: list[int], batches: int, lookahead: bool) -> BatchStream:
+        """The stream already heading for ``(epoch, ks[0])``, or a new one (the old one is dropped)."""
+        stream = self._stream
+        first = (epoch, ks[0]) if ks else None
+        if stream is not None and lookahead and first is not None and stream.next_item == first:
+            return stream
+        if stream is not None:
+            stream.close()
+        session = self._session
+        if session is None:
+            raise RuntimeError("not connected")  # unreachable: _open() just connected
+        items = [(epoch, k) for k in ks]
+        if lookahead:
+            items += [(epoch + 1, k) for k in range(batches)]
+        self._stream = BatchStream(session, items, self._open().prefetch)
+        return self._stream
+
+    # -- internals -------------------------------------------------------------------------------
+
+    def _reset_stats(self) -> None:
+        self._batches = self._images = self._bytes = 0
+        self._wait_s = 0.0
+        self._started = 0.0
+
+    def _progress(self) -> dict[str, float]:
+        elapsed = (time.monotonic() - self._started) if self._started else 0.0
+        return {"waited_s": round(self._wait_s, 6), "elapsed_s": round(elapsed, 6)}
+
+    def _open(self) -> JobInfo:
+        if self._owner_pid != os.getpid():
+            # A forked copy (DataLoader workers fork by default) inherits the parent's sockets, which
+            # must not be used after fork: drop them unclosed and connect afresh.
+            self._session, self._stream, self._pinned, self._scale = None, None, None, None
+            self._owner_pid = os.getpid()
+        if self._session is None:
+            cuda = self.device.type == "cuda"
+            if cuda and self._pinned is None:
+                self._pinned = PinnedPool(self.prefetch + 4)
+            self._session = Session(
+                self.endpoints,
+                self.spec,
+                self.rank,
+                self.prefetch,
+                self.timeout_s,
+                progress=self._progress,
+                receive_into=self._pinned_buffer if cuda else None,
+                resolve_interval_s=self.resolve_interval_s,
+            )
+        if self._session.info is None:
+            try:
+                self._session.open()
+            except BaseException:
+                self.close()
+                raise
+        return self._session.info  # type: ignore[return-value]
+
+    def _pinned_buffer(self, nbytes: int) -> tuple[memoryview, torch.Tensor]:
+        if self._pinned is None:
+            raise RuntimeError("pinned pool closed")  # unreachable while a CUDA session is open
+        buffer = self._pinned.take(nbytes)
+        return memoryview(buffer.numpy()), buffer
+
+    def _deliver(self, raw: RawBatch) -> tuple[torch.Tensor, ...]:
+        fields = raw.fields
+        n, height, width, channels = fields["shape"]
+        nbytes = n * height * width * channels
+        if isinstance(raw.data, torch.Tensor):  # pinned buffer: copy to the device without blocking
+            host = raw.data[:nbytes].view(n, height, width, channels)
+            images = host.to(self.device, non_blocking=True)
+            if self._pinned is not None:
+                self._pinned.give_back(raw.data, torch.cuda.current_stream(self.device))
+        else:  # a ZeroMQ frame (wrapped without copying) or frames gathered into one array
+            data = raw.data.buffer if isinstance(raw.data, zmq.Frame) else raw.data
+            images = torch.frombuffer(data, dtype=torch.uint8, count=nbytes).view(n, height, width, channels)
+            if self.device.type != "cpu":
+                images = images.to(self.device)
+        # NHWC memory viewed as NCHW is exactly the channels_last layout: no copy.
+        images = images.permute(0, 3, 1, 2)
+        if self.normalize:
+            mean, std = self._normalizer()
+            images = images.float().sub_(mean).div_(std)
+        labels = torch.tensor(fields["labels"], dtype=torch.int64).to(self.device, non_blocking=True)
+        self._batches += 1
+        self._images += n
+        self._bytes += nbytes
+        if self.return_indices:
+            return images, labels, torch.tensor(fields["indices"], dtype=torch.int64)
+        return images, labels
+
+    def _normalizer(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._scale is None:
+            mean = torch.tensor(self.mean, dtype=torch.float32, device=self.device).view(1, 3, 1, 1) * 255.0
+            std = torch.tensor(self.std, dtype=torch.float32, device=self.device).view(1, 3, 1, 1) * 255.0
+            self._scale = (mean, std)
+        return self._scale

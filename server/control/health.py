@@ -1,0 +1,30 @@
+"""Liveness and readiness probes."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Depends
+from fastapi.responses import JSONResponse
+
+from stoker.server.control.deps import get_engine
+from stoker.server.engine import Engine
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/healthz")
+async def healthz() -> dict[str, str]:
+    """200 while the process and its event loop answer."""
+    return {"status": "ok"}
+
+
+@router.get("/readyz", responses={503: {"description": "not ready, with the reason"}})
+async def readyz(engine: Annotated[Engine, Depends(get_engine)]) -> JSONResponse:
+    """200 once the worker pool is up and the data socket bound; 503 with the reason otherwise."""
+    if engine.ready:
+        return JSONResponse({"status": "ready", "endpoint": engine.endpoint})
+    reason = "draining" if engine.started.is_set() else "starting workers"
+    if engine.stopped.is_set():
+        reason = "stopped"
+    return JSONResponse({"status": "not ready", "reason": reason}, status_code=503)

@@ -1,0 +1,34 @@
+"""``GET /status``: what the server is doing, as JSON documented by :class:`Status`."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, HTTPException, Request
+
+from stoker.server.control.deps import get_engine
+from stoker.server.control.models import Status
+from stoker.server.engine import Engine
+
+router = APIRouter(tags=["status"])
+
+
+async def engine_snapshot(engine: Engine) -> dict:
+    """The engine's snapshot, built on its own thread (503 when it is not running)."""
+    if engine.stopped.is_set() or not engine.started.is_set():
+        raise HTTPException(503, "engine not running")
+    try:
+        return await asyncio.wait_for(asyncio.wrap_future(engine.call(engine.snapshot)), timeout=5.0)
+    except (RuntimeError, TimeoutError) as exc:
+        raise HTTPException(503, f"engine not answering: {exc}") from None
+
+
+@router.get("/status", response_model=Status, responses={503: {"description": "the engine is not running"}})
+async def status(request: Request, engine: Annotated[Engine, Depends(get_engine)]) -> Status:
+    """Version, uptime, endpoints, pool, datasets, jobs, clients, stage times, errors and bad samples."""
+    snapshot = await engine_snapshot(engine)
+    snapshot["endpoints"]["http"] = request.app.state.http_url
+    snapshot["config"]["log_level"] = logging.getLevelName(logging.getLogger("stoker").getEffectiveLevel())
+    return Status.model_validate(snapshot)

@@ -1,0 +1,159 @@
+"""Open jobs: a validated spec bound to its dataset and pipeline, and the batches it plans.
+
+The registry turns a client's job spec into an :class:`OpenJob` (or a typed refusal naming what is
+wrong and what exists) and caches each epoch's order, which is the only per-job state a server keeps.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+from stoker.client.protocol.errors import ProtocolError
+from stoker.client.protocol.job import JobSpec
+from stoker.client.protocol.plan import batch_indices, batch_sizes, batches_per_rank, permutation, sample_seed
+from stoker.client.protocol.rng import mix
+from stoker.client.protocol.wire import ErrorCode
+from stoker.server.data.catalog import Catalog, SampleTable
+from stoker.server.imaging.pipelines import Pipeline
+
+__all__ = ["OpenJob", "JobRegistry", "replacement_candidate"]
+
+_REPLACEMENT_DOMAIN = 0x5245504C
+
+
+@dataclass(frozen=True, eq=False)
+class OpenJob:
+    """A job this server can serve."""
+
+    spec: JobSpec
+    job_id: str
+    table: SampleTable
+    pipeline: Pipeline
+    batches: int
+    """Batches per rank per epoch."""
+    last_batch: int
+    """Size of each rank's last batch."""
+
+    def rows(self, k: int) -> int:
+        """Samples in batch ``k`` (the last one may be short)."""
+        return self.last_batch if k == self.batches - 1 else self.spec.batch_size
+
+    def batch_nbytes(self, k: int) -> int:
+        """Bytes of batch ``k``'s images."""
+        size = self.spec.image_size
+        return self.rows(k) * size * size * 3
+
+
+def replacement_candidate(spec: JobSpec, epoch: int, index: int, attempt: int, num_samples: int) -> int:
+    """The ``attempt``-th stand-in for a bad sample: deterministic, so batches stay reproducible."""
+    return mix(_REPLACEMENT_DOMAIN, spec.seed, epoch, index, attempt) % num_samples
+
+
+class JobRegistry:
+    """Validates and remembers jobs; caches epoch orders (a few epochs per dataset/seed)."""
+
+    def __init__(
+        self,
+        catalog: Catalog,
+        pipelines: Mapping[str, Pipeline],
+        max_batch_size: int,
+        max_image_size: int,
+        max_batch_bytes: int = 2**62,
+        max_jobs: int = 256,
+        max_orders: int = 8,
+    ) -> None:
+        self.catalog = catalog
+        self.pipelines = pipelines
+        self.max_batch_size = max_batch_size
+        self.max_image_size = max_image_size
+        self.max_batch_bytes = max_batch_bytes
+        self._jobs: OrderedDict[str, OpenJob] = OrderedDict()
+        self._orders: OrderedDict[tuple[str, int, bool, int], np.ndarray] = OrderedDict()
+        self._max_jobs = max_jobs
+        self._max_orders = max_orders
+
+    def open(self, spec: JobSpec) -> OpenJob:
+        """The open job for ``spec``; raise :class:`ProtocolError` with the code to answer with."""
+        job_id = spec.job_id
+        job = self._jobs.get(job_id)
+        if job is not None:
+            self._jobs.move_to_end(job_id)
+            return job
+        table = self.catalog.get(spec.dataset)
+        if table is None:
+            raise ProtocolError(
+                f"unknown dataset {spec.dataset!r}; this server declares {sorted(self.catalog)}",
+                ErrorCode.UNKNOWN_DATASET,
+            )
+        pipeline = self.pipelines.get(spec.pipeline)
+        if pipeline is None:
+            raise ProtocolError(
+                f"unknown pipeline {spec.pipeline!r}; this server declares {sorted(self.pipelines)}",
+                ErrorCode.UNKNOWN_PIPELINE,
+            )
+        if spec.batch_size > self.max_batch_size:
+            raise ProtocolError(
+                f"batch_size={spec.batch_size} exceeds this server's max_batch_size={self.max_batch_size}",
+                ErrorCode.INVALID_JOB,
+            )
+        if spec.image_size > self.max_image_size:
+            raise ProtocolError(
+                f"image_size={spec.image_size} exceeds this server's max_image_size={self.max_image_size}",
+                ErrorCode.INVALID_JOB,
+            )
+        batch_bytes = spec.batch_size * spec.image_size * spec.image_size * 3
+        if batch_bytes > self.max_batch_bytes:
+            raise ProtocolError(
+                f"a batch of {spec.batch_size} x {spec.image_size}px needs {batch_bytes / 2**20:.0f} MiB; this "
+                f"server's shared-memory budget is {self.max_batch_bytes / 2**20:.0f} MiB",
+                ErrorCode.INVALID_JOB,
+            )
+        count = batches_per_rank(len(table), spec.batch_size, spec.world_size, spec.drop_last)
+        if count == 0:
+            raise ProtocolError(
+                f"drop_last=True with batch_size * world_size = {spec.batch_size * spec.world_size} "
+                f"> {len(table)} samples in {spec.dataset!r} leaves no batch",
+                ErrorCode.INVALID_JOB,
+            )
+        _, last = batch_sizes(len(table), spec.batch_size, spec.world_size, spec.drop_last)
+        job = OpenJob(spec, job_id, table, pipeline, count, last)
+        self._jobs[job_id] = job
+        while len(self._jobs) > self._max_jobs:
+            self._jobs.popitem(last=False)
+        return job
+
+    def get(self, job_id: str) -> OpenJob | None:
+        """An already open job by id."""
+        return self._jobs.get(job_id)
+
+    def order(self, job: OpenJob, epoch: int) -> np.ndarray:
+        """The epoch's permutation of the job's dataset (cached)."""
+        spec = job.spec
+        key = (job.table.fingerprint, spec.seed, spec.shuffle, epoch)
+        order = self._orders.get(key)
+        if order is None:
+            order = self._orders[key] = permutation(len(job.table), spec.seed, epoch, spec.shuffle)
+            while len(self._orders) > self._max_orders:
+                self._orders.popitem(last=False)
+        else:
+            self._orders.move_to_end(key)
+        return order
+
+    def indices(self, job: OpenJob, epoch: int, rank: int, k: int) -> np.ndarray:
+        """Dataset indices of batch ``k`` of ``rank`` (before bad-sample replacement)."""
+        spec = job.spec
+        return batch_indices(self.order(job, epoch), spec.batch_size, spec.world_size, spec.drop_last, rank, k)
+
+    @staticmethod
+    def sample_key(job: OpenJob, epoch: int, index: int) -> int:
+        """The augmentation RNG key of ``index`` in ``epoch``."""
+        return sample_seed(job.spec.seed, epoch, index)
+
+    @property
+    def open_jobs(self) -> list[OpenJob]:
+        """Jobs opened recently, oldest first."""
+        return list(self._jobs.values())

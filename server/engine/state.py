@@ -1,0 +1,113 @@
+"""The engine's state as a JSON-ready snapshot, the body of ``/status`` (built on the engine thread)."""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any
+
+from stoker.server.version import VERSION
+from stoker.server.workers.pool import WorkerHandle
+
+if TYPE_CHECKING:
+    from stoker.server.engine import Engine
+
+__all__ = ["build_snapshot"]
+
+
+def worker_view(worker: WorkerHandle[Any]) -> dict[str, Any]:
+    """One worker: pid, tasks held and the file it is decoding now."""
+    current = None
+    position = int(worker.progress.value)
+    if worker.tasks and 0 <= position < len(worker.tasks[0].samples):
+        task = worker.tasks[0]
+        current = task.work.job.table.display_path(task.samples[position][1])
+    return {
+        "id": worker.worker_id,
+        "pid": worker.process.pid,
+        "tasks": len(worker.tasks),
+        "current": current,
+        "retiring": worker.retiring,
+        "busy_s": round(worker.busy_s, 3),
+    }
+
+
+def build_snapshot(engine: Engine) -> dict[str, Any]:
+    """Everything ``/status`` shows except the HTTP address and the log level (the app adds those)."""
+
+    now = time.monotonic()
+    stats = engine.stats
+    images_s, bytes_s = stats.throughput.rates(now)
+    clients = []
+    for peer in engine._peers.values():
+        p = peer.stats
+        p_images, p_bytes = p.throughput.rates(now)
+        clients.append(
+            {
+                "client_id": p.client_id,
+                "job_id": p.job_id,
+                "rank": p.rank,
+                "world_size": p.world_size,
+                "epoch": p.epoch,
+                "batches": p.batches,
+                "images": p.images,
+                "bytes": p.bytes,
+                "inflight": len(peer.inflight),
+                "images_per_s": round(p_images, 1),
+                "mb_per_s": round(p_bytes / 1e6, 2),
+                "stall_share": None if p.stall_share is None else round(p.stall_share, 4),
+                "last_seen_s": round(now - p.last_seen, 2),
+            }
+        )
+    workers = engine.pool.workers
+    stalls = [c["stall_share"] for c in clients if c["stall_share"] is not None]
+    return {
+        "version": VERSION,
+        "uptime_s": round(time.time() - stats.started_at, 1),
+        "endpoints": {"data": engine.endpoint},
+        "ready": engine.ready,
+        "pool": {
+            "size": engine.pool.target_size,
+            "alive": sum(1 for w in workers if w.process.is_alive()),
+            "busy": sum(1 for w in workers if w.tasks),
+            "restarts": engine.pool.restarts,
+            "workers": [worker_view(w) for w in workers],
+        },
+        "datasets": [
+            {"name": t.name, "samples": len(t), "classes": len(t.classes), "fingerprint": t.fingerprint}
+            for t in engine.catalog.values()
+        ],
+        "jobs": [
+            {
+                "job_id": j.job_id,
+                "dataset": j.spec.dataset,
+                "pipeline": j.spec.pipeline,
+                "image_size": j.spec.image_size,
+                "batch_size": j.spec.batch_size,
+                "world_size": j.spec.world_size,
+                "batches_per_rank": j.batches,
+            }
+            for j in engine.jobs.open_jobs
+        ],
+        "clients": clients,
+        "throughput": {"images_per_s": round(images_s, 1), "mb_per_s": round(bytes_s / 1e6, 2)},
+        "stall_share": round(sum(stalls) / len(stalls), 4) if stalls else None,
+        "stages": stats.stage_summary(),
+        "latency": stats.latency.summary(),
+        "inflight_batches": len(engine._works) + len(engine._sends),
+        "shm_bytes": engine.slots.total_bytes,
+        "errors": dict(stats.errors),
+        "bad_samples": {
+            "count": len(engine.bad),
+            "recent": [
+                {"dataset": b.dataset, "index": b.index, "path": b.path, "reason": b.reason, "at": b.at}
+                for b in reversed(engine.bad.recent)
+            ],
+        },
+        "config": {
+            "workers": engine.config.workers,
+            "max_prefetch": engine.config.max_prefetch,
+            "on_error": engine.config.on_error,
+            "cache_batches": engine.config.cache_batches,
+            "client_timeout_s": engine.config.client_timeout_s,
+        },
+    }

@@ -1,0 +1,99 @@
+"""The data socket: a ZeroMQ ROUTER that receives client headers and sends batches without copying.
+
+Batches leave straight from their shared-memory slot (``copy=False``); a ``MessageTracker`` says when
+ZeroMQ has handed the bytes to the kernel and the slot may be reused. Peers that send oversized
+frames are disconnected by ZeroMQ itself (``MAXMSGSIZE``); peers that vanish are detected by ZMTP
+heartbeats, which drops whatever was queued for them.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import zmq
+
+from stoker.client.protocol.wire import MAX_HEADER_BYTES, Kind, encode, payload_parts
+
+__all__ = ["Incoming", "Transport"]
+
+log = logging.getLogger(__name__)
+
+
+def _wants_ipv6(bind: str) -> bool:
+    # Not for an IPv4 literal: the bound endpoint would read tcp://[::ffff:127.0.0.1]:PORT.
+    if not bind.startswith("tcp://"):
+        return False
+    host = bind[len("tcp://") :].rpartition(":")[0].strip("[]")
+    try:
+        return ipaddress.ip_address(host).version == 6
+    except ValueError:
+        return True  # "*" or a host name: listen on both families
+
+
+@dataclass(frozen=True, slots=True)
+class Incoming:
+    """A message from a client: its routing identity and its frames (header first)."""
+
+    identity: bytes
+    frames: list[bytes]
+
+
+class Transport:
+    """The ROUTER socket bound to ``bind``; ``endpoint`` is where it actually listens."""
+
+    def __init__(self, context: zmq.Context, bind: str, heartbeat_ms: int = 2000) -> None:
+        self.socket = context.socket(zmq.ROUTER)
+        # Unknown or vanished peers raise EHOSTUNREACH instead of silently swallowing a batch.
+        self.socket.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        # Flow control is the client's credit window (its requests), capped by the engine; a
+        # message-count HWM would only make sends fail at arbitrary points.
+        self.socket.setsockopt(zmq.SNDHWM, 0)
+        self.socket.setsockopt(zmq.MAXMSGSIZE, MAX_HEADER_BYTES)
+        self.socket.setsockopt(zmq.HEARTBEAT_IVL, heartbeat_ms)
+        self.socket.setsockopt(zmq.HEARTBEAT_TIMEOUT, heartbeat_ms * 5)
+        self.socket.setsockopt(zmq.LINGER, 0)
+        if _wants_ipv6(bind):  # tcp://*:5555 then accepts IPv4 and IPv6 clients
+            self.socket.setsockopt(zmq.IPV6, 1)
+        self.socket.bind(bind)
+        self.endpoint: str = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
+        log.info("data socket bound to %s", self.endpoint)
+
+    def receive(self, limit: int = 256) -> Iterator[Incoming]:
+        """Up to ``limit`` waiting messages, without blocking."""
+        for _ in range(limit):
+            try:
+                frames = self.socket.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            yield Incoming(frames[0], frames[1:])
+
+    def send(self, identity: bytes, kind: Kind, fields: dict[str, Any]) -> bool:
+        """Send a header-only message; ``False`` when the peer is gone."""
+        try:
+            self.socket.send_multipart([identity, encode(kind, fields)], zmq.NOBLOCK)
+            return True
+        except zmq.ZMQError as exc:
+            log.debug("dropping %s to a gone peer: %s", kind.name, exc)
+            return False
+
+    def send_batch(
+        self, identity: bytes, header: bytes, payload: memoryview, sample_bytes: int
+    ) -> zmq.MessageTracker | None:
+        """Send a batch from ``payload`` without copying; ``None`` when the peer is gone.
+
+        The tracker is the last frame's: ZeroMQ writes frames in order, so when it is done all are.
+        """
+        parts = [payload[offset : offset + length] for offset, length in payload_parts(len(payload), sample_bytes)]
+        try:
+            return self.socket.send_multipart([identity, header, *parts], zmq.NOBLOCK, copy=False, track=True)
+        except zmq.ZMQError as exc:
+            log.debug("dropping a batch to a gone peer: %s", exc)
+            return None
+
+    def close(self) -> None:
+        """Close the socket, dropping anything unsent."""
+        self.socket.close(linger=0)

@@ -1,5 +1,0 @@
-"""The HTTP control plane: health, status, metrics, live config and a dashboard (FastAPI)."""
-
-from stoker.server.http.app import create_app
-
-__all__ = ["create_app"]

@@ -1,0 +1,228 @@
+"""The ``stoker`` command: ``serve``, ``demo``, ``bench`` and ``status``.
+
+Flags are a public contract (users' scripts call them): add freely, never rename or drop. Each
+``serve`` flag maps to one field of :class:`~stoker.server.settings.ServerSettings`, which holds the
+validation and the defaults; the environment (``STOKER_<FIELD>``) and ``--config`` feed it too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+__all__ = ["main", "build_parser"]
+
+log = logging.getLogger(__name__)
+
+
+def _dataset_arg(text: str) -> tuple[str, str]:
+    name, sep, path = text.partition("=")
+    if not sep or not name or not path:
+        raise argparse.ArgumentTypeError(f"{text!r} is not NAME=PATH")
+    return name, path
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser for every subcommand."""
+    parser = argparse.ArgumentParser(prog="stoker", description="Data loading as a service for GPU training.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="run a loader server")
+    serve.add_argument("--config", type=Path, help="TOML file with settings, datasets and pipelines")
+    serve.add_argument(
+        "--dataset",
+        action="append",
+        type=_dataset_arg,
+        default=[],
+        metavar="NAME=PATH",
+        help="declare a dataset: an ImageFolder directory or a CSV/TSV file list (repeatable)",
+    )
+    serve.add_argument("--bind", help="ZeroMQ data endpoint (default tcp://*:5555)")
+    serve.add_argument("--http", help="HTTP HOST:PORT (default 127.0.0.1:8080)")
+    serve.add_argument("--http-token", help="bearer token for PATCH /config (or STOKER_HTTP_TOKEN)")
+    serve.add_argument("--http-token-file", help="read the bearer token from this file (a mounted secret)")
+    serve.add_argument("--max-shm-mb", type=int, help="shared-memory budget for batch buffers, MiB (default 2048)")
+    serve.add_argument("--workers", type=int, help="worker processes (default: usable CPU cores)")
+    serve.add_argument("--max-workers", type=int, help="cap for growing the pool live (default 4 x cores)")
+    serve.add_argument("--max-prefetch", type=int, help="most batches in flight per client (default 16)")
+    serve.add_argument("--on-error", choices=["skip", "raise"], help="bad samples: skip (default) or raise")
+    serve.add_argument("--cache-batches", type=int, help="finished batches kept for repeated requests")
+    serve.add_argument("--client-timeout-s", type=float, help="forget clients silent this long")
+    serve.add_argument("--drain-timeout-s", type=float, help="on shutdown, time to finish in-flight batches")
+    serve.add_argument("--task-timeout-s", type=float, help="kill a worker stuck this long on one task")
+    serve.add_argument("--heartbeat-ms", type=int, help="ZeroMQ heartbeat interval")
+    serve.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    serve.add_argument("--ready-file", help="write the bound endpoints here as JSON once serving")
+
+    demo = commands.add_parser("demo", help="stream the bundled photos through a local server and client")
+    demo.add_argument("--epochs", type=int, default=2, help="epochs per timed run")
+    demo.add_argument(
+        "--repeats", type=int, default=3, help="timed runs per loader, one after another; the median is shown"
+    )
+    demo.add_argument("--batch-size", type=int, default=16)
+    demo.add_argument("--image-size", type=int, default=224)
+    demo.add_argument("--workers", type=int, help="server workers (default: usable CPU cores)")
+    demo.add_argument("--step-ms", type=float, default=0.0, help="simulated training step per batch")
+    demo.add_argument("--device", help="client device (default: cuda if available, else cpu)")
+    demo.add_argument("--no-compare", action="store_true", help="skip the torch DataLoader comparison")
+    bench = commands.add_parser("bench", help="compare stoker with torch's DataLoader on the same data and cores")
+    bench.add_argument("--data", type=Path, required=True, help="an ImageFolder directory of JPEGs")
+    bench.add_argument("--pipeline", default="train", choices=["train", "eval", "resize"])
+    bench.add_argument("--image-size", type=int, default=224)
+    bench.add_argument("--batch-size", type=int, default=64)
+    bench.add_argument("--workers", type=int, help="workers for every loader (default: usable CPU cores)")
+    bench.add_argument("--seconds", type=float, default=10.0, help="timed window per run")
+    bench.add_argument("--repeats", type=int, default=3, help="runs per row (the median is reported)")
+    bench.add_argument(
+        "--poll-status-ms",
+        type=float,
+        default=0.0,
+        help="also run stoker with /status polled this often, to show the HTTP side's cost",
+    )
+    bench.add_argument("--json", action="store_true", help="print the results as JSON")
+
+    status = commands.add_parser("status", help="print a summary of a server's /status")
+    status.add_argument("url", nargs="?", default="http://127.0.0.1:8080", help="the server's HTTP address")
+    status.add_argument("--json", action="store_true", help="print the raw JSON")
+    return parser
+
+
+_SERVE_FIELDS = (
+    "bind",
+    "http",
+    "http_token",
+    "http_token_file",
+    "max_shm_mb",
+    "workers",
+    "max_workers",
+    "max_prefetch",
+    "on_error",
+    "cache_batches",
+    "client_timeout_s",
+    "drain_timeout_s",
+    "task_timeout_s",
+    "heartbeat_ms",
+    "log_level",
+    "ready_file",
+)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from stoker.server.settings import load_settings
+    from stoker.server.tools.serve import ServeError, configure_logging, serve
+
+    overrides = {field: getattr(args, field) for field in _SERVE_FIELDS}
+    overrides["datasets"] = {name: {"path": path} for name, path in args.dataset}
+    try:
+        settings = load_settings(args.config, overrides=overrides)
+    except (ValueError, OSError) as exc:
+        print(f"stoker serve: invalid configuration:\n{exc}", file=sys.stderr)
+        return 2
+    configure_logging(settings.log_level)
+    try:
+        return serve(settings)
+    except ServeError as exc:
+        print(f"stoker serve: {exc}", file=sys.stderr)
+        return 2
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from stoker.server.engine.config import usable_cores
+    from stoker.server.tools.demo import DEMO_DATA, run_dataloader_baseline, stream_stoker
+    from stoker.server.tools.launcher import loopback_args, start_server
+
+    workers = args.workers or usable_cores()
+    if args.epochs < 1 or args.repeats < 1:
+        print("stoker demo: --epochs and --repeats must be at least 1", file=sys.stderr)
+        return 2
+    print(
+        f"stoker demo: {sum(1 for _ in DEMO_DATA.rglob('*.jpg'))} photos in {DEMO_DATA}, "
+        f"{args.epochs} epochs x {args.repeats} runs, batch {args.batch_size}, {args.image_size}px, {workers} workers"
+    )
+    server_args = loopback_args("demo", DEMO_DATA, workers)
+    with start_server(server_args) as server:
+        print(f"server up: data {server.data}, status {server.http}/status")
+        result = stream_stoker(
+            server.data,
+            args.epochs,
+            args.batch_size,
+            args.image_size,
+            args.step_ms / 1000.0,
+            args.device,
+            args.repeats,
+        )
+    rows = [result]
+    if not args.no_compare:
+        rows.append(run_dataloader_baseline(DEMO_DATA, args.epochs, args.batch_size, args.image_size, 2, args.repeats))
+    print(f"\n{'loader':34s} {'images':>7s} {'images/s':>9s} {'(min - max)':>15s} {'MB/s':>8s} {'data stall':>10s}")
+    for row in rows:
+        stall = "-" if row.stall_share is None else f"{100 * row.stall_share:.0f}%"
+        low, high = row.spread
+        spread = f"({low:.0f} - {high:.0f})"
+        print(f"{row.label:34s} {row.images:7d} {row.images_per_s:9.1f} {spread:>15s} {row.mb_per_s:8.1f} {stall:>10s}")
+    print(f"images/s: median of {args.repeats} runs of {args.epochs} epochs each (range in brackets)")
+    if len(rows) == 2 and rows[1].images_per_s > 0:
+        print(
+            f"\nstoker / DataLoader: {rows[0].images_per_s / rows[1].images_per_s:.2f}x images/s "
+            "(stoker ships uint8 and normalises on the client's device)"
+        )
+    if args.step_ms == 0:
+        print("data stall is the share of the loop spent waiting; with --step-ms 0 the loop does nothing else")
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from stoker.server.engine.config import usable_cores
+    from stoker.server.tools.bench import BenchConfig, dump_json, format_table, run_bench
+
+    if not args.data.is_dir():
+        print(f"stoker bench: --data {args.data} is not a directory", file=sys.stderr)
+        return 2
+    config = BenchConfig(
+        args.data.resolve(),
+        args.pipeline,
+        args.image_size,
+        args.batch_size,
+        args.workers or usable_cores(),
+        args.seconds,
+        args.repeats,
+        args.poll_status_ms,
+    )
+    result = run_bench(config, progress=sys.stderr.isatty() or not args.json)
+    print(dump_json(result) if args.json else format_table(result))
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    import json
+
+    from stoker.server.tools.status import fetch_status, format_status
+
+    try:
+        status = fetch_status(args.url)
+    except OSError as exc:
+        print(f"stoker status: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(status, indent=2) if args.json else format_status(status))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``stoker`` console script."""
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "serve":
+            return _serve(args)
+        if args.command == "demo":
+            return _demo(args)
+        if args.command == "status":
+            return _status(args)
+        if args.command == "bench":
+            return _bench(args)
+    except ImportError as exc:
+        print(f"stoker {args.command}: {exc}. The server side needs: pip install 'stoker[server]'", file=sys.stderr)
+        return 2
+    return 2

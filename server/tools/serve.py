@@ -1,0 +1,106 @@
+"""``stoker serve``: load the catalog, start the engine and the HTTP side, run until signalled."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from stoker.server.data.catalog import Catalog
+from stoker.server.engine import Engine
+from stoker.server.settings import ServerSettings, is_loopback, parse_http
+
+__all__ = ["serve", "bind_http", "ServeError"]
+
+log = logging.getLogger(__name__)
+
+
+class ServeError(Exception):
+    """The server cannot start as configured; the message says why."""
+
+
+def bind_http(address: str) -> socket.socket:
+    """Bind and listen on ``HOST:PORT`` now, so port 0 resolves before anyone is told the address."""
+    host, port = parse_http(address)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise ServeError(f"cannot bind HTTP to {address}: {exc.strerror}") from None
+    sock.listen(128)
+    sock.set_inheritable(True)
+    return sock
+
+
+def _announce(settings: ServerSettings, http_url: str) -> Callable[[Engine], None]:
+    def on_ready(engine: Engine) -> None:
+        info = {"data": engine.endpoint, "http": http_url, "pid": os.getpid()}
+        if settings.ready_file:
+            path = Path(settings.ready_file)
+            tmp = path.with_suffix(path.suffix + ".tmp")
+            tmp.write_text(json.dumps(info))
+            tmp.replace(path)  # atomic: a reader never sees half a file
+        log.info("stoker serving data=%s http=%s", engine.endpoint, http_url)
+
+    return on_ready
+
+
+def serve(settings: ServerSettings) -> int:
+    """Run a server in this process until SIGTERM/SIGINT; return the exit status."""
+    import uvicorn
+
+    from stoker.server.control import create_app
+
+    host, _ = parse_http(settings.http)
+    if not is_loopback(host) and settings.http_token is None:
+        raise ServeError(
+            f"refusing to serve HTTP on non-loopback {settings.http} without a token: "
+            "set --http-token or STOKER_HTTP_TOKEN (PATCH /config would be open to the network)"
+        )
+    if not settings.datasets:
+        raise ServeError("no dataset declared: use --dataset NAME=PATH or [datasets.NAME] in --config")
+    try:
+        catalog = Catalog.load(settings.dataset_decls())
+        pipelines = settings.pipeline_map()
+    except (ValueError, OSError) as exc:
+        raise ServeError(str(exc)) from None
+    engine = Engine(settings.engine_config(), catalog, pipelines)
+    sock = bind_http(settings.http)
+    bound_host, bound_port = sock.getsockname()[:2]
+    http_url = f"http://{'[' + bound_host + ']' if ':' in bound_host else bound_host}:{bound_port}"
+    app = create_app(engine, settings, http_url=http_url, on_ready=_announce(settings, http_url))
+    config = uvicorn.Config(
+        app,
+        log_level=settings.log_level.lower(),
+        access_log=False,
+        timeout_graceful_shutdown=5,
+        lifespan="on",
+    )
+    server = uvicorn.Server(config)
+    received: list[int] = []
+    # uvicorn handles SIGINT/SIGTERM while it runs (graceful shutdown, which drains the engine) and
+    # re-raises the signal afterwards; these handlers only note it, so a drained stop exits 0.
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda number, frame: received.append(number))
+    server.run(sockets=[sock])
+    if received:
+        log.info("stopped by signal %d", received[0])
+    # uvicorn reports a failed lifespan start-up (e.g. workers that cannot start) by not starting.
+    return 0 if server.started else 1
+
+
+def configure_logging(level: str) -> None:
+    """Log to stderr with timestamps; the CLI's stdout stays for results."""
+    logging.basicConfig(
+        level=level,
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )

@@ -1,0 +1,270 @@
+"""The worker pool: starts, watches, replaces, grows and shrinks worker processes.
+
+The pool only does process mechanics and reports events; the engine decides what to run where. Each
+worker has its own pipe, so the pool always knows which tasks a worker holds and can hand them back
+when it dies. Workers fork from a forkserver that has already imported torch and the decoders, so a
+replacement is ready in milliseconds and never inherits the server's threads or sockets.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+import multiprocessing
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
+from multiprocessing.process import BaseProcess
+from multiprocessing.sharedctypes import Synchronized
+from typing import Any, Generic, TypeVar
+
+from stoker.server.imaging.decode import DecodeLimits
+from stoker.server.workers.process import worker_main
+
+__all__ = ["WorkerHandle", "WorkerPool", "TaskDone", "WorkerDied", "WorkerFailed"]
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+_context = multiprocessing.get_context("forkserver")
+_PRELOAD = ["stoker.server.imaging.render", "stoker.server.workers.process"]
+
+
+@dataclass(eq=False)
+class WorkerHandle(Generic[T]):
+    """A worker process, its pipe, its shared progress cell and the tasks it holds (oldest first)."""
+
+    worker_id: int
+    process: BaseProcess
+    conn: Connection
+    progress: Synchronized
+    started_at: float
+    tasks: deque[T] = field(default_factory=deque)
+    ready: bool = False
+    retiring: bool = False
+    stop_sent: bool = False
+    busy_s: float = 0.0
+    """Seconds spent on tasks, for the busy share in ``/status``."""
+    task_started_at: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TaskDone(Generic[T]):
+    """A worker finished its oldest task."""
+
+    worker: WorkerHandle[T]
+    task: T
+    outcomes: list[tuple[int, str | None]]
+    times: tuple[float, float, float]
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerDied(Generic[T]):
+    """A worker exited unexpectedly. ``position`` indexes the sample it was on in ``tasks[0]``."""
+
+    worker: WorkerHandle[T]
+    exitcode: int | None
+    tasks: list[T]
+    position: int
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerFailed(Generic[T]):
+    """A worker could not start."""
+
+    worker: WorkerHandle[T]
+    reason: str
+
+
+Event = TaskDone[Any] | WorkerDied[Any] | WorkerFailed[Any]
+
+
+class WorkerPool(Generic[T]):
+    """``size`` worker processes; call :meth:`handle` when one of :meth:`fds` is readable."""
+
+    def __init__(self, size: int, limits: DecodeLimits, start_timeout_s: float = 120.0) -> None:
+        if size < 1:
+            raise ValueError(f"{size=} must be >= 1")
+        self.target_size = size
+        self.limits = limits
+        self.start_timeout_s = start_timeout_s
+        self.restarts = 0
+        self.workers: list[WorkerHandle[T]] = []
+        self._ids = itertools.count()
+        self._by_fd: dict[int, WorkerHandle[T]] = {}
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the workers and wait until every one reports ready; raise if one cannot start."""
+        # Import torch and the decoders once in the forkserver; every worker forks with them loaded.
+        _context.set_forkserver_preload(_PRELOAD)
+        for _ in range(self.target_size):
+            self._spawn()
+        deadline = time.monotonic() + self.start_timeout_s
+        while not all(worker.ready for worker in self.workers):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise RuntimeError(f"workers not ready within start_timeout_s={self.start_timeout_s}")
+            for worker in list(self.workers):
+                if not worker.ready and worker.conn.poll(min(remaining, 0.05)):
+                    message = worker.conn.recv()
+                    if message[0] != "ready":
+                        raise RuntimeError(f"worker {worker.worker_id} failed to start: {message[1]}")
+                    worker.ready = True
+                elif not worker.process.is_alive():
+                    raise RuntimeError(f"worker {worker.worker_id} exited at start (code {worker.process.exitcode})")
+        log.info("worker pool ready: %d workers", len(self.workers))
+
+    def _spawn(self) -> WorkerHandle[T]:
+        parent, child = _context.Pipe(duplex=True)
+        progress = _context.Value("q", -1, lock=False)
+        worker_id = next(self._ids)
+        process = _context.Process(
+            target=worker_main, args=(child, progress, self.limits), name=f"stoker-worker-{worker_id}", daemon=True
+        )
+        process.start()
+        child.close()
+        handle: WorkerHandle[T] = WorkerHandle(worker_id, process, parent, progress, time.monotonic())
+        self.workers.append(handle)
+        self._by_fd[parent.fileno()] = handle
+        self._by_fd[process.sentinel] = handle
+        return handle
+
+    def resize(self, size: int) -> None:
+        """Grow now, or mark surplus workers to retire once their tasks are done."""
+        if size < 1:
+            raise ValueError(f"{size=} must be >= 1")
+        self.target_size = size
+        active = [w for w in self.workers if not w.retiring]
+        for _ in range(size - len(active)):
+            self._spawn()
+        # Retire the least loaded workers first; they stop as soon as they hold no task.
+        for worker in sorted(active, key=lambda w: len(w.tasks))[: max(0, len(active) - size)]:
+            worker.retiring = True
+        self._stop_idle_retirees()
+
+    def _stop_idle_retirees(self) -> None:
+        # Ask; the sentinel reports the exit, so the engine thread never blocks on a join here.
+        for worker in self.workers:
+            if worker.retiring and not worker.tasks and not worker.stop_sent:
+                with contextlib.suppress(OSError):
+                    worker.conn.send(("stop",))
+                worker.stop_sent = True
+                log.info("worker %d retiring", worker.worker_id)
+
+    def close(self, timeout_s: float = 5.0) -> None:
+        """Stop every worker: ask, wait ``timeout_s``, then terminate, then kill."""
+        for worker in self.workers:
+            with contextlib.suppress(OSError):
+                worker.conn.send(("stop",))
+        deadline = time.monotonic() + timeout_s
+        for worker in self.workers:
+            worker.process.join(max(0.0, deadline - time.monotonic()))
+        for step, action in (("terminate", "terminate"), ("kill", "kill")):
+            alive = [w for w in self.workers if w.process.is_alive()]
+            if not alive:
+                break
+            log.warning("%d workers still alive after stop; sending %s", len(alive), step)
+            for worker in alive:
+                getattr(worker.process, action)()
+            for worker in alive:
+                worker.process.join(1.0)
+        for worker in self.workers:
+            worker.conn.close()
+        self.workers.clear()
+        self._by_fd.clear()
+
+    # -- events ----------------------------------------------------------------------------------
+
+    def fds(self) -> list[int]:
+        """File descriptors to poll: each worker's pipe and process sentinel."""
+        return list(self._by_fd)
+
+    def handle(self, fd: int) -> list[Event]:
+        """Read what ``fd`` has to say; return the resulting events."""
+        worker = self._by_fd.get(fd)
+        if worker is None:
+            return []
+        events: list[Event] = []
+        try:
+            while worker.conn.poll(0):
+                message = worker.conn.recv()
+                if message[0] == "done":
+                    task = worker.tasks.popleft()
+                    self._account(worker)
+                    events.append(TaskDone(worker, task, message[2], message[3]))
+                elif message[0] == "ready":
+                    worker.ready = True
+                    log.info("worker %d ready (pid %s)", worker.worker_id, message[1])
+                elif message[0] == "failed":
+                    events.append(WorkerFailed(worker, message[1]))
+        except (EOFError, OSError):
+            pass  # the pipe closed: the sentinel reports the death
+        if not worker.process.is_alive() and worker in self.workers:
+            events.append(self._on_death(worker))
+        self._stop_idle_retirees()
+        return events
+
+    def _account(self, worker: WorkerHandle[T]) -> None:
+        now = time.monotonic()
+        if worker.task_started_at is not None:
+            worker.busy_s += now - worker.task_started_at
+        worker.task_started_at = now if worker.tasks else None
+
+    def _on_death(self, worker: WorkerHandle[T]) -> WorkerDied[T]:
+        worker.process.join(0)
+        position = int(worker.progress.value)
+        tasks = list(worker.tasks)
+        self._forget(worker)
+        worker.conn.close()
+        if worker.retiring and not tasks:
+            log.info("worker %d retired", worker.worker_id)
+        else:
+            log.warning(
+                "worker %d (pid %s) died with exit code %s holding %d tasks",
+                worker.worker_id,
+                worker.process.pid,
+                worker.process.exitcode,
+                len(tasks),
+            )
+        if not worker.retiring:
+            self.restarts += 1
+            self._spawn()
+        return WorkerDied(worker, worker.process.exitcode, tasks, position)
+
+    def _forget(self, worker: WorkerHandle[T]) -> None:
+        self.workers.remove(worker)
+        self._by_fd = {fd: w for fd, w in self._by_fd.items() if w is not worker}
+
+    def kill_stuck(self, timeout_s: float) -> None:
+        """SIGKILL workers on one task for longer than ``timeout_s`` (a hung decoder is a dead one)."""
+        now = time.monotonic()
+        for worker in self.workers:
+            started = worker.task_started_at
+            if started is not None and now - started > timeout_s and worker.process.is_alive():
+                log.warning("worker %d stuck on a task for %.1f s; killing it", worker.worker_id, now - started)
+                worker.process.kill()
+                worker.task_started_at = None  # its death, reported by the sentinel, redoes the task
+
+    # -- work ------------------------------------------------------------------------------------
+
+    def available(self, depth: int) -> list[WorkerHandle[T]]:
+        """Ready, non-retiring workers holding fewer than ``depth`` tasks, least loaded first."""
+        ready = [w for w in self.workers if w.ready and not w.retiring and len(w.tasks) < depth]
+        return sorted(ready, key=lambda w: len(w.tasks))
+
+    def submit(self, worker: WorkerHandle[T], task: T, message: Any) -> None:
+        """Send ``message`` (a :class:`~stoker.server.workers.process.TaskMessage`) and record ``task`` as held."""
+        worker.conn.send(("task", message))
+        if not worker.tasks:
+            worker.task_started_at = time.monotonic()
+        worker.tasks.append(task)
+
+    def broadcast(self, message: tuple) -> None:
+        """Send a control message to every live worker."""
+        for worker in self.workers:
+            with contextlib.suppress(OSError):
+                worker.conn.send(message)
