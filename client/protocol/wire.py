@@ -85,7 +85,8 @@ class ErrorCode(IntEnum):
     DATASET_CHANGED = 10
     """The server's dataset differs from the one the job was opened on (fingerprint mismatch)."""
     INTERNAL = 11
-    """An unexpected failure inside the server; the request can be retried."""
+    """An unexpected failure inside the server (a bug, or a worker that failed on a sample for a reason
+    that is not the file's); ``path`` and ``traceback`` say where. The request can be retried."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -190,6 +191,7 @@ _SCHEMA: dict[Kind, dict[str, tuple[str, bool]]] = {
         "k": (_INT, False),
         "path": (_STR, False),
         "reason": (_STR, False),
+        "traceback": (_STR, False),
         "retry_after_s": (_FLOAT, False),
         "prefetch": (_INT, False),
     },
