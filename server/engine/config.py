@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
@@ -62,6 +62,15 @@ class EngineConfig:
     """Stand-ins tried for one bad sample before the batch fails."""
     heartbeat_ms: int = 2000
     limits: DecodeLimits = field(default_factory=DecodeLimits)
+
+    LIVE = ("workers", "max_prefetch", "on_error", "cache_batches", "client_timeout_s")
+
+    def with_changes(self, **changes: object) -> EngineConfig:
+        """A validated copy with live fields changed; other fields cannot change while serving."""
+        unknown = set(changes) - set(self.LIVE)
+        if unknown:
+            raise ValueError(f"cannot change {sorted(unknown)} live; changeable: {sorted(self.LIVE)}")
+        return replace(self, **changes)  # type: ignore[arg-type]
 
     def __post_init__(self) -> None:
         checks = {

@@ -1,10 +1,9 @@
-"""Batches in the making: the engine's records of work, tasks, finished batches, sends and clients,
-and the planner that turns a request into rows (with stand-ins for known bad samples).
+"""The engine's records: a batch in the making, the tasks cut from it, a finished batch, a send in
+flight and a connected client. Plain data; the engine parts that own them change them.
 """
 
 from __future__ import annotations
 
-import logging
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -14,17 +13,33 @@ import numpy as np
 import zmq
 
 from stoker.client.protocol.wire import ErrorCode
-from stoker.server.data.jobs import JobRegistry, OpenJob, replacement_candidate
-from stoker.server.engine.config import OnError
-from stoker.server.engine.stats import BadSample, BadSamples, EngineStats, PeerStats
+from stoker.server.data.jobs import OpenJob
+from stoker.server.engine.stats import PeerStats
 from stoker.server.workers.slots import Slot
 
-__all__ = ["BatchKey", "BatchWork", "Task", "CachedBatch", "PendingSend", "Peer", "BatchPlanner"]
-
-log = logging.getLogger(__name__)
+__all__ = ["BatchKey", "BatchFailure", "BatchWork", "Task", "CachedBatch", "PendingSend", "Peer", "where"]
 
 BatchKey = tuple[str, int, int, int]
 """``(job_id, epoch, rank, k)``."""
+
+
+def where(key: BatchKey) -> dict[str, int]:
+    """The batch coordinates an ``ERROR`` about ``key`` carries."""
+    return {"epoch": key[1], "rank": key[2], "k": key[3]}
+
+
+@dataclass(frozen=True, slots=True)
+class BatchFailure:
+    """Why a batch cannot be produced: the ``ERROR`` its waiters get."""
+
+    code: ErrorCode
+    message: str
+    details: dict[str, str] = field(default_factory=dict)
+    """``path``, ``reason``, ``traceback``: whatever the failure knows."""
+
+    def fields(self, key: BatchKey) -> dict[str, Any]:
+        """The ``ERROR`` message's fields for batch ``key``."""
+        return {"code": int(self.code), "message": self.message, **where(key), **self.details}
 
 
 @dataclass(eq=False)
@@ -41,9 +56,11 @@ class BatchWork:
     waiters: dict[bytes, float]
     """Routing identity -> when it asked."""
     pending: set[int]
+    """Rows not yet written."""
     slot: Slot | None = None
-    tasks_out: int = 0
-    failure: dict[str, Any] | None = None
+    tasks: set[Task] = field(default_factory=set)
+    """Tasks of this batch queued for or held by a worker."""
+    failure: BatchFailure | None = None
     created_at: float = field(default_factory=time.monotonic)
     dispatched_at: float = 0.0
 
@@ -52,9 +69,15 @@ class BatchWork:
         """Bytes of the batch's images."""
         return self.job.batch_nbytes(self.key[3])
 
+    @property
+    def finished(self) -> bool:
+        """No task out, and every row written or the batch given up."""
+        return not self.tasks and (not self.pending or self.failure is not None)
+
     def fail(self, code: ErrorCode, message: str, **details: str) -> None:
         """Give up on this batch: waiters get an ``ERROR`` with ``code`` once no task is out."""
-        self.failure = {"code": int(code), "message": message, **details}
+        if self.failure is None:
+            self.failure = BatchFailure(code, message, details)
         self.pending.clear()
 
 
@@ -70,7 +93,7 @@ class Task:
 
 @dataclass(frozen=True, slots=True)
 class CachedBatch:
-    """A finished batch kept for repeated requests."""
+    """A finished batch, ready to send (again)."""
 
     slot: Slot
     header: bytes
@@ -101,62 +124,3 @@ class Peer:
     """Batches requested and not yet fully handed to the kernel: the flow-control window."""
     deferred: deque[BatchKey] = field(default_factory=deque)
     """Requests parked while the window is full (a client may ask again before a send completes)."""
-
-
-class BatchPlanner:
-    """Plans batches and picks stand-ins for bad samples, deterministically.
-
-    A bad sample's stand-in is the first usable candidate of a fixed sequence derived from
-    ``(seed, epoch, original index)``. Known-bad candidates are skipped, so whether a file is found
-    bad now or was known before, every server ends up with the same stand-in.
-    """
-
-    def __init__(self, jobs: JobRegistry, bad: BadSamples, stats: EngineStats) -> None:
-        self.jobs = jobs
-        self.bad = bad
-        self.stats = stats
-
-    def plan(self, job: OpenJob, key: BatchKey, on_error: OnError, max_replacements: int) -> BatchWork:
-        """The work for batch ``key``, with known bad samples already replaced (or the work failed)."""
-        _, epoch, rank, k = key
-        originals = self.jobs.indices(job, epoch, rank, k)
-        work = BatchWork(key, job, originals.copy(), originals, {}, {}, set(range(len(originals))))
-        for row, index in enumerate(originals):
-            known = self.bad.get(job.table.name, int(index))
-            if known is not None:
-                self.replace(work, row, known, on_error, max_replacements)
-        return work
-
-    def replace(self, work: BatchWork, row: int, bad: BadSample, on_error: OnError, max_replacements: int) -> bool:
-        """Point ``row`` at the next usable stand-in; ``False`` (and the work failed) if none."""
-        if on_error == "raise":
-            work.fail(ErrorCode.BAD_SAMPLE, f"bad sample {bad.path}: {bad.reason}", path=bad.path, reason=bad.reason)
-            return False
-        job, epoch = work.job, work.key[1]
-        table = job.table
-        original = int(work.originals[row])
-        attempt = work.attempts.get(row, -1) + 1
-        while attempt < max_replacements:
-            candidate = replacement_candidate(job.spec, epoch, original, attempt, len(table))
-            if self.bad.get(table.name, candidate) is None:
-                work.attempts[row] = attempt
-                work.indices[row] = candidate
-                return True
-            attempt += 1
-        work.fail(
-            ErrorCode.BAD_SAMPLE,
-            f"no usable stand-in for {bad.path} after {max_replacements} tries",
-            path=bad.path,
-            reason=bad.reason,
-        )
-        return False
-
-    def record_bad(self, work: BatchWork, row: int, reason: str) -> BadSample:
-        """Remember that ``row``'s current sample is bad; return its (first) record."""
-        table = work.job.table
-        index = int(work.indices[row])
-        sample = BadSample(table.name, index, table.display_path(index), reason, time.time())
-        if self.bad.add(sample):
-            self.stats.bad_total.labels(table.name).inc()
-            log.warning("bad sample %s (dataset %r, index %d): %s", sample.path, table.name, index, reason)
-        return self.bad.get(table.name, index) or sample

@@ -1,17 +1,19 @@
-"""The engine's state as a JSON-ready snapshot, the body of ``/status`` (built on the engine thread)."""
+"""The engine's read API: the ``/status`` snapshot and the Prometheus gauges, built on the engine
+thread from the parts' public views (the HTTP side asks for them through ``Engine.call``)."""
 
 from __future__ import annotations
 
 import time
 from typing import TYPE_CHECKING, Any
 
+from stoker.server.engine.records import Peer
 from stoker.server.version import VERSION
 from stoker.server.workers.pool import WorkerHandle
 
 if TYPE_CHECKING:
-    from stoker.server.engine import Engine
+    from stoker.server.engine.engine import Engine
 
-__all__ = ["build_snapshot"]
+__all__ = ["build_snapshot", "update_gauges"]
 
 
 def worker_view(worker: WorkerHandle[Any]) -> dict[str, Any]:
@@ -31,33 +33,33 @@ def worker_view(worker: WorkerHandle[Any]) -> dict[str, Any]:
     }
 
 
+def client_view(peer: Peer, now: float) -> dict[str, Any]:
+    """One connected client: position, traffic, window and reported stall share."""
+    p = peer.stats
+    images_s, bytes_s = p.throughput.rates(now)
+    return {
+        "client_id": p.client_id,
+        "job_id": p.job_id,
+        "rank": p.rank,
+        "world_size": p.world_size,
+        "epoch": p.epoch,
+        "batches": p.batches,
+        "images": p.images,
+        "bytes": p.bytes,
+        "inflight": len(peer.inflight),
+        "images_per_s": round(images_s, 1),
+        "mb_per_s": round(bytes_s / 1e6, 2),
+        "stall_share": None if p.stall_share is None else round(p.stall_share, 4),
+        "last_seen_s": round(now - p.last_seen, 2),
+    }
+
+
 def build_snapshot(engine: Engine) -> dict[str, Any]:
     """Everything ``/status`` shows except the HTTP address and the log level (the app adds those)."""
-
     now = time.monotonic()
     stats = engine.stats
     images_s, bytes_s = stats.throughput.rates(now)
-    clients = []
-    for peer in engine._peers.values():
-        p = peer.stats
-        p_images, p_bytes = p.throughput.rates(now)
-        clients.append(
-            {
-                "client_id": p.client_id,
-                "job_id": p.job_id,
-                "rank": p.rank,
-                "world_size": p.world_size,
-                "epoch": p.epoch,
-                "batches": p.batches,
-                "images": p.images,
-                "bytes": p.bytes,
-                "inflight": len(peer.inflight),
-                "images_per_s": round(p_images, 1),
-                "mb_per_s": round(p_bytes / 1e6, 2),
-                "stall_share": None if p.stall_share is None else round(p.stall_share, 4),
-                "last_seen_s": round(now - p.last_seen, 2),
-            }
-        )
+    clients = [client_view(peer, now) for peer in engine.admission.peers]
     workers = engine.pool.workers
     stalls = [c["stall_share"] for c in clients if c["stall_share"] is not None]
     return {
@@ -93,7 +95,7 @@ def build_snapshot(engine: Engine) -> dict[str, Any]:
         "stall_share": round(sum(stalls) / len(stalls), 4) if stalls else None,
         "stages": stats.stage_summary(),
         "latency": stats.latency.summary(),
-        "inflight_batches": len(engine._works) + len(engine._sends),
+        "inflight_batches": engine.inflight_batches,
         "shm_bytes": engine.slots.total_bytes,
         "errors": dict(stats.errors),
         "bad_samples": {
@@ -103,11 +105,14 @@ def build_snapshot(engine: Engine) -> dict[str, Any]:
                 for b in reversed(engine.bad.recent)
             ],
         },
-        "config": {
-            "workers": engine.config.workers,
-            "max_prefetch": engine.config.max_prefetch,
-            "on_error": engine.config.on_error,
-            "cache_batches": engine.config.cache_batches,
-            "client_timeout_s": engine.config.client_timeout_s,
-        },
+        "config": {name: getattr(engine.config, name) for name in engine.config.LIVE},
     }
+
+
+def update_gauges(engine: Engine) -> None:
+    """Refresh the Prometheus gauges from the engine's current state."""
+    stats, workers = engine.stats, engine.pool.workers
+    stats.workers_gauge.set(len(workers))
+    stats.busy_gauge.set(sum(1 for w in workers if w.tasks))
+    stats.clients_gauge.set(len(list(engine.admission.peers)))
+    stats.inflight_gauge.set(engine.admission.inflight)

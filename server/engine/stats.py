@@ -30,6 +30,10 @@ class Window:
         """Record one value in seconds."""
         self._values.append(value)
 
+    def mean_s(self) -> float:
+        """Mean of the window in seconds (0 when empty)."""
+        return sum(self._values) / len(self._values) if self._values else 0.0
+
     def summary(self) -> dict[str, float | int]:
         """``{"mean_ms", "p95_ms", "count"}`` over the window."""
         if not self._values:

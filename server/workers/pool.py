@@ -18,15 +18,22 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 from multiprocessing.sharedctypes import Synchronized
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 from stoker.server.imaging.decode import DecodeLimits
+from stoker.server.workers.messages import Forget, Message, Ready, StartFailed, Stop, TaskMessage, TaskResult
 from stoker.server.workers.process import worker_main
 
-__all__ = ["WorkerHandle", "WorkerPool", "TaskDone", "WorkerDied", "WorkerFailed"]
+__all__ = ["WorkerHandle", "WorkerPool", "TaskDone", "WorkerDied", "WorkerFailed", "PoolEvent"]
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
+
+
+class _HasTaskId(Protocol):
+    task_id: int
+
+
+T = TypeVar("T", bound=_HasTaskId)
 
 _context = multiprocessing.get_context("forkserver")
 _PRELOAD = ["stoker.server.imaging.render", "stoker.server.workers.process"]
@@ -56,8 +63,7 @@ class TaskDone(Generic[T]):
 
     worker: WorkerHandle[T]
     task: T
-    outcomes: list[tuple[int, str | None]]
-    times: tuple[float, float, float]
+    result: TaskResult
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,9 +82,10 @@ class WorkerFailed(Generic[T]):
 
     worker: WorkerHandle[T]
     reason: str
+    traceback: str = ""
 
 
-Event = TaskDone[Any] | WorkerDied[Any] | WorkerFailed[Any]
+PoolEvent = TaskDone[Any] | WorkerDied[Any] | WorkerFailed[Any]
 
 
 class WorkerPool(Generic[T]):
@@ -111,8 +118,9 @@ class WorkerPool(Generic[T]):
             for worker in list(self.workers):
                 if not worker.ready and worker.conn.poll(min(remaining, 0.05)):
                     message = worker.conn.recv()
-                    if message[0] != "ready":
-                        raise RuntimeError(f"worker {worker.worker_id} failed to start: {message[1]}")
+                    if not isinstance(message, Ready):
+                        reason = message.reason if isinstance(message, StartFailed) else repr(message)
+                        raise RuntimeError(f"worker {worker.worker_id} failed to start: {reason}")
                     worker.ready = True
                 elif not worker.process.is_alive():
                     raise RuntimeError(f"worker {worker.worker_id} exited at start (code {worker.process.exitcode})")
@@ -151,7 +159,7 @@ class WorkerPool(Generic[T]):
         for worker in self.workers:
             if worker.retiring and not worker.tasks and not worker.stop_sent:
                 with contextlib.suppress(OSError):
-                    worker.conn.send(("stop",))
+                    worker.conn.send(Stop())
                 worker.stop_sent = True
                 log.info("worker %d retiring", worker.worker_id)
 
@@ -159,7 +167,7 @@ class WorkerPool(Generic[T]):
         """Stop every worker: ask, wait ``timeout_s``, then terminate, then kill."""
         for worker in self.workers:
             with contextlib.suppress(OSError):
-                worker.conn.send(("stop",))
+                worker.conn.send(Stop())
         deadline = time.monotonic() + timeout_s
         for worker in self.workers:
             worker.process.join(max(0.0, deadline - time.monotonic()))
@@ -183,30 +191,50 @@ class WorkerPool(Generic[T]):
         """File descriptors to poll: each worker's pipe and process sentinel."""
         return list(self._by_fd)
 
-    def handle(self, fd: int) -> list[Event]:
+    def handle(self, fd: int) -> list[PoolEvent]:
         """Read what ``fd`` has to say; return the resulting events."""
         worker = self._by_fd.get(fd)
         if worker is None:
             return []
-        events: list[Event] = []
+        events: list[PoolEvent] = []
         try:
             while worker.conn.poll(0):
-                message = worker.conn.recv()
-                if message[0] == "done":
-                    task = worker.tasks.popleft()
-                    self._account(worker)
-                    events.append(TaskDone(worker, task, message[2], message[3]))
-                elif message[0] == "ready":
-                    worker.ready = True
-                    log.info("worker %d ready (pid %s)", worker.worker_id, message[1])
-                elif message[0] == "failed":
-                    events.append(WorkerFailed(worker, message[1]))
+                event = self._on_message(worker, worker.conn.recv())
+                if event is not None:
+                    events.append(event)
         except (EOFError, OSError):
             pass  # the pipe closed: the sentinel reports the death
         if not worker.process.is_alive() and worker in self.workers:
             events.append(self._on_death(worker))
         self._stop_idle_retirees()
         return events
+
+    def _on_message(self, worker: WorkerHandle[T], message: object) -> PoolEvent | None:
+        kind = getattr(message, "kind", None)
+        if kind is Message.RESULT and isinstance(message, TaskResult):
+            expected = worker.tasks[0].task_id if worker.tasks else None
+            if message.task_id != expected:
+                # A worker out of step with its pipe cannot be trusted with the slots: replace it,
+                # and its death hands every task it held back to the engine.
+                log.error(
+                    "worker %d answered task %s while holding %s; killing it",
+                    worker.worker_id,
+                    message.task_id,
+                    expected,
+                )
+                worker.process.kill()
+                return None
+            task = worker.tasks.popleft()
+            self._account(worker)
+            return TaskDone(worker, task, message)
+        if kind is Message.READY and isinstance(message, Ready):
+            worker.ready = True
+            log.info("worker %d ready (pid %s)", worker.worker_id, message.pid)
+            return None
+        if kind is Message.START_FAILED and isinstance(message, StartFailed):
+            return WorkerFailed(worker, message.reason, message.traceback)
+        log.error("worker %d sent an unknown message %r; ignoring it", worker.worker_id, type(message).__name__)
+        return None
 
     def _account(self, worker: WorkerHandle[T]) -> None:
         now = time.monotonic()
@@ -256,15 +284,17 @@ class WorkerPool(Generic[T]):
         ready = [w for w in self.workers if w.ready and not w.retiring and len(w.tasks) < depth]
         return sorted(ready, key=lambda w: len(w.tasks))
 
-    def submit(self, worker: WorkerHandle[T], task: T, message: Any) -> None:
-        """Send ``message`` (a :class:`~stoker.server.workers.process.TaskMessage`) and record ``task`` as held."""
-        worker.conn.send(("task", message))
+    def submit(self, worker: WorkerHandle[T], task: T, message: TaskMessage) -> None:
+        """Send ``message`` and record ``task`` as held; their ``task_id`` must agree."""
+        if message.task_id != task.task_id:
+            raise ValueError(f"message for task {message.task_id} submitted as task {task.task_id}")
+        worker.conn.send(message)
         if not worker.tasks:
             worker.task_started_at = time.monotonic()
         worker.tasks.append(task)
 
-    def broadcast(self, message: tuple) -> None:
-        """Send a control message to every live worker."""
+    def forget_slot(self, name: str) -> None:
+        """Tell every live worker to unmap slot ``name`` (the engine destroyed it)."""
         for worker in self.workers:
             with contextlib.suppress(OSError):
-                worker.conn.send(message)
+                worker.conn.send(Forget(name))

@@ -11,11 +11,12 @@ import contextlib
 import itertools
 import logging
 import os
+import shutil
 from multiprocessing import shared_memory
 
 import numpy as np
 
-__all__ = ["Slot", "SlotPool", "SlotViews"]
+__all__ = ["Slot", "SlotPool", "SlotViews", "fit_budget"]
 
 log = logging.getLogger(__name__)
 _ALIGN = 1 << 20  # round segment sizes up to 1 MiB so slightly different batch sizes share slots
@@ -112,6 +113,12 @@ class SlotPool:
         self._all.clear()
         self._free.clear()
 
+    def __enter__(self) -> SlotPool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
 
 class SlotViews:
     """A worker's mappings of slots, by name, kept open across tasks (mapping costs page faults)."""
@@ -136,3 +143,24 @@ class SlotViews:
         """Unmap everything."""
         for name in list(self._open):
             self.forget(name)
+
+
+def fit_budget(budget: int, mount: str = "/dev/shm") -> int:
+    """The shared-memory budget, cut to what the shm mount can hold. A container's /dev/shm is often
+    64 MiB; writing past it kills the writer with SIGBUS, so better a smaller budget and a warning."""
+    try:
+        free = shutil.disk_usage(mount).free
+    except OSError:
+        return budget
+    usable = int(free * 0.9)
+    if budget > usable:
+        log.warning(
+            "shared-memory budget %d MiB exceeds what %s can hold (%d MiB free); using %d MiB. "
+            "Give the container more (docker --shm-size, a Memory emptyDir) or lower max_shm_mb.",
+            budget // 2**20,
+            mount,
+            free // 2**20,
+            usable // 2**20,
+        )
+        return max(usable, 2**20)
+    return budget

@@ -1,0 +1,226 @@
+"""Production: batches from request to finished slot.
+
+A wanted batch is planned (known bad samples already replaced), waits for a shared-memory slot, is
+cut into tasks of a few rows and handed to workers. Results fill the rows; a bad sample gets its
+stand-in as a new task at the head of the line; a sample that kills workers is quarantined; a dead
+worker's tasks are redone first. When a batch is finished (every row written, or given up) it leaves
+production through ``on_finished``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+import time
+from collections import deque
+from collections.abc import Callable, Iterable
+
+from stoker.client.protocol.wire import ErrorCode
+from stoker.server.data.jobs import JobRegistry, OpenJob
+from stoker.server.engine.records import BatchKey, BatchWork, Task
+from stoker.server.engine.standins import BadSamplePolicy, BatchPlanner
+from stoker.server.engine.stats import EngineStats
+from stoker.server.workers.messages import Outcome, TaskMessage
+from stoker.server.workers.pool import PoolEvent, TaskDone, WorkerDied, WorkerPool
+from stoker.server.workers.slots import SlotPool
+
+__all__ = ["Production", "KILLS_BEFORE_QUARANTINE"]
+
+log = logging.getLogger(__name__)
+KILLS_BEFORE_QUARANTINE = 2
+_MAX_ROWS_PER_TASK = 16
+_OUTCOME_LABELS = {Outcome.OK: "ok", Outcome.BAD: "bad", Outcome.FAILED: "failed"}
+
+
+class Production:
+    """Every batch being produced, from planning to its last row."""
+
+    def __init__(
+        self,
+        pool: WorkerPool[Task],
+        slots: SlotPool,
+        jobs: JobRegistry,
+        planner: BatchPlanner,
+        stats: EngineStats,
+        on_finished: Callable[[BatchWork], None],
+    ) -> None:
+        self.pool = pool
+        self.slots = slots
+        self.jobs = jobs
+        self.planner = planner
+        self.stats = stats
+        self.on_finished = on_finished
+        self._works: dict[BatchKey, BatchWork] = {}
+        self._queue: deque[BatchWork] = deque()
+        """Planned batches waiting for a slot."""
+        self._ready: deque[Task] = deque()
+        """Tasks waiting for a worker."""
+        self._kills: dict[tuple[str, int], int] = {}
+        self._task_ids = itertools.count()
+
+    @property
+    def in_progress(self) -> int:
+        """Batches wanted and not yet finished."""
+        return len(self._works)
+
+    # -- wanting and abandoning ------------------------------------------------------------------
+
+    def want(self, job: OpenJob, key: BatchKey, identity: bytes, now: float, policy: BadSamplePolicy) -> None:
+        """``identity`` waits for batch ``key``: join its work, or plan it."""
+        work = self._works.get(key)
+        if work is None:
+            work = self._works[key] = self.planner.plan(job, key, policy)
+            if work.failure is None:
+                self._queue.append(work)
+        work.waiters.setdefault(identity, now)
+        self._settle(work)
+
+    def abandon(self, identity: bytes, keys: Iterable[BatchKey]) -> None:
+        """``identity`` no longer waits for ``keys``; drop queued batches nobody wants any more."""
+        for key in keys:
+            work = self._works.get(key)
+            if work is None:
+                continue
+            work.waiters.pop(identity, None)
+            if not work.waiters and work.slot is None and work in self._queue:
+                # No worker touched it: drop it rather than decode for no one.
+                self._queue.remove(work)
+                del self._works[key]
+
+    def drain(self) -> None:
+        """Fail every batch no worker has started, so its waiters can go elsewhere at once."""
+        while self._queue:
+            work = self._queue.popleft()
+            work.fail(ErrorCode.SHUTTING_DOWN, "server is shutting down")
+            self._settle(work)
+
+    # -- dispatch --------------------------------------------------------------------------------
+
+    def dispatch(self, queue_depth: int) -> None:
+        """Give queued batches slots, cut them into tasks and hand tasks to idle workers."""
+        self._cut(len(self.pool.workers) * queue_depth)
+        while self._ready:
+            available = self.pool.available(queue_depth)
+            if not available:
+                return
+            for worker in available:
+                task = self._next_task()
+                if task is None:
+                    return
+                self.pool.submit(worker, task, self._message(task))
+
+    def _cut(self, capacity: int) -> None:
+        workers = max(1, len(self.pool.workers))
+        while self._queue and len(self._ready) < capacity:
+            work = self._queue[0]
+            slot = self.slots.acquire(work.nbytes)
+            if slot is None:
+                return  # the shared-memory budget is spent; wait for sends to finish
+            self._queue.popleft()
+            work.slot, work.dispatched_at = slot, time.monotonic()
+            rows = sorted(work.pending)
+            # Small tasks spread one batch over every worker; a few rows each keep the pipe cheap.
+            chunk = max(1, min(_MAX_ROWS_PER_TASK, math.ceil(len(rows) / (2 * workers))))
+            for start in range(0, len(rows), chunk):
+                self._enqueue(work, [(row, int(work.indices[row])) for row in rows[start : start + chunk]])
+
+    def _enqueue(self, work: BatchWork, samples: list[tuple[int, int]], first: bool = False) -> None:
+        task = Task(next(self._task_ids), work, samples)
+        work.tasks.add(task)
+        if first:
+            self._ready.appendleft(task)
+        else:
+            self._ready.append(task)
+
+    def _next_task(self) -> Task | None:
+        while self._ready:
+            task = self._ready.popleft()
+            if task.work.failure is None:
+                return task
+            task.work.tasks.discard(task)  # its batch failed meanwhile: nobody needs these rows
+            self._settle(task.work)
+        return None
+
+    def _message(self, task: Task) -> TaskMessage:
+        work = task.work
+        if work.slot is None:
+            raise RuntimeError("a task of a batch without a slot")  # unreachable: tasks are cut after acquire
+        job, epoch = work.job, work.key[1]
+        table = job.table
+        samples = tuple(
+            (row, table.path(index), self.jobs.sample_key(job, epoch, index)) for row, index in task.samples
+        )
+        return TaskMessage(
+            task.task_id, work.slot.name, len(work.originals), job.spec.image_size, job.pipeline, samples
+        )
+
+    # -- results ---------------------------------------------------------------------------------
+
+    def on_event(self, event: PoolEvent, policy: BadSamplePolicy) -> None:
+        """Apply what the pool reports."""
+        if isinstance(event, TaskDone):
+            self._on_task_done(event, policy)
+        elif isinstance(event, WorkerDied):
+            self._on_worker_died(event, policy)
+        else:
+            log.error("worker %d failed to start: %s\n%s", event.worker.worker_id, event.reason, event.traceback)
+
+    def _on_task_done(self, event: TaskDone[Task], policy: BadSamplePolicy) -> None:
+        task, result = event.task, event.result
+        work = task.work
+        work.tasks.discard(task)
+        count = len(task.samples)
+        for stage, total in zip(("read", "decode", "augment"), result.times, strict=True):
+            self.stats.stage(stage, total / count, count)
+        for sample in result.samples:
+            self.stats.samples_total.labels(_OUTCOME_LABELS[sample.outcome]).inc()
+            if work.failure is not None:
+                continue
+            if sample.outcome is Outcome.OK:
+                work.pending.discard(sample.row)
+            elif sample.outcome is Outcome.BAD:
+                if self.planner.stand_in(work, sample.row, sample.reason, policy):
+                    self._enqueue(work, [(sample.row, int(work.indices[sample.row]))], first=True)
+            else:
+                self._fail_on_sample(work, sample.row, sample.reason, sample.traceback)
+        self._settle(work)
+
+    def _fail_on_sample(self, work: BatchWork, row: int, reason: str, trace: str) -> None:
+        path = work.job.table.display_path(int(work.indices[row]))
+        log.error("worker failed on %s (batch %s): %s\n%s", path, work.key, reason, trace)
+        work.fail(ErrorCode.INTERNAL, f"a worker failed on {path}: {reason}", path=path, reason=reason, traceback=trace)
+
+    def _on_worker_died(self, event: WorkerDied[Task], policy: BadSamplePolicy) -> None:
+        if not event.worker.retiring:
+            self.stats.restarts_total.inc()
+        tasks = event.tasks
+        if tasks and 0 <= event.position < len(tasks[0].samples):
+            self._count_kill(tasks[0], event.position, event.exitcode, policy)
+        # Redo everything the dead worker held, ahead of new work: slots are already reserved.
+        for task in reversed(tasks):
+            if task.samples and task.work.failure is None:
+                self._ready.appendleft(task)
+            else:
+                task.work.tasks.discard(task)
+                self._settle(task.work)
+
+    def _count_kill(self, task: Task, position: int, exitcode: int | None, policy: BadSamplePolicy) -> None:
+        row, index = task.samples[position]
+        key = (task.work.job.table.name, index)
+        self._kills[key] = kills = self._kills.get(key, 0) + 1
+        if kills >= KILLS_BEFORE_QUARANTINE:
+            task.samples.remove((row, index))
+            work = task.work
+            reason = f"quarantined: killed {kills} workers (last exit code {exitcode})"
+            if self.planner.stand_in(work, row, reason, policy):
+                task.samples.append((row, int(work.indices[row])))
+
+    def _settle(self, work: BatchWork) -> None:
+        if not work.finished:
+            return
+        if self._works.get(work.key) is work:
+            del self._works[work.key]
+        if work.failure is None and work.slot is None:
+            return  # planned, never dispatched, and abandoned: nothing to deliver
+        self.on_finished(work)

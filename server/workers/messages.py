@@ -1,0 +1,123 @@
+"""What the pool and a worker say to each other over the worker's pipe: small frozen dataclasses,
+each tagged with a :class:`Message` kind, so both ends read fields by name and a stray object is
+recognised as one.
+
+Parent -> worker: :class:`TaskMessage`, :class:`Forget`, :class:`Stop`.
+Worker -> parent: :class:`Ready`, :class:`StartFailed`, :class:`TaskResult`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import IntEnum
+from typing import ClassVar
+
+from stoker.server.imaging.pipelines import Pipeline
+
+__all__ = [
+    "Message",
+    "Outcome",
+    "TaskMessage",
+    "Forget",
+    "Stop",
+    "Ready",
+    "StartFailed",
+    "SampleResult",
+    "TaskResult",
+]
+
+
+class Message(IntEnum):
+    """The kind of a pipe message."""
+
+    TASK = 1
+    """Parent -> worker: render some rows of a batch into its slot."""
+    FORGET = 2
+    """Parent -> worker: unmap a slot the engine destroyed."""
+    STOP = 3
+    """Parent -> worker: finish and exit."""
+    READY = 4
+    """Worker -> parent: initialised, serving."""
+    START_FAILED = 5
+    """Worker -> parent: initialisation raised; the worker exits."""
+    RESULT = 6
+    """Worker -> parent: the outcome of every sample of the oldest task."""
+
+
+class Outcome(IntEnum):
+    """What became of one sample."""
+
+    OK = 0
+    """Written into its row."""
+    BAD = 1
+    """The file cannot be used (unreadable, corrupt, too large): the sample is replaced or raised."""
+    FAILED = 2
+    """Something other than the file went wrong (a bug, an exhausted resource): the batch fails."""
+
+
+@dataclass(frozen=True, slots=True)
+class TaskMessage:
+    """One unit of work: some rows of one batch."""
+
+    kind: ClassVar[Message] = Message.TASK
+    task_id: int
+    slot: str
+    rows: int
+    """Rows of the batch in the slot (the slot may be larger)."""
+    size: int
+    pipeline: Pipeline
+    samples: tuple[tuple[int, bytes, int], ...]
+    """``(row, path, rng_key)`` per sample."""
+
+
+@dataclass(frozen=True, slots=True)
+class Forget:
+    """Unmap slot ``name``."""
+
+    kind: ClassVar[Message] = Message.FORGET
+    name: str
+
+
+@dataclass(frozen=True, slots=True)
+class Stop:
+    """Exit once the current task is done."""
+
+    kind: ClassVar[Message] = Message.STOP
+
+
+@dataclass(frozen=True, slots=True)
+class Ready:
+    """The worker is up."""
+
+    kind: ClassVar[Message] = Message.READY
+    pid: int
+
+
+@dataclass(frozen=True, slots=True)
+class StartFailed:
+    """The worker could not initialise."""
+
+    kind: ClassVar[Message] = Message.START_FAILED
+    reason: str
+    traceback: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class SampleResult:
+    """The outcome of one row; ``reason`` and ``traceback`` explain anything but ``OK``."""
+
+    row: int
+    outcome: Outcome
+    reason: str = ""
+    traceback: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class TaskResult:
+    """A finished task: one result per sample, and the seconds spent per stage."""
+
+    kind: ClassVar[Message] = Message.RESULT
+    task_id: int
+    samples: tuple[SampleResult, ...]
+    times: tuple[float, float, float]
+    """``(read, decode, augment)`` seconds summed over the task's samples."""

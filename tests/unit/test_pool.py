@@ -1,0 +1,126 @@
+"""The worker pool in-process: real worker processes rendering into real shared-memory slots."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from multiprocessing.connection import wait
+
+import numpy as np
+import pytest
+
+from stoker.client.protocol.plan import sample_seed
+from stoker.server.imaging.decode import DecodeLimits
+from stoker.server.imaging.pipelines import BUILTIN_PIPELINES
+from stoker.server.imaging.render import StageTimes, render_sample
+from stoker.server.workers.messages import Outcome, TaskMessage
+from stoker.server.workers.pool import PoolEvent, TaskDone, WorkerDied, WorkerPool
+from stoker.server.workers.slots import SlotPool
+from tests.helpers import DEMO_DATA
+
+SIZE = 32
+PHOTOS = sorted(DEMO_DATA.rglob("*.jpg"))
+
+
+@dataclass(eq=False)
+class Held:
+    """What the engine would keep per task; the pool only needs its id."""
+
+    task_id: int
+
+
+@pytest.fixture(scope="module")
+def pool() -> Iterator[WorkerPool[Held]]:
+    workers: WorkerPool[Held] = WorkerPool(1, DecodeLimits(), start_timeout_s=120)
+    workers.start()
+    try:
+        yield workers
+    finally:
+        workers.close()
+
+
+@pytest.fixture
+def slots() -> Iterator[SlotPool]:
+    with SlotPool(16 * 2**20) as pool:
+        yield pool
+
+
+def events_until(pool: WorkerPool[Held], wanted: type, timeout_s: float = 60.0) -> list[PoolEvent]:
+    """Pool events, read as a poll loop would, until one of type ``wanted`` arrives."""
+    deadline = time.monotonic() + timeout_s
+    seen: list[PoolEvent] = []
+    while not any(isinstance(event, wanted) for event in seen):
+        remaining = deadline - time.monotonic()
+        assert remaining > 0, f"no {wanted.__name__} within {timeout_s} s (saw {seen})"
+        for ready in wait(pool.fds(), timeout=min(remaining, 0.5)):
+            fd = ready if isinstance(ready, int) else ready.fileno()
+            seen += pool.handle(fd)
+    return seen
+
+
+def task_for(slot_name: str, task_id: int, paths: list[bytes]) -> TaskMessage:
+    samples = tuple((row, path, sample_seed(1, 0, row)) for row, path in enumerate(paths))
+    return TaskMessage(task_id, slot_name, len(paths), SIZE, BUILTIN_PIPELINES["train"], samples)
+
+
+def test_a_task_fills_its_rows_and_reports_each_sample(pool, slots) -> None:
+    slot = slots.acquire(2 * SIZE * SIZE * 3)
+    assert slot is not None
+    paths = [os.fsencode(PHOTOS[0]), b"/no/such/file.jpg"]
+    pool.submit(pool.available(2)[0], Held(7), task_for(slot.name, 7, paths))
+    (done,) = [e for e in events_until(pool, TaskDone) if isinstance(e, TaskDone)]
+    assert done.task.task_id == done.result.task_id == 7
+    ok, bad = done.result.samples
+    assert ok.outcome is Outcome.OK and bad.outcome is Outcome.BAD and "cannot read" in bad.reason
+    expected = np.zeros((SIZE, SIZE, 3), np.uint8)
+    render_sample(
+        paths[0], sample_seed(1, 0, 0), BUILTIN_PIPELINES["train"], SIZE, expected, DecodeLimits(), StageTimes()
+    )
+    row = np.frombuffer(slot.view(SIZE * SIZE * 3), np.uint8).reshape(SIZE, SIZE, 3)
+    assert np.array_equal(row, expected), "the worker wrote the same bytes as rendering in-process"
+    assert all(t >= 0 for t in done.result.times)
+
+
+def test_a_task_and_its_message_must_agree_on_the_id(pool, slots) -> None:
+    slot = slots.acquire(SIZE * SIZE * 3)
+    assert slot is not None
+    with pytest.raises(ValueError, match="task 3 submitted as task 4"):
+        pool.submit(pool.available(2)[0], Held(4), task_for(slot.name, 3, [os.fsencode(PHOTOS[0])]))
+
+
+def test_a_killed_worker_hands_back_its_tasks_and_is_replaced(pool, slots) -> None:
+    slot = slots.acquire(SIZE * SIZE * 3)
+    assert slot is not None
+    worker = pool.available(2)[0]
+    held = Held(11)
+    restarts = pool.restarts
+    os.kill(worker.process.pid, signal.SIGSTOP)  # hold it mid-task so the kill finds the task held
+    pool.submit(worker, held, task_for(slot.name, 11, [os.fsencode(PHOTOS[1])]))
+    os.kill(worker.process.pid, signal.SIGKILL)
+    died = [e for e in events_until(pool, WorkerDied) if isinstance(e, WorkerDied)]
+    assert died[0].tasks == [held] and died[0].exitcode == -signal.SIGKILL
+    assert pool.restarts == restarts + 1 and worker not in pool.workers and len(pool.workers) == 1
+    replacement = pool.workers[0]
+    deadline = time.monotonic() + 60
+    while not replacement.ready:  # the replacement reports ready through its pipe
+        assert time.monotonic() < deadline, "the replacement never became ready"
+        for ready in wait(pool.fds(), timeout=0.5):
+            pool.handle(ready if isinstance(ready, int) else ready.fileno())
+
+
+def test_shrinking_retires_a_worker_without_counting_a_restart(pool) -> None:
+    pool.resize(2)
+    deadline = time.monotonic() + 60
+    while not all(w.ready for w in pool.workers):
+        assert time.monotonic() < deadline, "the new worker never became ready"
+        for ready in wait(pool.fds(), timeout=0.5):
+            pool.handle(ready if isinstance(ready, int) else ready.fileno())
+    restarts = pool.restarts
+    pool.resize(1)
+    retiring = [w for w in pool.workers if w.retiring]
+    assert len(retiring) == 1
+    events_until(pool, WorkerDied)
+    assert pool.restarts == restarts and len(pool.workers) == 1 and not pool.workers[0].retiring
