@@ -132,21 +132,9 @@ def process_tree_rss_mb(pid: int, field: str = "Pss") -> float:
     """Memory of a process and all its descendants, in MB (Linux /proc): ``Pss`` (shared pages split
     between the processes sharing them, so torch loaded once in the forkserver is not counted per
     worker) or ``Rss``."""
-    total_kb = 0
-    pending = [pid]
-    while pending:
-        current = pending.pop()
-        try:
-            with open(f"/proc/{current}/smaps_rollup") as handle:
-                for line in handle:
-                    if line.startswith(f"{field}:"):
-                        total_kb += int(line.split()[1])
-            for task in os.listdir(f"/proc/{current}/task"):
-                with open(f"/proc/{current}/task/{task}/children") as handle:
-                    pending += [int(child) for child in handle.read().split()]
-        except (FileNotFoundError, ProcessLookupError):
-            continue
-    return total_kb / 1024
+    from stoker.server.tools.measure import memory_mb
+
+    return memory_mb(pid, field)
 
 
 def wait_until(predicate, timeout_s: float = 30.0, interval_s: float = 0.02, what: str = "condition"):

@@ -130,67 +130,43 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from stoker.server.engine.config import usable_cores
-    from stoker.server.tools.demo import DEMO_DATA, run_dataloader_baseline, stream_stoker
-    from stoker.server.tools.launcher import loopback_args, start_server
+    from stoker.server.tools.demo import DemoConfig, format_demo, run_demo
 
-    workers = args.workers or usable_cores()
-    if args.epochs < 1 or args.repeats < 1:
-        print("stoker demo: --epochs and --repeats must be at least 1", file=sys.stderr)
+    try:
+        config = DemoConfig(
+            epochs=args.epochs,
+            repeats=args.repeats,
+            batch_size=args.batch_size,
+            image_size=args.image_size,
+            workers=args.workers,
+            step_ms=args.step_ms,
+            device=args.device,
+            compare=not args.no_compare,
+        )
+    except ValueError as exc:
+        print(f"stoker demo: {exc}", file=sys.stderr)
         return 2
-    print(
-        f"stoker demo: {sum(1 for _ in DEMO_DATA.rglob('*.jpg'))} photos in {DEMO_DATA}, "
-        f"{args.epochs} epochs x {args.repeats} runs, batch {args.batch_size}, {args.image_size}px, {workers} workers"
-    )
-    server_args = loopback_args("demo", DEMO_DATA, workers)
-    with start_server(server_args) as server:
-        print(f"server up: data {server.data}, status {server.http}/status")
-        result = stream_stoker(
-            server.data,
-            args.epochs,
-            args.batch_size,
-            args.image_size,
-            args.step_ms / 1000.0,
-            args.device,
-            args.repeats,
-        )
-    rows = [result]
-    if not args.no_compare:
-        rows.append(run_dataloader_baseline(DEMO_DATA, args.epochs, args.batch_size, args.image_size, 2, args.repeats))
-    print(f"\n{'loader':34s} {'images':>7s} {'images/s':>9s} {'(min - max)':>15s} {'MB/s':>8s} {'data stall':>10s}")
-    for row in rows:
-        stall = "-" if row.stall_share is None else f"{100 * row.stall_share:.0f}%"
-        low, high = row.spread
-        spread = f"({low:.0f} - {high:.0f})"
-        print(f"{row.label:34s} {row.images:7d} {row.images_per_s:9.1f} {spread:>15s} {row.mb_per_s:8.1f} {stall:>10s}")
-    print(f"images/s: median of {args.repeats} runs of {args.epochs} epochs each (range in brackets)")
-    if len(rows) == 2 and rows[1].images_per_s > 0:
-        print(
-            f"\nstoker / DataLoader: {rows[0].images_per_s / rows[1].images_per_s:.2f}x images/s "
-            "(stoker ships uint8 and normalises on the client's device)"
-        )
-    if args.step_ms == 0:
-        print("data stall is the share of the loop spent waiting; with --step-ms 0 the loop does nothing else")
+    print(format_demo(config, run_demo(config, say=print)))
     return 0
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from stoker.server.engine.config import usable_cores
     from stoker.server.tools.bench import BenchConfig, dump_json, format_table, run_bench
 
-    if not args.data.is_dir():
-        print(f"stoker bench: --data {args.data} is not a directory", file=sys.stderr)
+    try:
+        config = BenchConfig(
+            data=args.data.resolve(),
+            pipeline=args.pipeline,
+            image_size=args.image_size,
+            batch_size=args.batch_size,
+            workers=args.workers,
+            seconds=args.seconds,
+            repeats=args.repeats,
+            poll_status_ms=args.poll_status_ms,
+        )
+    except ValueError as exc:
+        print(f"stoker bench: {exc}", file=sys.stderr)
         return 2
-    config = BenchConfig(
-        args.data.resolve(),
-        args.pipeline,
-        args.image_size,
-        args.batch_size,
-        args.workers or usable_cores(),
-        args.seconds,
-        args.repeats,
-        args.poll_status_ms,
-    )
     result = run_bench(config, progress=sys.stderr.isatty() or not args.json)
     print(dump_json(result) if args.json else format_table(result))
     return 0

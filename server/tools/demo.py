@@ -2,155 +2,110 @@
 
 Starts ``stoker serve`` on the bundled demo dataset (port 0, loopback), streams epochs through
 ``RemoteBatches`` the way a training loop would, and reports images/s, MB/s and the data-stall share;
-then, for scale, runs torch's plain ``DataLoader`` recipe on the same photos on the same cores.
+then, for scale, runs torch's plain ``DataLoader`` recipe on the same photos on the same cores. Each
+loader is timed in ``repeats`` windows of ``epochs`` epochs and shown by its median window
+(:mod:`stoker.server.tools.measure`).
 """
 
 from __future__ import annotations
 
-import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["DEMO_DATA", "DemoResult", "Window", "stream_stoker", "run_dataloader_baseline"]
+from stoker.server.tools.measure import Series, Stream, timed_window
+
+__all__ = ["DEMO_DATA", "DemoConfig", "run_demo", "format_demo"]
 
 DEMO_DATA = Path(__file__).resolve().parent.parent / "demo-data"
 
-
-@dataclass(frozen=True)
-class Window:
-    """One timed stretch of ``epochs`` epochs."""
-
-    images: int
-    seconds: float
-    nbytes: int
-    waited_s: float | None = None
-    """Seconds the loop spent waiting for data (stoker's client counts it; the DataLoader does not)."""
-
-    @property
-    def images_per_s(self) -> float:
-        return self.images / self.seconds if self.seconds > 0 else 0.0
+_BASELINE_WORKERS = 2
+"""DataLoader workers of the comparison: the small setup the seed recipe is usually run with."""
 
 
 @dataclass(frozen=True)
-class DemoResult:
-    """What one loader measured: several windows of the same length, reported by their median.
+class DemoConfig:
+    """What ``stoker demo`` runs."""
 
-    Two epochs of 48 photos take a fraction of a second, so a single window is mostly start-up noise
-    (first requests, thread pools, page faults); the median of a few is what a longer run sees.
-    """
+    epochs: int = 2
+    """Epochs per timed window."""
+    repeats: int = 3
+    """Timed windows per loader, one after another; the median one is shown."""
+    batch_size: int = 16
+    image_size: int = 224
+    workers: int | None = None
+    """Server workers (None or 0: the usable CPU cores)."""
+    step_ms: float = 0.0
+    """Simulated training step per batch."""
+    device: str | None = None
+    compare: bool = True
+    """Also time torch's DataLoader seed recipe."""
 
-    label: str
-    windows: tuple[Window, ...]
-
-    @property
-    def median(self) -> Window:
-        """The window with the median rate (the lower middle one for an even count), so every figure
-        shown for a loader comes from one and the same window."""
-        ranked = sorted(self.windows, key=lambda window: window.images_per_s)
-        return ranked[(len(ranked) - 1) // 2]
-
-    @property
-    def images(self) -> int:
-        return self.median.images
-
-    @property
-    def images_per_s(self) -> float:
-        return self.median.images_per_s
-
-    @property
-    def spread(self) -> tuple[float, float]:
-        rates = [window.images_per_s for window in self.windows]
-        return min(rates), max(rates)
-
-    @property
-    def mb_per_s(self) -> float:
-        window = self.median
-        return window.nbytes / window.seconds / 1e6 if window.seconds > 0 else 0.0
-
-    @property
-    def stall_share(self) -> float | None:
-        window = self.median
-        if window.waited_s is None or window.seconds <= 0:
-            return None
-        return min(1.0, window.waited_s / window.seconds)
-
-
-def stream_stoker(
-    endpoint: str,
-    epochs: int,
-    batch_size: int,
-    image_size: int,
-    step_s: float,
-    device: str | None,
-    repeats: int = 1,
-) -> DemoResult:
-    """Iterate ``repeats`` windows of ``epochs`` epochs of the demo dataset from a running server,
-    one client throughout (later windows continue with the next epochs)."""
-    import torch
-
-    from stoker.client import RemoteBatches
-
-    windows = []
-    with RemoteBatches(
-        endpoint, "demo", batch_size=batch_size, image_size=image_size, device=device, timeout_s=60.0
-    ) as batches:
-        len(batches)  # connect and open the job before the clock starts
-        for _ in range(repeats):
-            before = batches.stats()
-            started = time.perf_counter()
-            for _ in range(epochs):
-                for images, _labels in batches:
-                    if step_s:
-                        _simulated_step(images, step_s)
-                    if images.device.type == "cuda":
-                        torch.cuda.synchronize(images.device)
-            seconds = time.perf_counter() - started
-            after = batches.stats()
-            windows.append(
-                Window(
-                    int(after["images"] - before["images"]),
-                    seconds,
-                    int(after["bytes"] - before["bytes"]),
-                    float(after["wait_s"] - before["wait_s"]),
-                )
+    def __post_init__(self) -> None:
+        if self.epochs < 1 or self.repeats < 1:
+            raise ValueError(
+                f"--epochs and --repeats must be at least 1 (got epochs={self.epochs}, repeats={self.repeats})"
             )
-    return DemoResult("stoker", tuple(windows))
 
 
-def _simulated_step(images: object, step_s: float) -> None:
-    # Stands in for forward/backward: the data-stall share is only meaningful next to real work.
-    deadline = time.perf_counter() + step_s
-    while time.perf_counter() < deadline:
-        pass
+def _windows(label: str, stream: Stream, config: DemoConfig) -> Series:
+    # Windows run back to back on one loader: later ones continue with the next epochs.
+    batches = config.epochs * stream.batches_per_epoch
+    return Series(label, [timed_window(stream, batches=batches) for _ in range(config.repeats)])
 
 
-def run_dataloader_baseline(
-    data: Path, epochs: int, batch_size: int, image_size: int, workers: int, repeats: int = 1
-) -> DemoResult:
-    """torch's seed recipe: ImageFolder + Resize((S, S)) + ToTensor + Normalize with ``workers``
-    workers, timed in the same windows as :func:`stream_stoker`."""
-    import torch
-    from torchvision import datasets, transforms
+def run_demo(config: DemoConfig, say: Callable[[str], None]) -> list[Series]:
+    """Time stoker, then (with ``compare``) the DataLoader seed recipe; ``say`` gets progress lines."""
+    from stoker.server.engine.config import usable_cores
+    from stoker.server.tools.bench.loaders import seed_recipe, stoker_client
+    from stoker.server.tools.launcher import loopback_args, start_server
 
-    transform = transforms.Compose(
-        [
-            transforms.Resize((image_size, image_size)),
-            transforms.ToTensor(),
-            transforms.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+    workers = config.workers or usable_cores()
+    say(
+        f"stoker demo: {sum(1 for _ in DEMO_DATA.rglob('*.jpg'))} photos in {DEMO_DATA}, "
+        f"{config.epochs} epochs x {config.repeats} runs, batch {config.batch_size}, {config.image_size}px, "
+        f"{workers} workers"
+    )
+    rows = []
+    with start_server(loopback_args("demo", DEMO_DATA, workers)) as server:
+        say(f"server up: data {server.data}, status {server.http}/status")
+        with stoker_client(
+            server.data,
+            "demo",
+            step_s=config.step_ms / 1000.0,
+            batch_size=config.batch_size,
+            image_size=config.image_size,
+            device=config.device,
+            timeout_s=60.0,
+        ) as stream:
+            rows.append(_windows("stoker", stream, config))
+    if config.compare:
+        with seed_recipe(DEMO_DATA, config.image_size, config.batch_size, _BASELINE_WORKERS) as stream:
+            rows.append(_windows("torch DataLoader (seed recipe)", stream, config))
+    return rows
+
+
+def format_demo(config: DemoConfig, rows: list[Series]) -> str:
+    """The table: each loader's median window, its range of images/s and, for stoker, the stall share."""
+    lines = [
+        "",
+        f"{'loader':34s} {'images':>7s} {'images/s':>9s} {'(min - max)':>15s} {'MB/s':>8s} {'data stall':>10s}",
+    ]
+    for row in rows:
+        run = row.median()
+        stall = "-" if run.stall_share is None else f"{100 * run.stall_share:.0f}%"
+        low, high = row.spread()
+        spread = f"({low:.0f} - {high:.0f})"
+        lines.append(
+            f"{row.label:34s} {run.images:7d} {run.images_per_s:9.1f} {spread:>15s} {run.mb_per_s:8.1f} {stall:>10s}"
+        )
+    lines.append(f"images/s: median of {config.repeats} runs of {config.epochs} epochs each (range in brackets)")
+    if len(rows) == 2 and rows[1].median().images_per_s > 0:
+        ratio = rows[0].median().images_per_s / rows[1].median().images_per_s
+        lines += [
+            "",
+            f"stoker / DataLoader: {ratio:.2f}x images/s (stoker ships uint8 and normalises on the client's device)",
         ]
-    )
-    dataset = datasets.ImageFolder(str(data), transform=transform)
-    loader = torch.utils.data.DataLoader(
-        dataset, batch_size=batch_size, shuffle=True, num_workers=workers, persistent_workers=workers > 0
-    )
-    windows = []
-    first = iter(loader)  # start the workers before the clock, as stoker's server is started
-    for repeat in range(repeats):
-        images = nbytes = 0
-        started = time.perf_counter()
-        for epoch in range(epochs):
-            for batch, _ in first if repeat == 0 and epoch == 0 else loader:
-                images += batch.shape[0]
-                nbytes += batch.numel() * batch.element_size()
-        windows.append(Window(images, time.perf_counter() - started, nbytes))
-    return DemoResult("torch DataLoader (seed recipe)", tuple(windows))
+    if config.step_ms == 0:
+        lines.append("data stall is the share of the loop spent waiting; with --step-ms 0 the loop does nothing else")
+    return "\n".join(lines)

@@ -8,20 +8,24 @@ Rows, run one after another and repeated (interleaved, so drift hits all alike):
 - (d) ``stoker``: a real server and client over loopback (uint8 out)
 
 plus the wire path alone (GB/s). Reported: images/s (median and range), MB/s, CPU-seconds per
-1,000 images (the whole process tree), (d)/(a), (d)/(b) and (d) / (cores x (c)).
+1,000 images (the whole process tree), (d)/(a), (d)/(b) and (d) / (cores x (c)). Each row is
+reported by its median run (:mod:`stoker.server.tools.measure`).
 """
 
 from __future__ import annotations
 
 import json
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from stoker.server.tools.bench.measure import Row, Run, timed_window
+from stoker.server.tools.measure import Run, Series, timed_window
 
-__all__ = ["BenchConfig", "run_bench", "format_table"]
+__all__ = ["BenchConfig", "run_bench", "format_table", "dump_json"]
+
+_WARMUP_BATCHES = 2
+"""Skipped at the start of every run: the first requests, page faults and thread pools."""
 
 
 @dataclass(frozen=True)
@@ -32,11 +36,22 @@ class BenchConfig:
     pipeline: str = "train"
     image_size: int = 224
     batch_size: int = 64
-    workers: int = 2
+    workers: int | None = None
+    """Workers for every loader (None or 0: the usable CPU cores)."""
     seconds: float = 10.0
     repeats: int = 3
     poll_status_ms: float = 0.0
     """Also run stoker with ``/status`` polled this often (0: don't)."""
+
+    def __post_init__(self) -> None:
+        if not self.data.is_dir():
+            raise ValueError(f"--data {self.data} is not a directory")
+        if not self.seconds > 0:
+            raise ValueError(f"--seconds must be > 0, not {self.seconds}")
+        if self.repeats < 1:
+            raise ValueError(f"--repeats must be at least 1, not {self.repeats}")
+        if self.workers is not None and self.workers < 0:
+            raise ValueError(f"--workers must be >= 0, not {self.workers}")
 
 
 class _Progress:
@@ -64,30 +79,30 @@ def run_bench(config: BenchConfig, progress: bool = True) -> dict[str, Any]:
     from stoker.server.tools.bench.loaders import seed_recipe, stoker_stream, strong_recipe
     from stoker.server.tools.bench.wire_rate import wire_rate
 
+    workers = config.workers or usable_cores()
+    config = replace(config, workers=workers)  # the report shows the count used
     files = sorted(p for p in config.data.rglob("*") if p.suffix.lower() in (".jpg", ".jpeg"))
     if not files:
         raise ValueError(f"no JPEG files under {config.data}")
     rows = {
-        "dataloader_seed": Row("dataloader_seed", "(a) DataLoader seed recipe"),
-        "dataloader_strong": Row("dataloader_strong", "(b) DataLoader, stoker's work"),
-        "decode_1core": Row("decode_1core", "(c) decode, 1 core"),
-        "stoker": Row("stoker", "(d) stoker end to end"),
+        "dataloader_seed": Series("(a) DataLoader seed recipe"),
+        "dataloader_strong": Series("(b) DataLoader, stoker's work"),
+        "decode_1core": Series("(c) decode, 1 core"),
+        "stoker": Series("(d) stoker end to end"),
     }
     if config.poll_status_ms:
-        rows["stoker_polled"] = Row("stoker_polled", f"(d) + /status every {config.poll_status_ms:g} ms")
+        rows["stoker_polled"] = Series(f"(d) + /status every {config.poll_status_ms:g} ms")
     streams = {
-        "dataloader_seed": lambda: seed_recipe(config.data, config.image_size, config.batch_size, config.workers),
+        "dataloader_seed": lambda: seed_recipe(config.data, config.image_size, config.batch_size, workers),
         "dataloader_strong": lambda: strong_recipe(
-            config.data, config.image_size, config.batch_size, config.workers, config.pipeline
+            config.data, config.image_size, config.batch_size, workers, config.pipeline
         ),
-        "stoker": lambda: stoker_stream(
-            config.data, config.image_size, config.batch_size, config.workers, config.pipeline
-        ),
+        "stoker": lambda: stoker_stream(config.data, config.image_size, config.batch_size, workers, config.pipeline),
         "stoker_polled": lambda: stoker_stream(
             config.data,
             config.image_size,
             config.batch_size,
-            config.workers,
+            workers,
             config.pipeline,
             poll_status_ms=config.poll_status_ms,
         ),
@@ -101,18 +116,19 @@ def run_bench(config: BenchConfig, progress: bool = True) -> dict[str, Any]:
                 rates = single_core_rates(files, config.seconds)
                 best = max(rates, key=rates.__getitem__)
                 row.note = best
-                row.runs.append(Run(int(rates[best] * config.seconds), 0, config.seconds, config.seconds))
+                # One core, busy all along: its CPU seconds are its wall seconds.
+                images = int(rates[best] * config.seconds)
+                row.runs.append(Run(images, nbytes=0, wall_s=config.seconds, cpu_s=config.seconds))
                 continue
             with streams[key]() as stream:
-                row.runs.append(timed_window(stream, config.seconds))
+                row.runs.append(timed_window(stream, seconds=config.seconds, warmup_batches=_WARMUP_BATCHES))
     bar.step("wire path, 256 x 224 x 224 x 3 batches")
     gb_per_s = wire_rate(min(config.seconds, 5.0))
     bar.finish()
-    cores = min(usable_cores(), max(config.workers, 1))
-    d = rows["stoker"].median("images_per_s")
-    a = rows["dataloader_seed"].median("images_per_s")
-    b = rows["dataloader_strong"].median("images_per_s")
-    c = rows["decode_1core"].median("images_per_s")
+    cores = min(usable_cores(), max(workers, 1))
+    d, a, b, c = (
+        rows[key].median().images_per_s for key in ("stoker", "dataloader_seed", "dataloader_strong", "decode_1core")
+    )
     result: dict[str, Any] = {
         "config": {**vars(config), "data": str(config.data), "files": len(files), "cores": cores},
         "rows": {key: row.as_dict() for key, row in rows.items()},
@@ -125,7 +141,7 @@ def run_bench(config: BenchConfig, progress: bool = True) -> dict[str, Any]:
         "wire_gb_per_s": gb_per_s,
     }
     if config.poll_status_ms:
-        polled = rows["stoker_polled"].median("images_per_s")
+        polled = rows["stoker_polled"].median().images_per_s
         result["ratios"]["status_polling_overhead"] = 1 - polled / d if d else None
     return result
 

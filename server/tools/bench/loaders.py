@@ -1,10 +1,11 @@
-"""The loaders ``stoker bench`` compares, each as an endless ``(images, bytes)`` stream on the same data.
+"""The loaders ``stoker bench`` and ``stoker demo`` time, each as a :class:`Stream` on the same data.
 
-- ``dataloader_seed``: the recipe most people start from: ``ImageFolder`` + ``Resize((S, S))`` +
-  ``ToTensor`` + ``Normalize``, float32 out.
-- ``dataloader_strong``: a ``DataLoader`` doing stoker's work: ``torchvision.io.decode_jpeg`` + v2
+- ``seed_recipe``: the recipe most people start from: ``ImageFolder`` + ``Resize((S, S))`` +
+  ``ToTensor`` + ``Normalize``, float32 out. The one DataLoader baseline of both commands.
+- ``strong_recipe``: a ``DataLoader`` doing stoker's work: ``torchvision.io.decode_jpeg`` + v2
   ``RandomResizedCrop`` + flip (``train``) or ``Resize`` + ``CenterCrop`` (``eval``), uint8 out.
-- ``stoker``: a real ``stoker serve`` child and a ``RemoteBatches`` client over loopback.
+- ``stoker_client``: a ``RemoteBatches`` client of a running server; ``stoker_stream`` starts a real
+  ``stoker serve`` child on loopback for it.
 
 Both DataLoaders use ``persistent_workers`` so epoch boundaries cost them no worker restarts.
 """
@@ -12,11 +13,13 @@ Both DataLoaders use ``persistent_workers`` so epoch boundaries cost them no wor
 from __future__ import annotations
 
 import threading
+import time
 import urllib.request
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -24,18 +27,32 @@ from torchvision import datasets, transforms
 from torchvision.transforms import v2
 
 from stoker.server.tools.launcher import loopback_args, start_server
+from stoker.server.tools.measure import Stream
 
-__all__ = ["seed_recipe", "strong_recipe", "stoker_stream"]
-
-
-def _endless(loader: DataLoader) -> Iterator[tuple[int, int]]:
-    while True:
-        for images, _ in loader:
-            yield images.shape[0], images.numel() * images.element_size()
+__all__ = ["seed_recipe", "strong_recipe", "stoker_client", "stoker_stream"]
 
 
 @contextmanager
-def seed_recipe(data: Path, size: int, batch_size: int, workers: int) -> Iterator[Iterator[tuple[int, int]]]:
+def _loader_stream(loader: DataLoader) -> Iterator[Stream]:
+    # Start the workers now, before any clock, as stoker's server is started before it is timed.
+    first = iter(loader)
+
+    def counts() -> Iterator[tuple[int, int]]:
+        epoch: Iterable[Any] = first
+        while True:
+            for images, _ in epoch:
+                yield images.shape[0], images.numel() * images.element_size()
+            epoch = loader
+
+    endless = counts()
+    try:
+        yield Stream(endless, len(loader))
+    finally:
+        endless.close()  # lets go of the loader: its persistent workers stop when it is collected
+
+
+@contextmanager
+def seed_recipe(data: Path, size: int, batch_size: int, workers: int) -> Iterator[Stream]:
     """ImageFolder + Resize((S, S)) + ToTensor + Normalize."""
     transform = transforms.Compose(
         [
@@ -48,8 +65,8 @@ def seed_recipe(data: Path, size: int, batch_size: int, workers: int) -> Iterato
     loader = DataLoader(
         dataset, batch_size=batch_size, shuffle=True, num_workers=workers, persistent_workers=workers > 0
     )
-    yield _endless(loader)
-    del loader
+    with _loader_stream(loader) as stream:
+        yield stream
 
 
 class _JpegFolder(Dataset):
@@ -73,9 +90,7 @@ class _JpegFolder(Dataset):
 
 
 @contextmanager
-def strong_recipe(
-    data: Path, size: int, batch_size: int, workers: int, pipeline: str
-) -> Iterator[Iterator[tuple[int, int]]]:
+def strong_recipe(data: Path, size: int, batch_size: int, workers: int, pipeline: str) -> Iterator[Stream]:
     """decode_jpeg + v2 RandomResizedCrop + flip (or Resize + CenterCrop), uint8 out."""
     if pipeline == "train":
         transform = v2.Compose([v2.RandomResizedCrop(size, antialias=True), v2.RandomHorizontalFlip()])
@@ -90,8 +105,42 @@ def strong_recipe(
         num_workers=workers,
         persistent_workers=workers > 0,
     )
-    yield _endless(loader)
-    del loader
+    with _loader_stream(loader) as stream:
+        yield stream
+
+
+@contextmanager
+def stoker_client(endpoint: str, dataset: str, step_s: float = 0.0, **options: Any) -> Iterator[Stream]:
+    """A ``RemoteBatches(endpoint, dataset, **options)`` client of a running server. Each batch is
+    followed by ``step_s`` of busy work standing in for a training step, and, on a GPU, waits for its
+    copy to land, so a window times what a training loop would see. Bytes are the uint8 pixels shipped.
+    """
+    from stoker.client import RemoteBatches
+
+    with RemoteBatches(endpoint, dataset, **options) as batches:
+        per_epoch = len(batches)  # connects and opens the job before any clock starts
+
+        def counts() -> Iterator[tuple[int, int]]:
+            while True:
+                for images, _ in batches:
+                    if step_s:
+                        _busy(step_s)
+                    if images.device.type == "cuda":
+                        torch.cuda.synchronize(images.device)
+                    yield images.shape[0], images.numel()
+
+        endless = counts()
+        try:
+            yield Stream(endless, per_epoch, lambda: float(batches.stats()["wait_s"]))
+        finally:
+            endless.close()
+
+
+def _busy(seconds: float) -> None:
+    # Spins rather than sleeps: a training step keeps its core busy.
+    deadline = time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        pass
 
 
 @contextmanager
@@ -103,10 +152,9 @@ def stoker_stream(
     pipeline: str,
     poll_status_ms: float = 0.0,
     prefetch: int = 4,
-) -> Iterator[Iterator[tuple[int, int]]]:
-    """A real server (child process) and client; optionally a thread polling ``/status``."""
-    from stoker.client import RemoteBatches
-
+) -> Iterator[Stream]:
+    """A real server (child process) and a CPU client of uint8 batches; optionally a thread polling
+    ``/status``."""
     args = loopback_args("bench", data, workers)
     with start_server(args) as server:
         stop = threading.Event()
@@ -117,7 +165,7 @@ def stoker_stream(
                     response.read()
 
         poller = threading.Thread(target=poll, daemon=True) if poll_status_ms > 0 else None
-        with RemoteBatches(
+        with stoker_client(
             server.data,
             "bench",
             pipeline=pipeline,
@@ -127,17 +175,11 @@ def stoker_stream(
             normalize=False,
             prefetch=prefetch,
             timeout_s=120,
-        ) as batches:
-
-            def endless() -> Iterator[tuple[int, int]]:
-                while True:
-                    for images, _ in batches:
-                        yield images.shape[0], images.numel()
-
+        ) as stream:
             if poller is not None:
                 poller.start()
             try:
-                yield endless()
+                yield stream
             finally:
                 stop.set()
                 if poller is not None:
