@@ -1,4 +1,8 @@
-"""``GET /config`` and ``PATCH /config``: read and change live settings without dropping clients."""
+"""``GET /config`` and ``PATCH /config``: read and change live settings without dropping clients.
+
+The live settings are the fields the settings model marks live; ``log_level`` belongs to this
+process, every other one to the engine, which applies it on its own thread.
+"""
 
 # No ``from __future__ import annotations``: the PATCH body type is built per server (its worker cap
 # goes into the OpenAPI schema), and FastAPI must see that type itself, not its name.
@@ -6,45 +10,42 @@
 import asyncio
 import functools
 import logging
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Depends, HTTPException
-from pydantic import Field, create_model
+from pydantic import BaseModel
 
 from stoker.server.control.deps import get_engine
-from stoker.server.control.models import ConfigPatch, LiveConfig
+from stoker.server.control.models import LiveConfig, patch_model
 from stoker.server.control.security import require_token
 from stoker.server.engine import Engine
 
-__all__ = ["build_router"]
+__all__ = ["build_router", "live_config", "log_level"]
 
 log = logging.getLogger(__name__)
+_PROCESS_FIELDS = frozenset({"log_level"})
 
 
-def _current(engine: Engine) -> LiveConfig:
-    config = engine.config
-    return LiveConfig(
-        workers=config.workers,
-        max_prefetch=config.max_prefetch,
-        on_error=config.on_error,
-        cache_batches=config.cache_batches,
-        log_level=logging.getLevelName(logging.getLogger("stoker").getEffectiveLevel()),
-    )
+def log_level() -> str:
+    """The level of the ``stoker`` loggers."""
+    return logging.getLevelName(logging.getLogger("stoker").getEffectiveLevel())
+
+
+def live_config(engine: Engine) -> BaseModel:
+    """The live settings now."""
+    values: dict[str, Any] = {name: getattr(engine.config, name) for name in engine.config.live_fields}
+    return LiveConfig(**values, log_level=log_level())
 
 
 def build_router(max_workers: int) -> APIRouter:
     """The config routes; ``workers`` is documented and validated up to this server's ``max_workers``."""
     router = APIRouter(tags=["config"])
-    patch_model = create_model(
-        "ConfigPatch",
-        __base__=ConfigPatch,
-        workers=(int | None, Field(None, ge=1, le=max_workers, description="worker processes")),
-    )
+    patch_type = patch_model(max_workers)
 
     @router.get("/config", response_model=LiveConfig)
-    async def read_config(engine: Annotated[Engine, Depends(get_engine)]) -> LiveConfig:
+    async def read_config(engine: Annotated[Engine, Depends(get_engine)]) -> BaseModel:
         """The live settings."""
-        return _current(engine)
+        return live_config(engine)
 
     @router.patch(
         "/config",
@@ -53,13 +54,13 @@ def build_router(max_workers: int) -> APIRouter:
         responses={401: {"description": "token missing or wrong"}, 503: {"description": "engine not running"}},
     )
     async def change_config(
-        patch: Annotated[patch_model, Body()],  # type: ignore[valid-type]
+        patch: Annotated[patch_type, Body()],  # type: ignore[valid-type]
         engine: Annotated[Engine, Depends(get_engine)],
-    ) -> LiveConfig:
+    ) -> BaseModel:
         """Apply the given fields; an invalid value is a 422 naming the field and its range, changing nothing."""
-        before = _current(engine)
+        before = live_config(engine)
         changes = patch.model_dump(exclude_none=True)
-        engine_changes = {k: v for k, v in changes.items() if k != "log_level"}
+        engine_changes = {k: v for k, v in changes.items() if k not in _PROCESS_FIELDS}
         if engine_changes:
             if not engine.ready:
                 raise HTTPException(503, "engine not running")
@@ -70,7 +71,7 @@ def build_router(max_workers: int) -> APIRouter:
                 raise HTTPException(503, f"engine not answering: {exc}") from None
         if "log_level" in changes:
             logging.getLogger("stoker").setLevel(changes["log_level"])
-        after = _current(engine)
+        after = live_config(engine)
         for field, old in before.model_dump().items():
             new = getattr(after, field)
             if new != old:

@@ -2,34 +2,50 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, create_model
+from pydantic.fields import FieldInfo
 
-__all__ = ["LiveConfig", "ConfigPatch", "Status"]
+from stoker.server.settings import ServerSettings
 
-LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
-
-
-class LiveConfig(BaseModel):
-    """Settings that can change while serving, without dropping clients."""
-
-    workers: int = Field(ge=1, le=1024, description="worker processes (the pool grows or shrinks live)")
-    max_prefetch: int = Field(ge=1, le=1024, description="most batches one client may have in flight")
-    on_error: Literal["skip", "raise"] = Field(description="bad samples: replace (skip) or fail the batch (raise)")
-    cache_batches: int = Field(ge=0, le=4096, description="finished batches kept for repeated requests")
-    log_level: LogLevel = Field(description="level of the server's log")
+__all__ = ["LiveConfig", "ConfigPatch", "Status", "patch_model"]
 
 
-class ConfigPatch(BaseModel):
-    """A change to the live settings; fields left out stay as they are."""
+def _constrained(info: FieldInfo) -> Any:
+    """The field's type with its range constraints (``ge``, ``le``...) attached."""
+    return Annotated[info.annotation, *info.metadata] if info.metadata else info.annotation
 
-    model_config = ConfigDict(extra="forbid")
-    workers: int | None = Field(None, ge=1, le=1024)
-    max_prefetch: int | None = Field(None, ge=1, le=1024)
-    on_error: Literal["skip", "raise"] | None = None
-    cache_batches: int | None = Field(None, ge=0, le=4096)
-    log_level: LogLevel | None = None
+
+def _live_model(name: str, doc: str, optional: bool, **overrides: Any) -> type[BaseModel]:
+    # Built from the settings model's live fields: a field marked live there is readable and
+    # patchable here and shown in /status, with the same type, range and description.
+    fields: dict[str, Any] = {}
+    for field, info in ServerSettings.model_fields.items():
+        if field not in ServerSettings.live_fields:
+            continue
+        kind = overrides.get(field, _constrained(info))
+        if optional:
+            fields[field] = (kind | None, Field(None, description=info.description))
+        else:
+            fields[field] = (kind, Field(description=info.description))
+    config = ConfigDict(extra="forbid") if optional else None
+    return create_model(name, __doc__=doc, __config__=config, **fields)
+
+
+LiveConfig = _live_model("LiveConfig", "Settings that can change while serving, without dropping clients.", False)
+
+
+def patch_model(max_workers: int) -> type[BaseModel]:
+    """The ``PATCH /config`` body: live fields, all optional; ``workers`` capped at this server's
+    ``max_workers`` (the cap shows in the OpenAPI schema)."""
+    workers = Annotated[int, Field(ge=1, le=max_workers)]
+    return _live_model(
+        "ConfigPatch", "A change to the live settings; fields left out stay as they are.", True, workers=workers
+    )
+
+
+ConfigPatch = patch_model(1024)
 
 
 class Endpoints(BaseModel):

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, HTTPException, Request
 
+from stoker.server.control.config import log_level
 from stoker.server.control.deps import get_engine
 from stoker.server.control.models import Status
 from stoker.server.engine import Engine
@@ -30,5 +30,5 @@ async def status(request: Request, engine: Annotated[Engine, Depends(get_engine)
     """Version, uptime, endpoints, pool, datasets, jobs, clients, stage times, errors and bad samples."""
     snapshot = await engine_snapshot(engine)
     snapshot["endpoints"]["http"] = request.app.state.http_url
-    snapshot["config"]["log_level"] = logging.getLevelName(logging.getLogger("stoker").getEffectiveLevel())
+    snapshot["config"]["log_level"] = log_level()
     return Status.model_validate(snapshot)

@@ -1,8 +1,8 @@
 """Admission: who is connected, and how many batches each may have in flight (flow control).
 
-A client's requests are its credits: the engine works on at most ``max_prefetch`` of them per client
-(its window) and parks up to as many more (a client may ask again before a send completes); beyond
-that the client is told ``BUSY``. A batch leaves the window when its send has reached the kernel.
+A client's requests are its credits: the engine works on at most ``window`` of them per client (the
+live ``max_prefetch`` setting) and parks up to as many more (a client may ask again before a send
+completes); beyond that the client is told ``BUSY``. A batch leaves the window when its send has reached the kernel.
 """
 
 from __future__ import annotations
@@ -89,19 +89,19 @@ class Admission:
             stats.elapsed_s = request.elapsed_s
 
     @staticmethod
-    def full(peer: Peer, max_prefetch: int) -> bool:
+    def full(peer: Peer, window: int) -> bool:
         """Whether the client's window is full."""
-        return len(peer.inflight) >= max_prefetch
+        return len(peer.inflight) >= window
 
     @staticmethod
-    def decide(peer: Peer, key: BatchKey, max_prefetch: int) -> Verdict:
+    def decide(peer: Peer, key: BatchKey, window: int) -> Verdict:
         """Admit, park, refuse or ignore a request for ``key``; parking happens here."""
         if key in peer.inflight or key in peer.deferred:
             return Verdict.DUPLICATE
-        if len(peer.inflight) < max_prefetch:
+        if len(peer.inflight) < window:
             peer.inflight.add(key)
             return Verdict.ADMIT
-        if len(peer.deferred) >= max_prefetch:
+        if len(peer.deferred) >= window:
             return Verdict.BUSY
         peer.deferred.append(key)
         return Verdict.DEFER
@@ -112,7 +112,7 @@ class Admission:
         if peer is not None:
             peer.inflight.discard(key)
 
-    def delivered(self, send: PendingSend, now: float, max_prefetch: int) -> list[BatchKey]:
+    def delivered(self, send: PendingSend, now: float, window: int) -> list[BatchKey]:
         """A send completed: count it, free its place, and return the parked keys that now fit."""
         peer = self._peers.get(send.identity)
         if peer is None:
@@ -124,7 +124,7 @@ class Admission:
         stats.bytes += send.nbytes
         stats.throughput.add(now, send.images, send.nbytes)
         admitted = []
-        while peer.deferred and len(peer.inflight) < max_prefetch:
+        while peer.deferred and len(peer.inflight) < window:
             key = peer.deferred.popleft()
             peer.inflight.add(key)
             admitted.append(key)

@@ -27,7 +27,6 @@ from stoker.server import failpoints
 from stoker.server.data.catalog import Catalog
 from stoker.server.data.jobs import JobRegistry, OpenJob
 from stoker.server.engine.admission import Admission, Verdict
-from stoker.server.engine.config import EngineConfig
 from stoker.server.engine.delivery import Delivery
 from stoker.server.engine.mailbox import Mailbox
 from stoker.server.engine.production import Production
@@ -38,6 +37,7 @@ from stoker.server.engine.state import build_snapshot, update_gauges
 from stoker.server.engine.stats import BadSamples, EngineStats
 from stoker.server.engine.transport import Incoming, Transport
 from stoker.server.imaging.pipelines import Pipeline
+from stoker.server.settings.model import EngineSettings
 from stoker.server.workers.pool import WorkerPool
 from stoker.server.workers.slots import SlotPool, fit_budget
 
@@ -50,7 +50,7 @@ R = TypeVar("R")
 class Engine:
     """The data plane. ``start()`` brings it up, ``close()`` drains it and tears it down."""
 
-    def __init__(self, config: EngineConfig, catalog: Catalog, pipelines: Mapping[str, Pipeline]) -> None:
+    def __init__(self, config: EngineSettings, catalog: Catalog, pipelines: Mapping[str, Pipeline]) -> None:
         self.config = config
         self.catalog = catalog
         self.pipelines = dict(pipelines)
@@ -310,8 +310,8 @@ class Engine:
 
     # -- operator API (run on the engine thread through call()) ----------------------------------
 
-    def reconfigure(self, **changes: Any) -> EngineConfig:
-        """Apply live changes (see ``EngineConfig.LIVE``); return the new config."""
+    def reconfigure(self, **changes: Any) -> EngineSettings:
+        """Apply live changes (``EngineSettings.live_fields``); return the new config."""
         new = self.config.with_changes(**changes)
         if new.workers != self.config.workers:
             self.pool.resize(new.workers)

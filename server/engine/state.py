@@ -105,7 +105,7 @@ def build_snapshot(engine: Engine) -> dict[str, Any]:
                 for b in reversed(engine.bad.recent)
             ],
         },
-        "config": {name: getattr(engine.config, name) for name in engine.config.LIVE},
+        "config": {name: getattr(engine.config, name) for name in engine.config.live_fields},
     }
 
 

@@ -18,6 +18,8 @@ import numpy as np
 import simplejpeg
 from PIL import Image
 
+from stoker.server.imaging.limits import DecodeLimits
+
 __all__ = ["BadImage", "ImageInfo", "DecodeLimits", "probe", "decode", "read_file", "ALPHA_BACKGROUND"]
 
 # Transparent pixels are composited onto ImageNet's mean colour, which normalises to about zero.
@@ -32,17 +34,6 @@ class BadImage(Exception):
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason
-
-
-@dataclass(frozen=True, slots=True)
-class DecodeLimits:
-    """Bounds that keep one hostile or huge file from exhausting a worker."""
-
-    max_file_bytes: int = 256 * 1024 * 1024
-    max_image_pixels: int = 1_000_000_000
-    """Refuse images declaring more pixels than this, whatever the reduction."""
-    max_decoded_pixels: int = 50_000_000
-    """Refuse images that, even reduced, would decode to more pixels than this."""
 
 
 @dataclass(frozen=True, slots=True)

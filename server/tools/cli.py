@@ -40,22 +40,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="NAME=PATH",
         help="declare a dataset: an ImageFolder directory or a CSV/TSV file list (repeatable)",
     )
-    serve.add_argument("--bind", help="ZeroMQ data endpoint (default tcp://*:5555)")
-    serve.add_argument("--http", help="HTTP HOST:PORT (default 127.0.0.1:8080)")
-    serve.add_argument("--http-token", help="bearer token for PATCH /config (or STOKER_HTTP_TOKEN)")
-    serve.add_argument("--http-token-file", help="read the bearer token from this file (a mounted secret)")
-    serve.add_argument("--max-shm-mb", type=int, help="shared-memory budget for batch buffers, MiB (default 2048)")
-    serve.add_argument("--workers", type=int, help="worker processes (default: usable CPU cores)")
-    serve.add_argument("--max-workers", type=int, help="cap for growing the pool live (default 4 x cores)")
-    serve.add_argument("--max-prefetch", type=int, help="most batches in flight per client (default 16)")
-    serve.add_argument("--on-error", choices=["skip", "raise"], help="bad samples: skip (default) or raise")
-    serve.add_argument("--cache-batches", type=int, help="finished batches kept for repeated requests")
-    serve.add_argument("--client-timeout-s", type=float, help="forget clients silent this long")
-    serve.add_argument("--drain-timeout-s", type=float, help="on shutdown, time to finish in-flight batches")
-    serve.add_argument("--task-timeout-s", type=float, help="kill a worker stuck this long on one task")
-    serve.add_argument("--heartbeat-ms", type=int, help="ZeroMQ heartbeat interval")
-    serve.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
-    serve.add_argument("--ready-file", help="write the bound endpoints here as JSON once serving")
+    try:
+        from stoker.server.settings import ServerSettings, add_setting_flags
+    except ImportError:  # a client-only install: `stoker serve` will say what to install
+        serve.add_argument("unavailable", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    else:
+        # Every other flag comes from a field of the settings model: declared once, there.
+        add_setting_flags(serve, ServerSettings, skip={"datasets", "pipelines"})
 
     demo = commands.add_parser("demo", help="stream the bundled photos through a local server and client")
     demo.add_argument("--epochs", type=int, default=2, help="epochs per timed run")
@@ -90,31 +81,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-_SERVE_FIELDS = (
-    "bind",
-    "http",
-    "http_token",
-    "http_token_file",
-    "max_shm_mb",
-    "workers",
-    "max_workers",
-    "max_prefetch",
-    "on_error",
-    "cache_batches",
-    "client_timeout_s",
-    "drain_timeout_s",
-    "task_timeout_s",
-    "heartbeat_ms",
-    "log_level",
-    "ready_file",
-)
-
-
 def _serve(args: argparse.Namespace) -> int:
-    from stoker.server.settings import load_settings
+    from stoker.server.settings import given_settings, load_settings
     from stoker.server.tools.serve import ServeError, configure_logging, serve
 
-    overrides = {field: getattr(args, field) for field in _SERVE_FIELDS}
+    overrides = given_settings(args)
     overrides["datasets"] = {name: {"path": path} for name, path in args.dataset}
     try:
         settings = load_settings(args.config, overrides=overrides)

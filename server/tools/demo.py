@@ -56,7 +56,7 @@ def _windows(label: str, stream: Stream, config: DemoConfig) -> Series:
 
 def run_demo(config: DemoConfig, say: Callable[[str], None]) -> list[Series]:
     """Time stoker, then (with ``compare``) the DataLoader seed recipe; ``say`` gets progress lines."""
-    from stoker.server.engine.config import usable_cores
+    from stoker.server.settings.host import usable_cores
     from stoker.server.tools.bench.loaders import seed_recipe, stoker_client
     from stoker.server.tools.launcher import loopback_args, start_server
 

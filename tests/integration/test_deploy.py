@@ -28,7 +28,7 @@ from typing import Any
 import pytest
 import yaml
 
-from stoker.server.settings import ServerSettings, is_loopback, load_settings, parse_http
+from stoker.server.settings import ServerSettings, given_settings, is_loopback, load_settings, parse_http
 from stoker.server.tools.cli import build_parser
 from tests.helpers import DEMO_DATA, ROOT, http_json
 
@@ -205,7 +205,7 @@ def parse_serve(where: str, argv: list[str]) -> Any:
 
 def settings_from(args: Any, config: Path | None, env: dict[str, str]) -> ServerSettings:
     """What ``stoker serve`` would run with: the CLI's precedence (file < env < flags)."""
-    overrides = {k: v for k, v in vars(args).items() if k in ServerSettings.model_fields and k != "datasets"}
+    overrides = given_settings(args)  # the CLI's own mapping from flags to settings
     overrides["datasets"] = {name: {"path": path} for name, path in args.dataset}
     return load_settings(config, env=env, overrides=overrides)
 

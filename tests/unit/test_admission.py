@@ -27,7 +27,7 @@ def finished_send(slot, k: int) -> PendingSend:
 def test_a_window_admits_then_parks_then_refuses_and_ignores_re_asks() -> None:
     admission = Admission()
     peer = admission.touch(CLIENT, now=1.0)
-    verdicts = [Admission.decide(peer, key(k), max_prefetch=2) for k in range(5)]
+    verdicts = [Admission.decide(peer, key(k), window=2) for k in range(5)]
     assert verdicts == [Verdict.ADMIT, Verdict.ADMIT, Verdict.DEFER, Verdict.DEFER, Verdict.BUSY]
     assert Admission.decide(peer, key(0), 2) is Verdict.DUPLICATE  # in flight
     assert Admission.decide(peer, key(3), 2) is Verdict.DUPLICATE  # parked
@@ -38,11 +38,11 @@ def test_a_completed_send_frees_its_place_for_the_oldest_parked_request() -> Non
     admission = Admission()
     peer = admission.touch(CLIENT, now=1.0)
     for k in range(4):
-        Admission.decide(peer, key(k), max_prefetch=2)
+        Admission.decide(peer, key(k), window=2)
     with SlotPool(2**20) as slots:
         slot = slots.acquire(100)
         assert slot is not None
-        promoted = admission.delivered(finished_send(slot, 0), now=2.0, max_prefetch=2)
+        promoted = admission.delivered(finished_send(slot, 0), now=2.0, window=2)
     assert promoted == [key(2)]
     assert peer.inflight == {key(1), key(2)} and list(peer.deferred) == [key(3)]
     assert (peer.stats.batches, peer.stats.images, peer.stats.bytes) == (1, 2, 100)

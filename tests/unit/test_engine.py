@@ -17,10 +17,10 @@ from stoker.client.protocol.wire import ErrorCode, Header, Kind, decode, encode
 from stoker.server import failpoints
 from stoker.server.data.catalog import Catalog, DatasetDecl
 from stoker.server.engine import Engine
-from stoker.server.engine.config import EngineConfig
 from stoker.server.imaging.decode import DecodeLimits
 from stoker.server.imaging.pipelines import BUILTIN_PIPELINES
 from stoker.server.imaging.render import StageTimes, render_sample
+from stoker.server.settings import EngineSettings
 from tests.helpers import DEMO_DATA
 
 JOB = JobSpec("demo", pipeline="train", image_size=32, batch_size=4, seed=7)
@@ -30,7 +30,7 @@ RECEIVE_TIMEOUT_MS = 30_000
 @pytest.fixture(scope="module")
 def engine() -> Iterator[Engine]:
     catalog = Catalog.load([DatasetDecl("demo", DEMO_DATA)])
-    config = EngineConfig(bind="tcp://127.0.0.1:0", workers=1, max_prefetch=4, max_shm_bytes=64 * 2**20)
+    config = EngineSettings(bind="tcp://127.0.0.1:0", workers=1, max_prefetch=4, max_shm_mb=64)
     with Engine(config, catalog, BUILTIN_PIPELINES) as running:
         yield running
 

@@ -6,25 +6,25 @@ from pathlib import Path
 
 import pytest
 
-from stoker.server.engine.config import EngineConfig
 from stoker.server.imaging.pipelines import BUILTIN_PIPELINES, pipeline_from_ops
-from stoker.server.settings import ServerSettings, load_settings, parse_http
+from stoker.server.settings import EngineSettings, ServerSettings, load_settings, parse_http
 
 
 @pytest.mark.parametrize(
     ("changes", "needle"),
     [
-        ({"workers": 0}, "workers="),
-        ({"max_prefetch": 0}, "max_prefetch="),
-        ({"on_error": "ignore"}, "on_error="),
-        ({"max_shm_bytes": 10}, "max_shm_bytes="),
-        ({"client_timeout_s": 0}, "client_timeout_s="),
+        ({"workers": 0}, "workers"),
+        ({"max_prefetch": 0}, "max_prefetch"),
+        ({"on_error": "ignore"}, "on_error"),
+        ({"max_shm_mb": 0}, "max_shm_mb"),
+        ({"client_timeout_s": 0}, "client_timeout_s"),
         ({"bind": "localhost:5555"}, "bind="),
+        ({"workers": 9, "max_workers": 4}, "workers=9 must be <= max_workers=4"),
     ],
 )
 def test_engine_config_rejects_bad_values(changes: dict, needle: str) -> None:
     with pytest.raises(ValueError, match=needle):
-        EngineConfig(**changes)
+        EngineSettings(**changes)
 
 
 def test_settings_precedence_is_file_then_env_then_cli(tmp_path: Path) -> None:
@@ -90,7 +90,7 @@ def test_default_workers_respect_affinity_and_a_cgroup_cpu_quota() -> None:
     import math
     import os
 
-    from stoker.server.engine.config import usable_cores
+    from stoker.server.settings import usable_cores
 
     limit = len(os.sched_getaffinity(0))
     quota_file = Path("/sys/fs/cgroup/cpu.max")
@@ -99,3 +99,56 @@ def test_default_workers_respect_affinity_and_a_cgroup_cpu_quota() -> None:
         limit = min(limit, math.ceil(int(quota) / int(period)))
     assert usable_cores() == max(1, limit)
     assert ServerSettings().workers == usable_cores()
+
+
+# Flags users' scripts and deploy files already pass: they must keep parsing (a public contract).
+CONTRACT_FLAGS = (
+    "--bind", "--http", "--http-token", "--http-token-file", "--max-shm-mb", "--workers", "--max-workers",
+    "--max-prefetch", "--on-error", "--cache-batches", "--client-timeout-s", "--drain-timeout-s",
+    "--task-timeout-s", "--heartbeat-ms", "--log-level", "--ready-file",
+)  # fmt: skip
+
+
+def sample_text(name: str) -> str:
+    """A command-line/environment value for setting ``name``, from its declared type."""
+    import typing
+
+    annotation = ServerSettings.model_fields[name].annotation
+    if typing.get_origin(annotation) is typing.Literal:
+        return str(typing.get_args(annotation)[-1])
+    if annotation in (int, int | None):
+        return "3"
+    if annotation is float:
+        return "2.5"
+    return {"bind": "tcp://127.0.0.1:0", "http": "127.0.0.1:0"}.get(name, f"/tmp/{name}")
+
+
+def test_every_setting_has_a_flag_and_an_environment_variable_from_its_one_declaration() -> None:
+    from stoker.server.settings import given_settings
+    from stoker.server.settings.sources import from_environment
+    from stoker.server.tools.cli import build_parser
+
+    scalars = [name for name in ServerSettings.model_fields if name not in ("datasets", "pipelines")]
+    argv = ["serve"]
+    for name in scalars:
+        argv += [f"--{name.replace('_', '-')}", sample_text(name)]
+    given = given_settings(build_parser().parse_args(argv))
+    assert set(given) == set(scalars)
+    assert {name: str(value) for name, value in given.items()} == {name: sample_text(name) for name in scalars}
+    env = {f"STOKER_{name.upper()}": sample_text(name) for name in scalars}
+    assert from_environment(env) == {name: sample_text(name) for name in scalars}
+    flags = {f"--{name.replace('_', '-')}" for name in scalars}
+    assert set(CONTRACT_FLAGS) <= flags
+
+
+def test_live_changes_are_validated_copies_and_fixed_fields_stay_fixed() -> None:
+    engine = ServerSettings(workers=2, max_workers=4).engine_config()
+    changed = engine.with_changes(max_prefetch=3, client_timeout_s=9.0)
+    assert (changed.max_prefetch, changed.client_timeout_s, engine.max_prefetch) == (3, 9.0, 16)
+    with pytest.raises(ValueError, match="max_prefetch"):
+        engine.with_changes(max_prefetch=0)
+    with pytest.raises(ValueError, match=r"cannot change \['bind'\] while serving"):
+        engine.with_changes(bind="tcp://*:1")
+    with pytest.raises(ValueError, match="workers=5 must be <= max_workers=4"):
+        engine.with_changes(workers=5)
+    assert engine.max_shm_bytes == 2048 * 2**20 and engine.limits.max_file_bytes == 256 * 2**20

@@ -74,7 +74,7 @@ class _Progress:
 
 def run_bench(config: BenchConfig, progress: bool = True) -> dict[str, Any]:
     """Run every row ``repeats`` times; return the results as a JSON-ready dict."""
-    from stoker.server.engine.config import usable_cores
+    from stoker.server.settings.host import usable_cores
     from stoker.server.tools.bench.decode_rate import single_core_rates
     from stoker.server.tools.bench.loaders import seed_recipe, stoker_stream, strong_recipe
     from stoker.server.tools.bench.wire_rate import wire_rate
