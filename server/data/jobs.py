@@ -83,6 +83,23 @@ class JobRegistry:
         if job is not None:
             self._jobs.move_to_end(job_id)
             return job
+        table, pipeline = self._resolve(spec)
+        self._check_limits(spec)
+        count = batches_per_rank(len(table), spec.batch_size, spec.world_size, spec.drop_last)
+        if count == 0:
+            raise ProtocolError(
+                f"drop_last=True with batch_size * world_size = {spec.batch_size * spec.world_size} "
+                f"> {len(table)} samples in {spec.dataset!r} leaves no batch",
+                ErrorCode.INVALID_JOB,
+            )
+        _, last = batch_sizes(len(table), spec.batch_size, spec.world_size, spec.drop_last)
+        job = OpenJob(spec, job_id, table, pipeline, count, last)
+        self._jobs[job_id] = job
+        while len(self._jobs) > self._max_jobs:
+            self._jobs.popitem(last=False)
+        return job
+
+    def _resolve(self, spec: JobSpec) -> tuple[SampleTable, Pipeline]:
         table = self.catalog.get(spec.dataset)
         if table is None:
             raise ProtocolError(
@@ -95,6 +112,9 @@ class JobRegistry:
                 f"unknown pipeline {spec.pipeline!r}; this server declares {sorted(self.pipelines)}",
                 ErrorCode.UNKNOWN_PIPELINE,
             )
+        return table, pipeline
+
+    def _check_limits(self, spec: JobSpec) -> None:
         if spec.batch_size > self.max_batch_size:
             raise ProtocolError(
                 f"batch_size={spec.batch_size} exceeds this server's max_batch_size={self.max_batch_size}",
@@ -112,19 +132,6 @@ class JobRegistry:
                 f"server's shared-memory budget is {self.max_batch_bytes / 2**20:.0f} MiB",
                 ErrorCode.INVALID_JOB,
             )
-        count = batches_per_rank(len(table), spec.batch_size, spec.world_size, spec.drop_last)
-        if count == 0:
-            raise ProtocolError(
-                f"drop_last=True with batch_size * world_size = {spec.batch_size * spec.world_size} "
-                f"> {len(table)} samples in {spec.dataset!r} leaves no batch",
-                ErrorCode.INVALID_JOB,
-            )
-        _, last = batch_sizes(len(table), spec.batch_size, spec.world_size, spec.drop_last)
-        job = OpenJob(spec, job_id, table, pipeline, count, last)
-        self._jobs[job_id] = job
-        while len(self._jobs) > self._max_jobs:
-            self._jobs.popitem(last=False)
-        return job
 
     def get(self, job_id: str) -> OpenJob | None:
         """An already open job by id."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING, Any
 
+from stoker.server.data.jobs import OpenJob
 from stoker.server.engine.records import Peer
 from stoker.server.version import VERSION
 from stoker.server.workers.pool import WorkerHandle
@@ -54,42 +55,50 @@ def client_view(peer: Peer, now: float) -> dict[str, Any]:
     }
 
 
+def pool_view(engine: Engine) -> dict[str, Any]:
+    """The worker pool: target size, who is alive and busy, restarts, each worker."""
+    workers = engine.pool.workers
+    return {
+        "size": engine.pool.target_size,
+        "alive": sum(1 for w in workers if w.process.is_alive()),
+        "busy": sum(1 for w in workers if w.tasks),
+        "restarts": engine.pool.restarts,
+        "workers": [worker_view(w) for w in workers],
+    }
+
+
+def job_view(job: OpenJob) -> dict[str, Any]:
+    """One open job."""
+    spec = job.spec
+    return {
+        "job_id": job.job_id,
+        "dataset": spec.dataset,
+        "pipeline": spec.pipeline,
+        "image_size": spec.image_size,
+        "batch_size": spec.batch_size,
+        "world_size": spec.world_size,
+        "batches_per_rank": job.batches,
+    }
+
+
 def build_snapshot(engine: Engine) -> dict[str, Any]:
     """Everything ``/status`` shows except the HTTP address and the log level (the app adds those)."""
     now = time.monotonic()
     stats = engine.stats
     images_s, bytes_s = stats.throughput.rates(now)
     clients = [client_view(peer, now) for peer in engine.admission.peers]
-    workers = engine.pool.workers
     stalls = [c["stall_share"] for c in clients if c["stall_share"] is not None]
     return {
         "version": VERSION,
         "uptime_s": round(time.time() - stats.started_at, 1),
         "endpoints": {"data": engine.endpoint},
         "ready": engine.ready,
-        "pool": {
-            "size": engine.pool.target_size,
-            "alive": sum(1 for w in workers if w.process.is_alive()),
-            "busy": sum(1 for w in workers if w.tasks),
-            "restarts": engine.pool.restarts,
-            "workers": [worker_view(w) for w in workers],
-        },
+        "pool": pool_view(engine),
         "datasets": [
             {"name": t.name, "samples": len(t), "classes": len(t.classes), "fingerprint": t.fingerprint}
             for t in engine.catalog.values()
         ],
-        "jobs": [
-            {
-                "job_id": j.job_id,
-                "dataset": j.spec.dataset,
-                "pipeline": j.spec.pipeline,
-                "image_size": j.spec.image_size,
-                "batch_size": j.spec.batch_size,
-                "world_size": j.spec.world_size,
-                "batches_per_rank": j.batches,
-            }
-            for j in engine.jobs.open_jobs
-        ],
+        "jobs": [job_view(job) for job in engine.jobs.open_jobs],
         "clients": clients,
         "throughput": {"images_per_s": round(images_s, 1), "mb_per_s": round(bytes_s / 1e6, 2)},
         "stall_share": round(sum(stalls) / len(stalls), 4) if stalls else None,

@@ -29,8 +29,16 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser for every subcommand."""
     parser = argparse.ArgumentParser(prog="stoker", description="Data loading as a service for GPU training.")
     commands = parser.add_subparsers(dest="command", required=True)
+    _add_serve(commands.add_parser("serve", help="run a loader server"))
+    _add_demo(commands.add_parser("demo", help="stream the bundled photos through a local server and client"))
+    _add_bench(commands.add_parser("bench", help="compare stoker with torch's DataLoader on the same data and cores"))
+    status = commands.add_parser("status", help="print a summary of a server's /status")
+    status.add_argument("url", nargs="?", default="http://127.0.0.1:8080", help="the server's HTTP address")
+    status.add_argument("--json", action="store_true", help="print the raw JSON")
+    return parser
 
-    serve = commands.add_parser("serve", help="run a loader server")
+
+def _add_serve(serve: argparse.ArgumentParser) -> None:
     serve.add_argument("--config", type=Path, help="TOML file with settings, datasets and pipelines")
     serve.add_argument(
         "--dataset",
@@ -48,7 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
         # Every other flag comes from a field of the settings model: declared once, there.
         add_setting_flags(serve, ServerSettings, skip={"datasets", "pipelines"})
 
-    demo = commands.add_parser("demo", help="stream the bundled photos through a local server and client")
+
+def _add_demo(demo: argparse.ArgumentParser) -> None:
     demo.add_argument("--epochs", type=int, default=2, help="epochs per timed run")
     demo.add_argument(
         "--repeats", type=int, default=3, help="timed runs per loader, one after another; the median is shown"
@@ -59,7 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--step-ms", type=float, default=0.0, help="simulated training step per batch")
     demo.add_argument("--device", help="client device (default: cuda if available, else cpu)")
     demo.add_argument("--no-compare", action="store_true", help="skip the torch DataLoader comparison")
-    bench = commands.add_parser("bench", help="compare stoker with torch's DataLoader on the same data and cores")
+
+
+def _add_bench(bench: argparse.ArgumentParser) -> None:
     bench.add_argument("--data", type=Path, required=True, help="an ImageFolder directory of JPEGs")
     bench.add_argument("--pipeline", default="train", choices=["train", "eval", "resize"])
     bench.add_argument("--image-size", type=int, default=224)
@@ -74,11 +85,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="also run stoker with /status polled this often, to show the HTTP side's cost",
     )
     bench.add_argument("--json", action="store_true", help="print the results as JSON")
-
-    status = commands.add_parser("status", help="print a summary of a server's /status")
-    status.add_argument("url", nargs="?", default="http://127.0.0.1:8080", help="the server's HTTP address")
-    status.add_argument("--json", action="store_true", help="print the raw JSON")
-    return parser
 
 
 def _serve(args: argparse.Namespace) -> int:

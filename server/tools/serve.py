@@ -15,7 +15,7 @@ from stoker.server.data.catalog import Catalog
 from stoker.server.engine import Engine
 from stoker.server.settings import ServerSettings, is_loopback, parse_http
 
-__all__ = ["serve", "bind_http", "ServeError"]
+__all__ = ["serve", "build_engine", "bind_http", "ServeError", "configure_logging"]
 
 log = logging.getLogger(__name__)
 
@@ -53,12 +53,8 @@ def _announce(settings: ServerSettings, http_url: str) -> Callable[[Engine], Non
     return on_ready
 
 
-def serve(settings: ServerSettings) -> int:
-    """Run a server in this process until SIGTERM/SIGINT; return the exit status."""
-    import uvicorn
-
-    from stoker.server.control import create_app
-
+def build_engine(settings: ServerSettings) -> Engine:
+    """Check what must hold before serving, load the catalog and build (not start) the engine."""
     host, _ = parse_http(settings.http)
     if not is_loopback(host) and settings.http_token is None:
         raise ServeError(
@@ -72,7 +68,16 @@ def serve(settings: ServerSettings) -> int:
         pipelines = settings.pipeline_map()
     except (ValueError, OSError) as exc:
         raise ServeError(str(exc)) from None
-    engine = Engine(settings.engine_config(), catalog, pipelines)
+    return Engine(settings.engine_config(), catalog, pipelines)
+
+
+def serve(settings: ServerSettings) -> int:
+    """Run a server in this process until SIGTERM/SIGINT; return the exit status."""
+    import uvicorn
+
+    from stoker.server.control import create_app
+
+    engine = build_engine(settings)
     sock = bind_http(settings.http)
     bound_host, bound_port = sock.getsockname()[:2]
     http_url = f"http://{'[' + bound_host + ']' if ':' in bound_host else bound_host}:{bound_port}"

@@ -45,27 +45,7 @@ def format_status(status: dict[str, Any]) -> str:
         f"clients' data stall {_pct(status['stall_share'])}; {status['inflight_batches']} batches in flight",
         "",
     ]
-    clients = status["clients"]
-    if clients:
-        lines += _table(
-            ["client", "rank", "epoch", "batches", "images/s", "MB/s", "stall", "in flight", "seen"],
-            [
-                [
-                    c["client_id"][:8],
-                    f"{c['rank']}/{c['world_size']}",
-                    c["epoch"],
-                    c["batches"],
-                    f"{c['images_per_s']:.1f}",
-                    f"{c['mb_per_s']:.1f}",
-                    _pct(c["stall_share"]),
-                    c["inflight"],
-                    f"{c['last_seen_s']:.0f}s ago",
-                ]
-                for c in clients
-            ],
-        )
-    else:
-        lines.append("no clients connected")
+    lines += _clients(status["clients"])
     lines.append("")
     stages = dict(status["stages"], latency=status["latency"])
     lines += _table(
@@ -81,3 +61,25 @@ def format_status(status: dict[str, Any]) -> str:
     ]
     lines += [f"  {b['path']}: {b['reason']}" for b in bad["recent"][:10]]
     return "\n".join(lines)
+
+
+def _clients(clients: list[dict[str, Any]]) -> list[str]:
+    if not clients:
+        return ["no clients connected"]
+    return _table(
+        ["client", "rank", "epoch", "batches", "images/s", "MB/s", "stall", "in flight", "seen"],
+        [
+            [
+                c["client_id"][:8],
+                f"{c['rank']}/{c['world_size']}",
+                c["epoch"],
+                c["batches"],
+                f"{c['images_per_s']:.1f}",
+                f"{c['mb_per_s']:.1f}",
+                _pct(c["stall_share"]),
+                c["inflight"],
+                f"{c['last_seen_s']:.0f}s ago",
+            ]
+            for c in clients
+        ],
+    )

@@ -15,48 +15,58 @@ from stoker.server.workers.slots import SlotPool
 __all__ = ["wire_rate"]
 
 
-def wire_rate(seconds: float, shape: tuple[int, int, int, int] = (256, 224, 224, 3), window: int = 4) -> float:
-    """GB/s of batches of ``shape`` moved by the transport with ``window`` requests in flight."""
-    nbytes = shape[0] * shape[1] * shape[2] * shape[3]
-    # Separate contexts, as server and client are separate processes in real use: each side gets its
-    # own ZeroMQ I/O thread.
-    context, client_context = zmq.Context(), zmq.Context()
-    pool = SlotPool(4 * nbytes)
-    slot = pool.acquire(nbytes)
-    if slot is None:
-        raise RuntimeError("cannot allocate a shared-memory slot for the wire benchmark")
-    slot.view(nbytes)[:] = b"\x7f" * nbytes
-    transport = Transport(context, "tcp://127.0.0.1:0")
-    header = encode(
-        Kind.BATCH,
-        {
-            "job_id": "wire",
-            "epoch": 0,
-            "rank": 0,
-            "k": 0,
-            "dtype": "uint8",
-            "shape": list(shape),
-            "labels": [0] * shape[0],
-            "indices": [0] * shape[0],
-        },
-    )
-    stop = threading.Event()
+class _Sender:
+    """A thread answering every request with the same batch, sent from one shared-memory slot."""
 
-    def serve() -> None:
+    def __init__(self, shape: tuple[int, int, int, int]) -> None:
+        self.shape = shape
+        self.nbytes = shape[0] * shape[1] * shape[2] * shape[3]
+        # Its own context, as a server is its own process in real use: it gets its own I/O thread.
+        self.context = zmq.Context()
+        self.slots = SlotPool(4 * self.nbytes)
+        slot = self.slots.acquire(self.nbytes)
+        if slot is None:
+            raise RuntimeError("cannot allocate a shared-memory slot for the wire benchmark")
+        self.slot = slot
+        slot.view(self.nbytes)[:] = b"\x7f" * self.nbytes
+        self.transport = Transport(self.context, "tcp://127.0.0.1:0")
+        fields = {"job_id": "wire", "epoch": 0, "rank": 0, "k": 0, "dtype": "uint8", "shape": list(shape)}
+        self.header = encode(Kind.BATCH, {**fields, "labels": [0] * shape[0], "indices": [0] * shape[0]})
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, name="wire-sender", daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
         trackers: list[zmq.MessageTracker] = []
-        while not stop.is_set():
+        transport, payload = self.transport, self.slot.view(self.nbytes)
+        while not self._stop.is_set():
             if transport.socket.poll(50):
                 for incoming in transport.receive():
-                    tracker = transport.send_batch(incoming.identity, header, slot.view(nbytes), nbytes // shape[0])
+                    tracker = transport.send_batch(
+                        incoming.identity, self.header, payload, self.nbytes // self.shape[0]
+                    )
                     if tracker is not None:
                         trackers.append(tracker)
             trackers = [t for t in trackers if not t.done]
 
-    server = threading.Thread(target=serve, daemon=True)
-    server.start()
-    client = client_context.socket(zmq.DEALER)
+    def close(self) -> None:
+        """Stop the thread, then close the socket and wait for ZeroMQ to let go of the slot."""
+        self._stop.set()
+        self._thread.join(5)
+        self.transport.close()
+        self.context.term()  # waits until ZeroMQ has let go of the slot it was sending from
+        self.slots.release(self.slot)
+        self.slots.close()
+
+
+def wire_rate(seconds: float, shape: tuple[int, int, int, int] = (256, 224, 224, 3), window: int = 4) -> float:
+    """GB/s of batches of ``shape`` moved by the transport with ``window`` requests in flight."""
+    sender = _Sender(shape)
+    context = zmq.Context()
+    client = context.socket(zmq.DEALER)
     client.setsockopt(zmq.LINGER, 0)
-    client.connect(transport.endpoint)
+    client.setsockopt(zmq.RCVTIMEO, 30_000)  # a stuck sender fails the benchmark instead of hanging it
+    client.connect(sender.transport.endpoint)
     request = encode(Kind.REQUEST, {"job": {}, "epoch": 0, "rank": 0, "k": 0, "client": "wire"})
     try:
         for _ in range(window):
@@ -69,17 +79,11 @@ def wire_rate(seconds: float, shape: tuple[int, int, int, int] = (256, 224, 224,
             client.send(request)
         elapsed = time.perf_counter() - started
     finally:
-        stop.set()
-        server.join(5)
         # The sending side goes first, while the client is still connected. Closing the client first
-        # can drop the TCP connection while the server's I/O thread is half way through a multipart
+        # can drop the TCP connection while the sender's I/O thread is half way through a multipart
         # batch and its socket is closing: libzmq 4.3 then aborts the process (session_base.cpp,
-        # "Resource temporarily unavailable"). context.term() also waits until ZeroMQ has let go of
-        # the shared-memory slot it was sending from, before the pool unmaps it.
-        transport.close()
-        context.term()
+        # "Resource temporarily unavailable").
+        sender.close()
         client.close(linger=0)
-        client_context.term()
-        pool.release(slot)
-        pool.close()
+        context.term()
     return received / elapsed / 1e9
