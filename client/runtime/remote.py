@@ -15,7 +15,8 @@ from torch.utils.data import IterableDataset, get_worker_info
 from stoker.client.protocol.job import JobSpec
 from stoker.client.runtime.buffers import PinnedPool
 from stoker.client.runtime.endpoints import parse_endpoints
-from stoker.client.runtime.session import BatchStream, JobInfo, RawBatch, Session
+from stoker.client.runtime.session import JobInfo, RawBatch, Session
+from stoker.client.runtime.stream import BatchStream
 
 __all__ = ["RemoteBatches", "IMAGENET_MEAN", "IMAGENET_STD"]
 
@@ -44,8 +45,10 @@ class RemoteBatches(IterableDataset):
 
     Each iteration yields one epoch (the rest of it after :meth:`load_state_dict`) as
     ``(images, labels)`` or ``(images, labels, indices)``; the next iteration continues with the
-    following epoch. Images are NCHW in ``channels_last`` memory, ``float32`` normalised with
-    ``mean``/``std`` or ``uint8`` with ``normalize=False``.
+    following epoch. An epoch is over once its last batch is yielded, whether or not the iterator
+    is then run to its end (loops that take exactly ``len()`` batches never do). Images are NCHW
+    in ``channels_last`` memory, ``float32`` normalised with ``mean``/``std`` or ``uint8`` with
+    ``normalize=False``.
     """
 
     def __init__(
@@ -208,6 +211,9 @@ class RemoteBatches(IterableDataset):
             # Inside DataLoader(num_workers=n): worker i takes every n-th batch, and DataLoader's
             # round-robin over workers restores the order. Progress is tracked per worker copy.
             ks = ks[worker.id :: worker.num_workers]
+        elif not ks:  # resumed from a position at the very end of the epoch: nothing is left of it
+            self._epoch, self._position = epoch + 1, 0
+            return
         stream = self._stream_for(epoch, list(ks), info.batches, lookahead=not sharded)
         for k in ks:
             waited = time.monotonic()
@@ -215,13 +221,25 @@ class RemoteBatches(IterableDataset):
                 self._started = waited
             out = self._deliver(stream.get((epoch, k)))
             self._wait_s += time.monotonic() - waited
-            self._position = k + 1
+            if sharded:
+                self._position = k + 1
+            else:
+                self._delivered(stream, epoch, k, info.batches)
             yield out
-        if not sharded:
-            self._epoch, self._position = epoch + 1, 0
-            # Keep one whole epoch planned ahead of the consumer, so epochs flow without a gap.
-            if stream.last_item is not None and stream.last_item[0] == epoch + 1:
-                stream.extend([(epoch + 2, k) for k in range(info.batches)])
+
+    def _delivered(self, stream: BatchStream, epoch: int, k: int, batches: int) -> None:
+        """Batch ``k`` of ``epoch`` is being handed out: the position moves past it.
+
+        The last batch finishes the epoch here, before it is yielded, not when the iterator is
+        resumed once more: loops that take exactly ``len()`` batches never resume it.
+        """
+        if k + 1 < batches:
+            self._epoch, self._position = epoch, k + 1
+            return
+        self._epoch, self._position = epoch + 1, 0
+        # Keep one whole epoch planned ahead of the consumer, so epochs flow without a gap.
+        if stream.last_item is not None and stream.last_item[0] == epoch + 1:
+            stream.extend([(epoch + 2, j) for j in range(batches)])
 
     def _stream_for(self, epoch: int, ks: list[int], batches: int, lookahead: bool) -> BatchStream:
         """The stream already heading for ``(epoch, ks[0])``, or a new one (the old one is dropped)."""

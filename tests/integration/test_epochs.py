@@ -11,6 +11,7 @@ import torch
 from torchvision.datasets import ImageFolder
 
 from stoker.client import RemoteBatches
+from stoker.client.protocol.plan import permutation
 from tests.helpers import DEMO_DATA
 
 TIMEOUT_S = 60.0
@@ -153,6 +154,42 @@ def test_dataloader_wrapping_batch_size_none(cluster) -> None:
         parallel = list(torch.utils.data.DataLoader(batches, batch_size=None, num_workers=2))
         assert [idx.tolist() for _, _, idx in parallel] == [idx.tolist() for _, _, idx in got]
         assert all(torch.equal(a[0], b[0]) for a, b in zip(parallel, got, strict=False))
+
+
+def test_taking_exactly_len_batches_finishes_each_epoch(cluster) -> None:
+    """Loops that take exactly ``len()`` batches per epoch (PyTorch Lightning, ``for step in
+    range(len(loader))``) never resume the iterator after the last batch; each epoch must still end
+    there, so the next one is served in full, directly and through ``DataLoader(batch_size=None)``."""
+    server = cluster.start()
+    seed = 13
+    with RemoteBatches(
+        server.data,
+        "demo",
+        batch_size=8,
+        image_size=16,
+        seed=seed,
+        device="cpu",
+        normalize=False,
+        return_indices=True,
+        timeout_s=TIMEOUT_S,
+    ) as batches:
+        loader = torch.utils.data.DataLoader(batches, batch_size=None)
+        epochs, states = [], []
+        for source in [batches] * 3 + [loader] * 3:
+            epochs.append(_take_len(source))
+            states.append(batches.state_dict())
+    assert [(state["epoch"], state["next_batch"]) for state in states] == [(e, 0) for e in range(1, 7)]
+    for epoch, indices in enumerate(epochs):
+        assert len(indices) == 6
+        served = [i for batch in indices for i in batch]
+        assert sorted(served) == list(range(48)), f"epoch {epoch} is not every sample once"
+        assert served == permutation(48, seed, epoch, shuffle=True).tolist(), f"epoch {epoch} is another epoch"
+
+
+def _take_len(source) -> list[list[int]]:
+    """One epoch as a ``len()``-bounded training loop takes it: the iterator is never run to its end."""
+    iterator = iter(source)
+    return [next(iterator)[2].tolist() for _ in range(len(source))]
 
 
 def test_eval_pipeline_matches_torchvision_and_imagefolder(cluster) -> None:

@@ -7,7 +7,9 @@ import time
 
 import pytest
 
-from stoker.client import InvalidJobError, RemoteBatches, StokerTimeoutError, UnknownDatasetError
+from stoker.client import InvalidJobError, RemoteBatches, ServerError, StokerTimeoutError, UnknownDatasetError
+from stoker.client.protocol.wire import ErrorCode
+from tests.helpers import http_json
 
 
 def test_unknown_dataset_names_what_exists(cluster) -> None:
@@ -52,3 +54,27 @@ def test_unreachable_server_times_out_with_a_typed_error() -> None:
             with pytest.raises(StokerTimeoutError, match="timeout_s=1.5"):
                 len(batches)
         assert time.monotonic() - started < 10
+
+
+@pytest.mark.parametrize(
+    ("point", "evidence"),
+    [
+        ("worker.sample", ("sample ", "demo-data", "server traceback:", "InjectedFault", "run_task")),
+        ("engine.request", ("InjectedFault", "while producing batch ", "of epoch 0")),
+    ],
+)
+def test_an_internal_failure_is_a_typed_error_within_seconds_not_a_timeout(cluster, point, evidence) -> None:
+    server = cluster.start(env={"STOKER_FAILPOINTS": point})
+    started = time.monotonic()
+    with RemoteBatches(server.data, "demo", batch_size=4, image_size=32, device="cpu", timeout_s=60) as batches:
+        with pytest.raises(ServerError) as info:
+            next(iter(batches))
+    assert time.monotonic() - started < 20, "raised well before timeout_s=60"
+    error = info.value
+    assert error.code == ErrorCode.INTERNAL and not isinstance(error, StokerTimeoutError)
+    notes = "\n".join(getattr(error, "__notes__", []))
+    for needle in evidence:
+        assert needle in notes or needle in str(error), (needle, str(error), notes)
+    status = http_json(server.http + "/status")[1]
+    assert status["errors"]["INTERNAL"] >= 4, "asked again three times before raising"
+    assert status["bad_samples"]["count"] == 0, "a failure that is not the file's is not a bad sample"
