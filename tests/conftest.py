@@ -22,6 +22,15 @@ def cluster(tmp_path, request) -> Iterator[Cluster]:
             print("---- server logs ----\n" + servers.logs())
 
 
+@pytest.hookimpl(tryfirst=True)  # before -m deselects
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """A test that starts servers through ``cluster`` is slow even where its module forgot to say so,
+    so the fast loop (``-m "not slow"``) never starts a server."""
+    for item in items:
+        if "cluster" in getattr(item, "fixturenames", ()) and item.get_closest_marker("slow") is None:
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
     outcome = yield

@@ -7,16 +7,10 @@ import pytest
 import torch
 from torchvision.datasets import ImageFolder
 
-from stoker.client import BadSampleError, RemoteBatches
-from tests.helpers import http_json, make_bad_dataset
-from tests.integration.test_http import metrics
+from stoker.client import BadSampleError
+from tests.helpers import fetch_epochs, http_json, make_bad_dataset, metrics, open_client
 
-
-def _epochs(endpoint: str, count: int, **options) -> list[list[tuple[torch.Tensor, ...]]]:
-    with RemoteBatches(
-        endpoint, "mixed", device="cpu", normalize=False, return_indices=True, timeout_s=60, **options
-    ) as batches:
-        return [list(batches) for _ in range(count)]
+pytestmark = pytest.mark.slow
 
 
 def test_skip_replaces_bad_samples_deterministically_and_reports_them(cluster, tmp_path) -> None:
@@ -28,9 +22,7 @@ def test_skip_replaces_bad_samples_deterministically_and_reports_them(cluster, t
     assert len(bad_indices) == 5 and len(samples) == 35
 
     options = dict(batch_size=6, image_size=48, seed=1)
-    with RemoteBatches(
-        server.data, "mixed", device="cpu", normalize=False, return_indices=True, timeout_s=60, **options
-    ) as batches:
+    with open_client(server.data, "mixed", **options) as batches:
         epochs = [list(batches)]
         # Batches in flight together may both meet a file before it is known bad; never a later epoch.
         decoded_bad = metrics(server.http)["stoker_samples_decoded_total|outcome=bad"]
@@ -52,9 +44,9 @@ def test_skip_replaces_bad_samples_deterministically_and_reports_them(cluster, t
     assert metrics(server.http)["stoker_bad_samples_total|dataset=mixed"] == 5
 
     # Another server (one worker, no knowledge of the bad files) makes the same stand-ins, same bytes.
-    again = _epochs(other.data, 2, **options)
-    for mine, theirs in zip(epochs, again, strict=False):
-        for (xa, ya, ia), (xb, yb, ib) in zip(mine, theirs, strict=False):
+    again = fetch_epochs(other.data, 2, "mixed", **options)
+    for mine, theirs in zip(epochs, again, strict=True):
+        for (xa, ya, ia), (xb, yb, ib) in zip(mine, theirs, strict=True):
             assert torch.equal(ia, ib) and torch.equal(ya, yb) and torch.equal(xa, xb)
 
 
@@ -62,7 +54,7 @@ def test_raise_policy_fails_the_batch_with_the_path(cluster, tmp_path) -> None:
     root, bad_names = make_bad_dataset(tmp_path / "mixed")
     server = cluster.start("--on-error", "raise", datasets={"mixed": root})
     with pytest.raises(BadSampleError) as info:
-        _epochs(server.data, 1, batch_size=6, image_size=32, seed=1)
+        fetch_epochs(server.data, 1, "mixed", batch_size=6, image_size=32, seed=1)
     error = info.value
     assert error.path.rsplit("/", 1)[1] in bad_names and error.reason
     assert error.path in str(error)
@@ -73,7 +65,7 @@ def test_policy_can_change_live(cluster, tmp_path) -> None:
     root, _ = make_bad_dataset(tmp_path / "mixed")
     server = cluster.start("--on-error", "raise", datasets={"mixed": root})
     with pytest.raises(BadSampleError):
-        _epochs(server.data, 1, batch_size=6, image_size=32)
+        fetch_epochs(server.data, 1, "mixed", batch_size=6, image_size=32)
     assert http_json(server.http + "/config", "PATCH", {"on_error": "skip"})[0] == 200
-    (epoch,) = _epochs(server.data, 1, batch_size=6, image_size=32)
+    (epoch,) = fetch_epochs(server.data, 1, "mixed", batch_size=6, image_size=32)
     assert sum(len(idx) for _, _, idx in epoch) == 35

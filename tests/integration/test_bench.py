@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from tests.helpers import DEMO_DATA, run_cli
+
+pytestmark = pytest.mark.slow
 
 
 def test_bench_runs_every_row_and_reports_json() -> None:

@@ -9,7 +9,11 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from tests.helpers import DEMO_DATA, http_json, run_cli
+
+pytestmark = pytest.mark.slow
 
 
 def test_demo_streams_two_epochs_and_reports_throughput() -> None:

@@ -5,11 +5,12 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import threading
 
 import pytest
 
-from stoker.client import RemoteBatches
+from tests.helpers import BackgroundClient
+
+pytestmark = pytest.mark.slow
 
 CHROMIUM_CANDIDATES = ("chromium", "chromium-browser", "google-chrome")
 
@@ -48,22 +49,8 @@ def chromium() -> str:
 def test_dashboard_shows_live_numbers(cluster, chromium: str) -> None:
     sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is part of the test extra")
     server = cluster.start()
-    stop = threading.Event()
-    errors: list[BaseException] = []
-
-    def stream() -> None:
-        try:
-            with RemoteBatches(server.data, "demo", batch_size=8, image_size=64, device="cpu", timeout_s=60) as batches:
-                while not stop.is_set():
-                    for _ in batches:
-                        if stop.is_set():
-                            break
-        except BaseException as exc:
-            errors.append(exc)
-
-    client = threading.Thread(target=stream)
-    client.start()
-    try:
+    # A client streams until the page has been checked, so the numbers it shows are live.
+    with BackgroundClient(server.data, epochs=None, batch_size=8, image_size=64) as client:
         with sync_api.sync_playwright() as playwright:
             browser = playwright.chromium.launch(
                 executable_path=chromium,
@@ -103,7 +90,5 @@ def test_dashboard_shows_live_numbers(cluster, chromium: str) -> None:
                 assert not console_errors, console_errors
             finally:
                 browser.close()
-    finally:
-        stop.set()
-        client.join(60)
-    assert not errors, errors
+        client.stop()
+        client.result(60)

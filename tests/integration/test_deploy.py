@@ -554,6 +554,7 @@ def test_env_vars_set_for_loaders_are_settings_and_for_trainers_are_read_by_trai
     assert trainer_vars <= read, f"not read by train.py: {sorted(trainer_vars - read)}"
 
 
+@pytest.mark.slow  # a real server
 def test_probe_paths_used_by_the_deploy_files_answer_on_a_real_server(cluster) -> None:
     container = loader_container()
     paths = {container[kind]["httpGet"]["path"] for kind in ("readinessProbe", "livenessProbe", "startupProbe")}
@@ -597,6 +598,7 @@ def epoch_images(out: str) -> dict[int, int]:
     return {int(epoch): int(images) for epoch, images, _ in rows}
 
 
+@pytest.mark.slow  # a real server
 def test_example_trainer_trains_checkpoints_and_resumes_mid_epoch(cluster, tmp_path: Path) -> None:
     torch = pytest.importorskip("torch")
     server = cluster.start(datasets={"data": DEMO_DATA})
@@ -620,6 +622,7 @@ def test_example_trainer_trains_checkpoints_and_resumes_mid_epoch(cluster, tmp_p
     assert "resumed from" in third.stdout and not re.search(r"^epoch \d+:", third.stdout, re.M)
 
 
+@pytest.mark.slow  # a real server
 def test_example_trainer_checkpoints_and_exits_0_on_sigterm(cluster, tmp_path: Path) -> None:
     torch = pytest.importorskip("torch")
     server = cluster.start(datasets={"data": DEMO_DATA})

@@ -12,64 +12,15 @@ import threading
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 from torchvision.datasets import ImageFolder
 
-from stoker.client import RemoteBatches
-from tests.helpers import DEMO_DATA, http_json, wait_until
+from tests.helpers import CLIENT_OPTIONS, DEMO_DATA, BackgroundClient, http_json, wait_until
 
-TIMEOUT_S = 60.0
+pytestmark = pytest.mark.slow
 
-
-class Streamer(threading.Thread):
-    """A client iterating epochs in the background; it pauses at ``pause_at`` batches until released."""
-
-    def __init__(
-        self, endpoint: str, epochs: int = 1, pause_at: int | None = None, dataset: str = "demo", **options
-    ) -> None:
-        super().__init__(daemon=True)
-        self.endpoint, self.epochs, self.pause_at, self.dataset = endpoint, epochs, pause_at, dataset
-        self.options = (
-            dict(
-                batch_size=4,
-                image_size=64,
-                device="cpu",
-                normalize=False,
-                return_indices=True,
-                timeout_s=TIMEOUT_S,
-                seed=3,
-            )
-            | options
-        )
-        self.paused, self.release = threading.Event(), threading.Event()
-        self.indices: list[list[int]] = []
-        self.error: BaseException | None = None
-
-    def run(self) -> None:
-        try:
-            with RemoteBatches(self.endpoint, self.dataset, **self.options) as batches:
-                received = 0
-                for _ in range(self.epochs):
-                    epoch: list[int] = []
-                    for _, _, idx in batches:
-                        epoch += idx.tolist()
-                        received += 1
-                        if received == self.pause_at:
-                            self.paused.set()
-                            if not self.release.wait(TIMEOUT_S):
-                                raise TimeoutError("never released")
-                    self.indices.append(epoch)
-        except BaseException as exc:  # handed to the test thread
-            self.error = exc
-        finally:
-            self.paused.set()
-
-    def result(self) -> list[list[int]]:
-        self.join(120)
-        assert not self.is_alive(), "client did not finish"
-        if self.error is not None:
-            raise self.error
-        return self.indices
+SEED = 3
 
 
 def assert_exactly_once(epochs: list[list[int]], samples: int = 48) -> None:
@@ -79,16 +30,15 @@ def assert_exactly_once(epochs: list[list[int]], samples: int = 48) -> None:
 
 def test_a_killed_worker_is_replaced_and_its_batch_redone(cluster) -> None:
     server = cluster.start()
-    client = Streamer(server.data, epochs=3, image_size=160)
-    client.start()
 
     def busy_worker():
         pool = http_json(server.http + "/status")[1]["pool"]
         return next((w for w in pool["workers"] if w["current"]), None)
 
-    victim = wait_until(busy_worker, what="a worker in the middle of a sample")
-    os.kill(victim["pid"], signal.SIGKILL)
-    assert_exactly_once(client.result())
+    with BackgroundClient(server.data, epochs=3, image_size=160, seed=SEED) as client:
+        victim = wait_until(busy_worker, what="a worker in the middle of a sample")
+        os.kill(victim["pid"], signal.SIGKILL)
+        assert_exactly_once(client.result())
     pool = wait_until(
         lambda: (p := http_json(server.http + "/status")[1]["pool"])["alive"] == 2 and p,
         what="the pool back at 2 workers",
@@ -120,11 +70,12 @@ def test_a_sample_that_kills_workers_is_quarantined(cluster, tmp_path: Path) -> 
 
     watcher = threading.Thread(target=killer, daemon=True)
     watcher.start()
-    client = Streamer(server.data, dataset="poisoned", epochs=2, batch_size=6)
-    client.start()
-    epochs = client.result()
-    stop.set()
-    watcher.join(30)
+    try:
+        with BackgroundClient(server.data, "poisoned", epochs=2, batch_size=6, seed=SEED) as client:
+            epochs = client.result()
+    finally:
+        stop.set()
+        watcher.join(30)
     status = http_json(server.http + "/status")[1]
     assert len(kills) == 2, "decoded again after killing two workers"
     (bad,) = status["bad_samples"]["recent"]
@@ -146,9 +97,8 @@ def test_a_worker_stuck_on_a_task_is_killed_and_the_sample_quarantined(cluster, 
     noise = np.random.default_rng(0).integers(0, 255, (5000, 5000, 3), dtype=np.uint8)
     Image.fromarray(noise).save(root / "a" / "zz_slow.png", compress_level=1)
     server = cluster.start("--task-timeout-s", "0.25", datasets={"slow": root})
-    client = Streamer(server.data, dataset="slow", epochs=1, batch_size=4, timeout_s=120)
-    client.start()
-    (epoch,) = client.result()
+    with BackgroundClient(server.data, "slow", epochs=1, batch_size=4, timeout_s=120, seed=SEED) as client:
+        (epoch,) = client.result()
     assert sorted(epoch) != list(range(12)) and len(epoch) == 12 and 11 not in epoch
     status = http_json(server.http + "/status")[1]
     (bad,) = status["bad_samples"]["recent"]
@@ -158,35 +108,33 @@ def test_a_worker_stuck_on_a_task_is_killed_and_the_sample_quarantined(cluster, 
 
 def test_server_killed_and_restarted_on_the_same_address_loses_nothing(cluster) -> None:
     server = cluster.start()
-    client = Streamer(server.data, epochs=2, pause_at=5)
-    client.start()
-    assert client.paused.wait(TIMEOUT_S)
-    cluster.kill(server)  # SIGKILL: no drain, requests in flight are lost
-    replacement = cluster.restart(server)
-    assert replacement.data == server.data
-    client.release.set()
-    assert_exactly_once(client.result())
+    with BackgroundClient(server.data, epochs=2, pause_at={5}, seed=SEED) as client:
+        assert client.wait_paused() == 5
+        cluster.kill(server)  # SIGKILL: no drain, requests in flight are lost
+        replacement = cluster.restart(server)
+        assert replacement.data == server.data
+        client.release()
+        assert_exactly_once(client.result())
 
 
 def test_sigterm_drains_then_a_restart_continues_the_epoch(cluster) -> None:
     server = cluster.start("--drain-timeout-s", "3")
-    client = Streamer(server.data, epochs=1, pause_at=4)
-    client.start()
-    assert client.paused.wait(TIMEOUT_S)
-    server.process.send_signal(signal.SIGTERM)
-    assert server.process.wait(20) == 0
-    replacement = cluster.restart(server)
-    client.release.set()
-    assert_exactly_once(client.result())
+    with BackgroundClient(server.data, epochs=1, pause_at={4}, seed=SEED) as client:
+        assert client.wait_paused() == 4
+        server.process.send_signal(signal.SIGTERM)
+        assert server.process.wait(20) == 0
+        replacement = cluster.restart(server)
+        client.release()
+        assert_exactly_once(client.result())
     assert http_json(replacement.http + "/readyz")[0] == 200
 
 
+# A trainer of its own (a process that can be killed): the tests' client options come as JSON.
 CLIENT_SCRIPT = """
 import json, sys
 from stoker.client import RemoteBatches
-endpoint, state_file = sys.argv[1], sys.argv[2]
-with RemoteBatches(endpoint, "demo", batch_size=4, image_size=64, device="cpu", normalize=False,
-                   return_indices=True, timeout_s=60, seed=8) as batches:
+endpoint, options, state_file = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3]
+with RemoteBatches(endpoint, "demo", **options) as batches:
     try:
         with open(state_file) as handle:
             batches.load_state_dict(json.load(handle))
@@ -199,7 +147,7 @@ with RemoteBatches(endpoint, "demo", batch_size=4, image_size=64, device="cpu", 
         import os
         os.replace(state_file + ".tmp", state_file)
         print(json.dumps(idx.tolist()), flush=True)
-        if len(sys.argv) > 3:
+        if len(sys.argv) > 4:
             sys.stdin.readline()  # wait to be told to go on (or to be killed)
 """
 
@@ -207,7 +155,8 @@ with RemoteBatches(endpoint, "demo", batch_size=4, image_size=64, device="cpu", 
 def test_a_killed_client_resumes_from_its_checkpoint_and_the_server_forgets_it(cluster, tmp_path: Path) -> None:
     server = cluster.start("--client-timeout-s", "1")
     state = str(tmp_path / "state.json")
-    command = [sys.executable, "-c", CLIENT_SCRIPT, server.data, state]
+    options = json.dumps(CLIENT_OPTIONS | {"seed": 8})
+    command = [sys.executable, "-c", CLIENT_SCRIPT, server.data, options, state]
     first = subprocess.Popen(command + ["step"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     seen: list[int] = []
     for _ in range(5):
@@ -231,14 +180,12 @@ def test_a_killed_client_resumes_from_its_checkpoint_and_the_server_forgets_it(c
 
 def test_a_slow_client_holds_no_more_than_its_window(cluster) -> None:
     server = cluster.start()
-    slow = Streamer(server.data, epochs=1, pause_at=1, prefetch=2, seed=1)
-    slow.start()
-    assert slow.paused.wait(TIMEOUT_S)  # the slow client stops reading entirely
-    fast = Streamer(server.data, epochs=3, seed=2)
-    fast.start()
-    assert_exactly_once(fast.result())
-    clients = http_json(server.http + "/status")[1]["clients"]
-    slow_view = [c for c in clients if c["batches"] <= 3]
-    assert slow_view and all(c["inflight"] <= 2 for c in slow_view), clients
-    slow.release.set()
-    assert_exactly_once(slow.result())
+    with BackgroundClient(server.data, epochs=1, pause_at={1}, prefetch=2, seed=1) as slow:
+        assert slow.wait_paused() == 1  # the slow client stops reading entirely
+        with BackgroundClient(server.data, epochs=3, seed=2) as fast:
+            assert_exactly_once(fast.result())
+        clients = http_json(server.http + "/status")[1]["clients"]
+        slow_view = [c for c in clients if c["batches"] <= 3]
+        assert slow_view and all(c["inflight"] <= 2 for c in slow_view), clients
+        slow.release()
+        assert_exactly_once(slow.result())

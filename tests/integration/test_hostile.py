@@ -9,11 +9,11 @@ import msgpack
 import pytest
 import zmq
 
-from stoker.client import RemoteBatches
 from stoker.client.protocol.job import JobSpec
 from stoker.client.protocol.wire import MAX_HEADER_BYTES, ErrorCode, Kind, decode, encode
-from tests.helpers import Cluster, http_json
-from tests.integration.test_http import metrics
+from tests.helpers import Cluster, http_json, metrics, open_client
+
+pytestmark = pytest.mark.slow
 
 JOB = JobSpec("demo", batch_size=4, image_size=32).to_wire()
 
@@ -107,8 +107,8 @@ def test_oversized_frames_drop_the_peer_and_nothing_else(cluster, raw_socket) ->
     server = cluster.start()
     hostile = raw_socket(server.data)
     hostile.send(b"\x95" + b"x" * (MAX_HEADER_BYTES * 4))  # over MAXMSGSIZE: ZeroMQ disconnects it
-    with RemoteBatches(server.data, "demo", batch_size=8, image_size=32, device="cpu", timeout_s=30) as batches:
-        assert sum(images.shape[0] for images, _ in batches) == 48
+    with open_client(server.data, batch_size=8, image_size=32, timeout_s=30) as batches:
+        assert sum(images.shape[0] for images, _, _ in batches) == 48
     assert http_json(server.http + "/healthz")[0] == 200
 
 
@@ -148,26 +148,10 @@ def test_a_storm_of_random_frames_leaves_the_server_serving(cluster, raw_socket)
                 break
             assert decode(reply[0]).kind in (Kind.ERROR, Kind.BATCH, Kind.JOB_INFO)
     # A well-behaved client still completes an epoch, and the server is healthy.
-    with RemoteBatches(
-        server.data,
-        "demo",
-        batch_size=4,
-        image_size=32,
-        device="cpu",
-        normalize=False,
-        return_indices=True,
-        timeout_s=30,
-    ) as batches:
+    with open_client(server.data, batch_size=4, image_size=32, timeout_s=30) as batches:
         assert sorted(int(i) for _, _, idx in batches for i in idx) == list(range(48))
     assert http_json(server.http + "/healthz")[0] == 200
     assert server.process.poll() is None
     values = metrics(server.http)
     assert values["stoker_errors_total|code=BAD_MESSAGE"] > 100
     assert "Traceback" not in cluster.logs(), "no unexpected exception while handling hostile input"
-
-
-def test_client_side_names_are_validated_before_sending() -> None:
-    with pytest.raises(ValueError, match="dataset="):
-        RemoteBatches("tcp://127.0.0.1:1", "../../etc/passwd")
-    with pytest.raises(ValueError, match="pipeline="):
-        RemoteBatches("tcp://127.0.0.1:1", "demo", pipeline="/bin/sh")

@@ -2,101 +2,53 @@
 
 from __future__ import annotations
 
-import queue
-import threading
 import time
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
-from stoker.client import RemoteBatches
-from tests.helpers import http_json, run_cli
+from tests.helpers import BackgroundClient, http_json, metrics, open_client, run_cli, wait_until
 
-TIMEOUT_S = 60.0
-
-
-def metrics(url: str) -> dict[str, float]:
-    status, text = http_json(url + "/metrics")
-    assert status == 200
-    values: dict[str, float] = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            key = sample.name + "".join(f"|{k}={v}" for k, v in sorted(sample.labels.items()))
-            values[key] = sample.value
-    return values
+pytestmark = pytest.mark.slow
 
 
 def test_streaming_while_polling_and_resizing_the_pool_loses_nothing(cluster) -> None:
     server = cluster.start("--max-workers", "4")
     changes = [{"workers": 1}, {"workers": 3}, {"max_prefetch": 2}, {"workers": 2}]
-    # The client thread asks for each change in turn ("due") and says when it is done; one queue
-    # keeps the two apart, so the end of the stream is never taken for another change.
-    requests: queue.Queue[str] = queue.Queue()
-    applied = threading.Event()  # the main thread made the change asked for
-    results: dict[str, object] = {}
-
-    def stream() -> None:
-        try:
-            with RemoteBatches(
-                server.data,
-                "demo",
-                batch_size=4,
-                image_size=96,
-                device="cpu",
-                normalize=False,
-                return_indices=True,
-                timeout_s=TIMEOUT_S,
-                seed=2,
-            ) as batches:
-                epochs, received = [], 0
-                for _ in range(6):
-                    epoch = []
-                    for _, _, idx in batches:
-                        epoch += idx.tolist()
-                        received += 1
-                        if received % 15 == 0 and received // 15 <= len(changes):
-                            applied.clear()
-                            requests.put("due")
-                            assert applied.wait(30), "the main thread did not apply the change"
-                    epochs.append(epoch)
-                results["epochs"] = epochs
-        except BaseException as exc:  # reported to the main thread
-            results["error"] = exc
-        finally:
-            requests.put("done")
-
-    thread = threading.Thread(target=stream)
-    thread.start()
+    # The client pauses after batches 15, 30, 45 and 60 for the next change; the end of its stream
+    # is a different event, so it is never taken for another change.
+    pause_at = {15 * (n + 1) for n in range(len(changes))}
     seen_workers: set[int] = set()
     pending = iter(changes)
-    deadline = time.monotonic() + 240
-    while True:
-        assert time.monotonic() < deadline, "the client did not finish streaming"
-        status, body = http_json(server.http + "/status")
-        assert status == 200
-        seen_workers.add(body["pool"]["alive"])
-        metrics(server.http)
-        try:
-            request = requests.get(timeout=0.1)
-        except queue.Empty:
-            continue
-        if request == "done":
-            break
-        change = next(pending)
-        code, config = http_json(server.http + "/config", "PATCH", change)
-        assert code == 200, config
-        assert all(config[key] == value for key, value in change.items())
-        if "workers" in change:  # the pool converges while the client keeps streaming
-            converged_by = time.monotonic() + 30
-            while http_json(server.http + "/status")[1]["pool"]["alive"] != change["workers"]:
-                assert time.monotonic() < converged_by, f"pool did not reach {change['workers']} workers"
-                time.sleep(0.05)
-            seen_workers.add(change["workers"])
-        applied.set()
-    thread.join(30)
+    with BackgroundClient(server.data, epochs=6, pause_at=pause_at, image_size=96, seed=2) as client:
+        deadline = time.monotonic() + 240
+        while True:
+            assert time.monotonic() < deadline, "the client did not finish streaming"
+            status, body = http_json(server.http + "/status")
+            assert status == 200
+            seen_workers.add(body["pool"]["alive"])
+            metrics(server.http)
+            try:
+                paused = client.next_pause(timeout_s=0.1)
+            except TimeoutError:  # still streaming: poll again
+                continue
+            if paused is None:
+                break
+            change = next(pending)
+            code, config = http_json(server.http + "/config", "PATCH", change)
+            assert code == 200, config
+            assert all(config[key] == value for key, value in change.items())
+            if "workers" in change:  # the pool converges while the client keeps streaming
+                wait_until(
+                    lambda change=change: http_json(server.http + "/status")[1]["pool"]["alive"] == change["workers"],
+                    timeout_s=30,
+                    interval_s=0.05,
+                    what=f"the pool to reach {change['workers']} workers",
+                )
+                seen_workers.add(change["workers"])
+            client.release()
+        epochs = client.result(30)
     assert next(pending, None) is None, "every change was made while the client streamed"
-    assert "error" not in results, results.get("error")
-    for epoch in results["epochs"]:  # type: ignore[union-attr]
+    for epoch in epochs:
         assert sorted(epoch) == list(range(48)), "every sample exactly once in every epoch"
     assert 1 in seen_workers and max(seen_workers) >= 3, seen_workers
     final = http_json(server.http + "/status")[1]
@@ -115,7 +67,7 @@ def test_streaming_while_polling_and_resizing_the_pool_loses_nothing(cluster) ->
 
 def test_status_shows_clients_stages_and_stall(cluster) -> None:
     server = cluster.start()
-    with RemoteBatches(server.data, "demo", batch_size=8, image_size=64, device="cpu", timeout_s=TIMEOUT_S) as b:
+    with open_client(server.data, batch_size=8, image_size=64) as b:
         for _ in b:
             time.sleep(0.01)  # a training step, so the stall share is below 1
         status = http_json(server.http + "/status")[1]
@@ -178,7 +130,7 @@ def test_token_from_environment_and_non_loopback_bind(cluster) -> None:
 
 def test_stoker_status_prints_a_summary(cluster) -> None:
     server = cluster.start()
-    with RemoteBatches(server.data, "demo", batch_size=16, image_size=32, device="cpu", timeout_s=TIMEOUT_S) as b:
+    with open_client(server.data, batch_size=16, image_size=32) as b:
         list(b)
         result = run_cli("status", server.http, timeout_s=60)
     assert result.returncode == 0, result.stderr

@@ -12,6 +12,8 @@ from hypothesis import HealthCheck, given, settings
 from stoker.server.tools.launcher import ServerProcess
 from tests.helpers import Cluster
 
+pytestmark = pytest.mark.slow
+
 TOKEN = "fuzz-token"
 
 

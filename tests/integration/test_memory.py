@@ -6,19 +6,16 @@ import sys
 
 import pytest
 
-from stoker.client import RemoteBatches
-from tests.helpers import process_tree_rss_mb
+from tests.helpers import open_client, process_tree_rss_mb
 
-pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")]
 
 
 def test_server_rss_is_flat_over_20_epochs(cluster) -> None:
     server = cluster.start("--cache-batches", "4")
     samples: list[float] = []
     main_rss: list[float] = []
-    with RemoteBatches(
-        server.data, "demo", batch_size=16, image_size=224, device="cpu", normalize=False, timeout_s=60
-    ) as batches:
+    with open_client(server.data, batch_size=16, image_size=224) as batches:
         for epoch in range(20):
             for _ in batches:
                 pass

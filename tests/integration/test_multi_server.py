@@ -5,46 +5,24 @@ from __future__ import annotations
 
 import logging
 import socket
-import threading
-import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TypeVar
 
 import pytest
 import torch
 
-from stoker.client import RemoteBatches
-from tests.helpers import wait_until
-from tests.integration.test_http import metrics
+from tests.helpers import BackgroundClient, Batch, fetch_epoch, metrics, wait_until
 
-TIMEOUT_S = 60.0
+pytestmark = pytest.mark.slow
+
 T = TypeVar("T")
-OPTIONS = dict(
-    batch_size=4,
-    image_size=48,
-    device="cpu",
-    normalize=False,
-    return_indices=True,
-    timeout_s=TIMEOUT_S,
-    seed=21,
-    world_size=2,
-)
+# Two ranks of one job, unless a test says otherwise (on top of the tests' CLIENT_OPTIONS).
+OPTIONS = dict(image_size=48, seed=21, world_size=2)
 
 
-def epoch_of(
-    endpoints, rank: int, pause_at: int | None = None, paused=None, release=None, step_s: float = 0.0, **extra
-):
-    with RemoteBatches(endpoints, "demo", rank=rank, **(OPTIONS | extra)) as batches:
-        out = []
-        for n, batch in enumerate(batches, 1):
-            out.append(batch)
-            if n == pause_at:
-                paused.set()
-                assert release.wait(TIMEOUT_S)
-            elif n > (pause_at or n):
-                time.sleep(step_s)  # a training step: the loop is busy, not waiting on stoker
-        return out
+def epoch_of(endpoints: str | Sequence[str], rank: int, **extra) -> list[Batch]:
+    return fetch_epoch(endpoints, rank=rank, **(OPTIONS | extra))
 
 
 def served(server) -> float:
@@ -53,7 +31,7 @@ def served(server) -> float:
 
 def same(a, b) -> bool:
     return len(a) == len(b) and all(
-        torch.equal(x[0], y[0]) and torch.equal(x[2], y[2]) for x, y in zip(a, b, strict=False)
+        torch.equal(x[0], y[0]) and torch.equal(x[2], y[2]) for x, y in zip(a, b, strict=True)
     )
 
 
@@ -62,29 +40,17 @@ def delivered(batches) -> list[int]:
     return sorted(int(i) for _, _, idx in batches for i in idx)
 
 
-def epoch_with_pause(endpoints, during: Callable[[], T], **options) -> tuple[list, T]:
+def epoch_with_pause(endpoints, during: Callable[[], T], **options) -> tuple[list[Batch], T]:
     """Rank 0's epoch streamed in a thread that pauses after its second batch while ``during`` runs
-    (a server killed, started, or moved in DNS); returns the epoch's batches and what ``during`` gave."""
-    paused, release = threading.Event(), threading.Event()
-    result: dict[str, object] = {}
-
-    def run() -> None:
-        try:
-            result["batches"] = epoch_of(endpoints, 0, pause_at=2, paused=paused, release=release, **options)
-        except BaseException as exc:  # reported to the test's thread
-            result["error"] = exc
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    try:
-        assert paused.wait(TIMEOUT_S), "the client did not reach the pause"
+    (a server killed, started, or moved in DNS); returns the epoch's batches and what ``during`` gave.
+    ``options`` go to the :class:`BackgroundClient` (``step_s``, a training step) or the client."""
+    with BackgroundClient(endpoints, pause_at={2}, keep_batches=True, rank=0, **(OPTIONS | options)) as client:
+        client.wait_paused()
         outcome = during()
-    finally:
-        release.set()
-    thread.join(120)
-    assert not thread.is_alive(), "the client did not finish the epoch"
-    assert "error" not in result, result.get("error")
-    return result["batches"], outcome  # type: ignore[return-value]
+        client.release()
+        client.result()
+    (batches,) = client.batches
+    return batches, outcome
 
 
 def test_two_ranks_draw_an_epoch_from_three_servers(cluster) -> None:
@@ -94,7 +60,7 @@ def test_two_ranks_draw_an_epoch_from_three_servers(cluster) -> None:
     assert delivered(batch for batches in per_rank for batch in batches) == list(range(48))
     assert all(served(s) > 0 for s in servers), "every server got requests"
     reference = [epoch_of(servers[0].data, rank) for rank in range(2)]
-    assert all(same(a, b) for a, b in zip(per_rank, reference, strict=False)), "same bytes as from a single server"
+    assert all(same(a, b) for a, b in zip(per_rank, reference, strict=True)), "same bytes as from a single server"
 
 
 def test_an_epoch_survives_a_server_killed_mid_epoch(cluster) -> None:
@@ -184,9 +150,3 @@ def test_dns_answer_changing_mid_epoch_moves_the_client_to_the_new_server(cluste
     messages = [record.getMessage() for record in caplog.records]
     assert f"server tcp://127.0.0.1:{port} removed (no longer in DNS)" in messages, messages
     assert f"server tcp://127.0.0.2:{port} added" in messages, messages
-
-
-def test_malformed_endpoints_are_refused_up_front() -> None:
-    for bad in ("localhost:5555", "dns+tcp://nameonly", "http://x:1", ""):
-        with pytest.raises(ValueError, match="endpoint"):
-            RemoteBatches(bad, "demo")
