@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 from stoker.client.protocol.errors import (
     BadSampleError,
     InvalidJobError,
+    PipelineError,
     ProtocolError,
     ServerError,
     StokerError,
@@ -33,6 +34,7 @@ __all__ = [
     "UnknownDatasetError",
     "InvalidJobError",
     "BadSampleError",
+    "PipelineError",
     "StokerTimeoutError",
 ]
 

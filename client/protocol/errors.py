@@ -13,6 +13,7 @@ __all__ = [
     "UnknownDatasetError",
     "InvalidJobError",
     "BadSampleError",
+    "PipelineError",
     "StokerTimeoutError",
 ]
 
@@ -61,6 +62,21 @@ class BadSampleError(ServerError):
         super().__init__(message, code, endpoint)
         self.path = path
         self.reason = reason
+
+
+class PipelineError(ServerError):
+    """A post-op of the server's pipeline (a torchvision transform or an operator plugin) failed on a
+    sample, or returned something other than the view's image. Not a bad file: it is not retried and
+    the sample is not replaced. ``op`` names the op, ``path`` the sample, ``traceback`` is the
+    worker's (also attached as a note)."""
+
+    def __init__(
+        self, message: str, code: int, endpoint: str | None = None, op: str = "", path: str = "", traceback: str = ""
+    ) -> None:
+        super().__init__(message, code, endpoint)
+        self.op = op
+        self.path = path
+        self.traceback = traceback
 
 
 class StokerTimeoutError(StokerError, TimeoutError):

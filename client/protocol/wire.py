@@ -30,6 +30,7 @@ __all__ = [
     "decode",
     "batch_nbytes",
     "payload_parts",
+    "view_blocks",
     "MAX_PART_BYTES",
 ]
 
@@ -87,6 +88,10 @@ class ErrorCode(IntEnum):
     INTERNAL = 11
     """An unexpected failure inside the server (a bug, or a worker that failed on a sample for a reason
     that is not the file's); ``path`` and ``traceback`` say where. The request can be retried."""
+    PIPELINE = 12
+    """A post-op of the pipeline (a torchvision transform or a plugin) failed on a sample or returned a
+    wrong image; ``op``, ``path``, ``reason`` and ``traceback`` say which and why. Not retried: the
+    same sample fails the same way everywhere."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,6 +148,17 @@ def batch_nbytes(shape: list[int] | tuple[int, ...]) -> int:
     return math.prod(shape)
 
 
+def view_blocks(shapes: list[list[int]] | list[tuple[int, ...]]) -> list[tuple[int, int]]:
+    """``(offset, nbytes)`` of each view's block in a batch's image bytes: the views one after another,
+    each an ``n x H x W x 3`` array."""
+    blocks, offset = [], 0
+    for shape in shapes:
+        size = batch_nbytes(shape)
+        blocks.append((offset, size))
+        offset += size
+    return blocks
+
+
 def payload_parts(nbytes: int, sample_bytes: int) -> list[tuple[int, int]]:
     """``(offset, length)`` of each image frame of a batch: whole samples, at most ``MAX_PART_BYTES``."""
     step = max(1, MAX_PART_BYTES // max(1, sample_bytes)) * max(1, sample_bytes)
@@ -150,7 +166,7 @@ def payload_parts(nbytes: int, sample_bytes: int) -> list[tuple[int, int]]:
 
 
 # Field checks: name -> (type, required). ``int`` rejects bools; ``float`` accepts ints.
-_INT, _FLOAT, _STR, _MAP, _INTS, _STRS = "int", "float", "str", "map", "ints", "strs"
+_INT, _FLOAT, _STR, _MAP, _INTS, _STRS, _SHAPES = "int", "float", "str", "map", "ints", "strs", "shapes"
 _SCHEMA: dict[Kind, dict[str, tuple[str, bool]]] = {
     Kind.HELLO: {"job": (_MAP, True), "client": (_STR, True), "rank": (_INT, False), "prefetch": (_INT, False)},
     Kind.JOB_INFO: {
@@ -162,6 +178,7 @@ _SCHEMA: dict[Kind, dict[str, tuple[str, bool]]] = {
         "fingerprint": (_STR, True),
         "prefetch": (_INT, True),
         "server": (_STR, False),
+        "views": (_SHAPES, False),
     },
     Kind.REQUEST: {
         "job": (_MAP, True),
@@ -182,6 +199,7 @@ _SCHEMA: dict[Kind, dict[str, tuple[str, bool]]] = {
         "shape": (_INTS, True),
         "labels": (_INTS, True),
         "indices": (_INTS, True),
+        "views": (_SHAPES, False),
     },
     Kind.ERROR: {
         "code": (_INT, True),
@@ -192,6 +210,7 @@ _SCHEMA: dict[Kind, dict[str, tuple[str, bool]]] = {
         "path": (_STR, False),
         "reason": (_STR, False),
         "traceback": (_STR, False),
+        "op": (_STR, False),
         "retry_after_s": (_FLOAT, False),
         "prefetch": (_INT, False),
     },
@@ -210,6 +229,9 @@ _CHECKS: dict[str, Callable[[Any], bool]] = {
     _MAP: lambda v: isinstance(v, dict),
     _INTS: lambda v: isinstance(v, list) and all(_is_int(x) for x in v),
     _STRS: lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v),
+    _SHAPES: lambda v: (
+        isinstance(v, list) and 0 < len(v) <= 64 and all(isinstance(s, list) and all(_is_int(x) for x in s) for s in v)
+    ),
 }
 
 

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
-import zmq
 from torch.utils.data import IterableDataset, get_worker_info
 
 from stoker.client.protocol.job import JobSpec
@@ -17,6 +17,7 @@ from stoker.client.runtime.buffers import PinnedPool
 from stoker.client.runtime.endpoints import parse_endpoints
 from stoker.client.runtime.session import JobInfo, RawBatch, Session
 from stoker.client.runtime.stream import BatchStream
+from stoker.client.runtime.tensors import Converter
 
 __all__ = ["RemoteBatches", "IMAGENET_MEAN", "IMAGENET_STD"]
 
@@ -46,9 +47,11 @@ class RemoteBatches(IterableDataset):
     Each iteration yields one epoch (the rest of it after :meth:`load_state_dict`) as
     ``(images, labels)`` or ``(images, labels, indices)``; the next iteration continues with the
     following epoch. An epoch is over once its last batch is yielded, whether or not the iterator
-    is then run to its end (loops that take exactly ``len()`` batches never do). Images are NCHW
-    in ``channels_last`` memory, ``float32`` normalised with ``mean``/``std`` or ``uint8`` with
-    ``normalize=False``.
+    is then run to its end (loops that take exactly ``len()`` batches never do). Images are NCHW,
+    contiguous like a DataLoader's (``memory_format=torch.channels_last`` for channels-last models),
+    ``float32`` normalised with ``mean``/``std`` or ``uint8`` with ``normalize=False``. With a
+    multi-view pipeline (self-supervised multi-crop) ``images`` is a list with one such tensor per
+    view, in the order the server's pipeline declares them.
     """
 
     def __init__(
@@ -72,6 +75,7 @@ class RemoteBatches(IterableDataset):
         return_indices: bool = False,
         timeout_s: float = 60.0,
         resolve_interval_s: float = 10.0,
+        memory_format: torch.memory_format = torch.contiguous_format,
     ) -> None:
         super().__init__()
         self.endpoints = [endpoints] if isinstance(endpoints, str) else list(endpoints)
@@ -85,17 +89,15 @@ class RemoteBatches(IterableDataset):
             raise ValueError(f"{prefetch=} must be an int in [1, 1024]")
         if not timeout_s > 0:
             raise ValueError(f"{timeout_s=} must be > 0")
-        if len(mean) != 3 or len(std) != 3 or any(s <= 0 for s in std):
-            raise ValueError(f"mean={tuple(mean)} and std={tuple(std)} must be 3 values each, std > 0")
         self.prefetch = prefetch
         self.device = (
             torch.device(device)
             if device is not None
             else (torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
         )
-        self.normalize = normalize
-        self.mean = tuple(float(m) for m in mean)
-        self.std = tuple(float(s) for s in std)
+        self._converter = Converter(self.device, normalize, mean, std, memory_format)
+        self.normalize, self.mean, self.std = normalize, self._converter.mean, self._converter.std
+        self.memory_format = memory_format
         self.return_indices = return_indices
         self.timeout_s = float(timeout_s)
         self._epoch = 0
@@ -104,7 +106,6 @@ class RemoteBatches(IterableDataset):
         self._stream: BatchStream | None = None
         self._owner_pid = os.getpid()
         self._pinned: PinnedPool | None = None
-        self._scale: tuple[torch.Tensor, torch.Tensor] | None = None
         self._reset_stats()
 
     # -- public API ------------------------------------------------------------------------------
@@ -196,7 +197,7 @@ class RemoteBatches(IterableDataset):
     def __getstate__(self) -> dict[str, Any]:
         # DataLoader worker processes get a copy without live sockets; they reconnect on use.
         state = self.__dict__.copy()
-        state.update(_session=None, _stream=None, _pinned=None, _scale=None)
+        state.update(_session=None, _stream=None, _pinned=None)
         return state
 
     # -- iteration -------------------------------------------------------------------------------
@@ -273,7 +274,8 @@ class RemoteBatches(IterableDataset):
         if self._owner_pid != os.getpid():
             # A forked copy (DataLoader workers fork by default) inherits the parent's sockets, which
             # must not be used after fork: drop them unclosed and connect afresh.
-            self._session, self._stream, self._pinned, self._scale = None, None, None, None
+            self._session, self._stream, self._pinned = None, None, None
+            self._converter.forget_device_state()
             self._owner_pid = os.getpid()
         if self._session is None:
             cuda = self.device.type == "cuda"
@@ -303,36 +305,15 @@ class RemoteBatches(IterableDataset):
         buffer = self._pinned.take(nbytes)
         return memoryview(buffer.numpy()), buffer
 
-    def _deliver(self, raw: RawBatch) -> tuple[torch.Tensor, ...]:
+    def _deliver(self, raw: RawBatch) -> tuple[Any, ...]:
         fields = raw.fields
-        n, height, width, channels = fields["shape"]
-        nbytes = n * height * width * channels
-        if isinstance(raw.data, torch.Tensor):  # pinned buffer: copy to the device without blocking
-            host = raw.data[:nbytes].view(n, height, width, channels)
-            images = host.to(self.device, non_blocking=True)
-            if self._pinned is not None:
-                self._pinned.give_back(raw.data, torch.cuda.current_stream(self.device))
-        else:  # a ZeroMQ frame (wrapped without copying) or frames gathered into one array
-            data = raw.data.buffer if isinstance(raw.data, zmq.Frame) else raw.data
-            images = torch.frombuffer(data, dtype=torch.uint8, count=nbytes).view(n, height, width, channels)
-            if self.device.type != "cpu":
-                images = images.to(self.device)
-        # NHWC memory viewed as NCHW is exactly the channels_last layout: no copy.
-        images = images.permute(0, 3, 1, 2)
-        if self.normalize:
-            mean, std = self._normalizer()
-            images = images.float().sub_(mean).div_(std)
+        shapes = fields.get("views", [fields["shape"]])
+        views = self._converter.images(raw, self._pinned)
         labels = torch.tensor(fields["labels"], dtype=torch.int64).to(self.device, non_blocking=True)
         self._batches += 1
-        self._images += n
-        self._bytes += nbytes
+        self._images += len(fields["labels"])
+        self._bytes += sum(math.prod(shape) for shape in shapes)
+        images: Any = views if "views" in fields else views[0]  # a multi-view pipeline: one tensor per view
         if self.return_indices:
             return images, labels, torch.tensor(fields["indices"], dtype=torch.int64)
         return images, labels
-
-    def _normalizer(self) -> tuple[torch.Tensor, torch.Tensor]:
-        if self._scale is None:
-            mean = torch.tensor(self.mean, dtype=torch.float32, device=self.device).view(1, 3, 1, 1) * 255.0
-            std = torch.tensor(self.std, dtype=torch.float32, device=self.device).view(1, 3, 1, 1) * 255.0
-            self._scale = (mean, std)
-        return self._scale

@@ -8,6 +8,7 @@ from typing import Any
 from stoker.client.protocol.errors import (
     BadSampleError,
     InvalidJobError,
+    PipelineError,
     ProtocolError,
     ServerError,
     UnknownDatasetError,
@@ -38,6 +39,8 @@ def server_error(fields: dict[str, Any], endpoint: str) -> ServerError | Protoco
         error = InvalidJobError(message, code, endpoint)
     elif code == ErrorCode.BAD_SAMPLE:
         error = BadSampleError(message, code, endpoint, path, reason)
+    elif code == ErrorCode.PIPELINE:
+        error = PipelineError(message, code, endpoint, fields.get("op", ""), path, fields.get("traceback", ""))
     elif code in (ErrorCode.BAD_MESSAGE, ErrorCode.UNSUPPORTED_VERSION):
         error = ProtocolError(f"server refused our message: {message}", code)
         error.add_note(f"reported by stoker server {endpoint}")

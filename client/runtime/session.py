@@ -45,6 +45,13 @@ class JobInfo:
     image_shape: tuple[int, int, int]
     fingerprint: str
     prefetch: int
+    views: tuple[tuple[int, int, int], ...] | None = None
+    """``(H, W, 3)`` per view for a multi-view pipeline (the client then yields a list of tensors)."""
+
+    @property
+    def shapes(self) -> tuple[tuple[int, int, int], ...]:
+        """The image shape of every view (one entry for a single-view pipeline)."""
+        return self.views if self.views is not None else (self.image_shape,)
 
 
 @dataclass(slots=True)
@@ -197,6 +204,7 @@ class Session:
             tuple(fields["image_shape"]),  # type: ignore[arg-type]
             fields["fingerprint"],
             max(1, min(self.prefetch, fields["prefetch"])),
+            tuple(tuple(view) for view in fields["views"]) if "views" in fields else None,  # type: ignore[misc]
         )
         if self.info is None:
             self.info = info
@@ -258,26 +266,27 @@ class Session:
         fields = header.fields
         shape = fields["shape"]
         info = self.info
+        shapes = fields.get("views", [shape])
         if (
             not more
             or fields["dtype"] != "uint8"
-            or len(shape) != 4
-            or (info is not None and tuple(shape[1:]) != info.image_shape)
+            or any(len(view) != 4 or view[0] != shape[0] for view in shapes)
+            or (info is not None and tuple(tuple(view[1:]) for view in shapes) != info.shapes)
             or not 0 < shape[0] <= self.spec.batch_size
             or len(fields["labels"]) != shape[0]
             or len(fields["indices"]) != shape[0]
         ):
             discard_rest(link.socket, more)
-            raise ProtocolError(f"server {link.endpoint} sent an inconsistent BATCH header {shape}")
+            raise ProtocolError(f"server {link.endpoint} sent an inconsistent BATCH header {shapes}")
         epoch, k = fields["epoch"], fields["k"]
         ours = info is not None and fields["job_id"] == info.job_id and fields["rank"] == self.rank
         if not ours or not wants(epoch, k) or arrivals.has_batch(epoch, k):
             discard_rest(link.socket, more)  # e.g. a late duplicate of a batch that was asked again
             return
-        nbytes = batch_nbytes(shape)
+        nbytes = sum(batch_nbytes(view) for view in shapes)
         data, received = receive_payload(link.socket, nbytes, self._receive_into)
         if received != nbytes:
-            raise ProtocolError(f"server {link.endpoint} sent {received} image bytes for shape {shape}")
+            raise ProtocolError(f"server {link.endpoint} sent {received} image bytes for shapes {shapes}")
         arrivals.batches.append((link, RawBatch(epoch, k, fields, data, link.endpoint)))
 
     # -- sending ---------------------------------------------------------------------------------

@@ -87,6 +87,19 @@ class JobStatus(BaseModel):
     batches_per_rank: int
 
 
+class PipelineStatus(BaseModel):
+    name: str
+    views: list[dict[str, Any]] = Field(description="each view: geometry, size, count and post-ops with arguments")
+
+
+class PipelineErrorStatus(BaseModel):
+    pipeline: str
+    op: str = Field(description="the post-op that failed")
+    path: str
+    reason: str
+    at: float = Field(description="unix time it happened")
+
+
 class ClientStatus(BaseModel):
     client_id: str
     job_id: str
@@ -128,7 +141,8 @@ class BadSamples(BaseModel):
 
 
 class Status(BaseModel):
-    """What the server is doing. Stage times are per sample (read, decode, augment) or per batch."""
+    """What the server is doing. Stage times are per sample (read, decode, augment), per view image
+    (geometry, postops, and ``op:<pipeline>/<op>`` for each post-op) or per batch (batch, send)."""
 
     version: str
     uptime_s: float
@@ -137,6 +151,8 @@ class Status(BaseModel):
     pool: PoolStatus
     datasets: list[DatasetStatus]
     jobs: list[JobStatus]
+    pipelines: list[PipelineStatus] = Field(description="declared pipelines with their ops")
+    pipeline_errors: list[PipelineErrorStatus] = Field(description="recent post-op failures, newest first")
     clients: list[ClientStatus]
     throughput: Throughput = Field(description="all clients, over the last 10 s")
     stall_share: float | None = Field(description="mean of the clients' reported data-stall shares")

@@ -42,10 +42,23 @@ class OpenJob:
         """Samples in batch ``k`` (the last one may be short)."""
         return self.last_batch if k == self.batches - 1 else self.spec.batch_size
 
+    @property
+    def sizes(self) -> tuple[int, ...]:
+        """The side of each view's images (one entry for a single-view pipeline)."""
+        return self.pipeline.sizes(self.spec.image_size)
+
+    @property
+    def sample_nbytes(self) -> int:
+        """Bytes of one sample's images, every view together."""
+        return sum(side * side * 3 for side in self.sizes)
+
+    def view_shapes(self, rows: int) -> list[list[int]]:
+        """``[rows, side, side, 3]`` per view: a batch's image arrays, in the order they are laid out."""
+        return [[rows, side, side, 3] for side in self.sizes]
+
     def batch_nbytes(self, k: int) -> int:
         """Bytes of batch ``k``'s images."""
-        size = self.spec.image_size
-        return self.rows(k) * size * size * 3
+        return self.rows(k) * self.sample_nbytes
 
 
 def replacement_candidate(spec: JobSpec, epoch: int, index: int, attempt: int, num_samples: int) -> int:
@@ -84,7 +97,7 @@ class JobRegistry:
             self._jobs.move_to_end(job_id)
             return job
         table, pipeline = self._resolve(spec)
-        self._check_limits(spec)
+        self._check_limits(spec, pipeline)
         count = batches_per_rank(len(table), spec.batch_size, spec.world_size, spec.drop_last)
         if count == 0:
             raise ProtocolError(
@@ -114,22 +127,24 @@ class JobRegistry:
             )
         return table, pipeline
 
-    def _check_limits(self, spec: JobSpec) -> None:
+    def _check_limits(self, spec: JobSpec, pipeline: Pipeline) -> None:
         if spec.batch_size > self.max_batch_size:
             raise ProtocolError(
                 f"batch_size={spec.batch_size} exceeds this server's max_batch_size={self.max_batch_size}",
                 ErrorCode.INVALID_JOB,
             )
-        if spec.image_size > self.max_image_size:
+        sizes = pipeline.sizes(spec.image_size)
+        if max(sizes) > self.max_image_size:
             raise ProtocolError(
-                f"image_size={spec.image_size} exceeds this server's max_image_size={self.max_image_size}",
+                f"image_size={max(sizes)} exceeds this server's max_image_size={self.max_image_size}",
                 ErrorCode.INVALID_JOB,
             )
-        batch_bytes = spec.batch_size * spec.image_size * spec.image_size * 3
+        batch_bytes = spec.batch_size * sum(side * side * 3 for side in sizes)
         if batch_bytes > self.max_batch_bytes:
             raise ProtocolError(
-                f"a batch of {spec.batch_size} x {spec.image_size}px needs {batch_bytes / 2**20:.0f} MiB; this "
-                f"server's shared-memory budget is {self.max_batch_bytes / 2**20:.0f} MiB",
+                f"a batch of {spec.batch_size} x {'+'.join(f'{side}px' for side in sizes)} needs "
+                f"{batch_bytes / 2**20:.0f} MiB; this server's shared-memory budget is "
+                f"{self.max_batch_bytes / 2**20:.0f} MiB",
                 ErrorCode.INVALID_JOB,
             )
 

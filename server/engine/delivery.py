@@ -55,18 +55,19 @@ class Delivery:
             raise RuntimeError(f"batch {work.key} finished without a slot")  # unreachable: settled works have one
         self.stats.stage("batch", time.monotonic() - work.dispatched_at)
         job = work.job
-        size, rows = job.spec.image_size, len(work.indices)
-        header = encode(
-            Kind.BATCH,
-            {
-                "job_id": job.job_id,
-                **where(work.key),
-                "dtype": "uint8",
-                "shape": [rows, size, size, 3],
-                "labels": job.table.labels[work.indices].tolist(),
-                "indices": work.indices.tolist(),
-            },
-        )
+        shapes = job.view_shapes(len(work.indices))
+        fields = {
+            "job_id": job.job_id,
+            **where(work.key),
+            "dtype": "uint8",
+            "shape": shapes[0],
+            "labels": job.table.labels[work.indices].tolist(),
+            "indices": work.indices.tolist(),
+        }
+        if job.pipeline.multi_view:
+            fields["views"] = shapes  # the image bytes hold every view's array, one after another
+        header = encode(Kind.BATCH, fields)
+        rows = len(work.indices)
         batch = CachedBatch(slot, header, work.nbytes, rows)
         unsent = [
             identity for identity, asked_at in recipients.items() if not self.send(identity, work.key, batch, asked_at)

@@ -21,7 +21,7 @@ from stoker.server.data.jobs import JobRegistry, OpenJob
 from stoker.server.engine.records import BatchKey, BatchWork, Task
 from stoker.server.engine.standins import BadSamplePolicy, BatchPlanner
 from stoker.server.engine.stats import EngineStats
-from stoker.server.workers.messages import Outcome, TaskMessage
+from stoker.server.workers.messages import Outcome, SampleResult, TaskMessage
 from stoker.server.workers.pool import PoolEvent, TaskDone, WorkerDied, WorkerPool
 from stoker.server.workers.slots import SlotPool
 
@@ -30,7 +30,7 @@ __all__ = ["Production", "KILLS_BEFORE_QUARANTINE"]
 log = logging.getLogger(__name__)
 KILLS_BEFORE_QUARANTINE = 2
 _MAX_ROWS_PER_TASK = 16
-_OUTCOME_LABELS = {Outcome.OK: "ok", Outcome.BAD: "bad", Outcome.FAILED: "failed"}
+_OUTCOME_LABELS = {Outcome.OK: "ok", Outcome.BAD: "bad", Outcome.FAILED: "failed", Outcome.PIPELINE: "pipeline"}
 
 
 class Production:
@@ -170,8 +170,7 @@ class Production:
         task, result = event.task, event.result
         work = task.work
         work.tasks.discard(task)
-        count = len(task.samples)
-        for stage, total in zip(("read", "decode", "augment"), result.times, strict=True):
+        for stage, total, count in result.stages:
             self.stats.stage(stage, total / count, count)
         for sample in result.samples:
             self.stats.samples_total.labels(_OUTCOME_LABELS[sample.outcome]).inc()
@@ -182,6 +181,8 @@ class Production:
             elif sample.outcome is Outcome.BAD:
                 if self.planner.stand_in(work, sample.row, sample.reason, policy):
                     self._enqueue(work, [(sample.row, int(work.indices[sample.row]))], first=True)
+            elif sample.outcome is Outcome.PIPELINE:
+                self._fail_in_pipeline(work, sample)
             else:
                 self._fail_on_sample(work, sample.row, sample.reason, sample.traceback)
         self._settle(work)
@@ -190,6 +191,20 @@ class Production:
         path = work.job.table.display_path(int(work.indices[row]))
         log.error("worker failed on %s (batch %s): %s\n%s", path, work.key, reason, trace)
         work.fail(ErrorCode.INTERNAL, f"a worker failed on {path}: {reason}", path=path, reason=reason, traceback=trace)
+
+    def _fail_in_pipeline(self, work: BatchWork, sample: SampleResult) -> None:
+        pipeline = work.job.pipeline.name
+        path = work.job.table.display_path(int(work.indices[sample.row]))
+        self.stats.pipeline_failed(pipeline, sample.op, path, sample.reason)
+        log.error("pipeline %r, op %r failed on %s: %s\n%s", pipeline, sample.op, path, sample.reason, sample.traceback)
+        work.fail(
+            ErrorCode.PIPELINE,
+            f"pipeline {pipeline!r}: {sample.op} failed on {path}: {sample.reason}",
+            path=path,
+            reason=sample.reason,
+            traceback=sample.traceback,
+            op=sample.op,
+        )
 
     def _on_worker_died(self, event: WorkerDied[Task], policy: BadSamplePolicy) -> None:
         if not event.worker.retiring:

@@ -83,17 +83,20 @@ def read_request(header: Header, jobs: JobRegistry) -> BatchRequest:
 
 def job_info(job: OpenJob, granted_prefetch: int) -> dict[str, Any]:
     """The fields of the ``JOB_INFO`` answering a ``HELLO`` for ``job``."""
-    table, size = job.table, job.spec.image_size
-    return {
+    table, sizes = job.table, job.sizes
+    info: dict[str, Any] = {
         "job_id": job.job_id,
         "samples": len(table),
         "classes": list(table.classes) if len(table.classes) <= 10000 else [],
         "batches": job.batches,
-        "image_shape": [size, size, 3],
+        "image_shape": [sizes[0], sizes[0], 3],
         "fingerprint": table.fingerprint,
         "prefetch": granted_prefetch,
         "server": VERSION,
     }
+    if job.pipeline.multi_view:
+        info["views"] = [[side, side, 3] for side in sizes]
+    return info
 
 
 def header_where(header: Header | None) -> dict[str, int]:

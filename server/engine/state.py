@@ -99,6 +99,8 @@ def build_snapshot(engine: Engine) -> dict[str, Any]:
             for t in engine.catalog.values()
         ],
         "jobs": [job_view(job) for job in engine.jobs.open_jobs],
+        "pipelines": [pipeline.describe() for pipeline in engine.pipelines.values()],
+        "pipeline_errors": list(reversed(stats.pipeline_errors)),
         "clients": clients,
         "throughput": {"images_per_s": round(images_s, 1), "mb_per_s": round(bytes_s / 1e6, 2)},
         "stall_share": round(sum(stalls) / len(stalls), 4) if stalls else None,

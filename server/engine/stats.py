@@ -16,7 +16,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 __all__ = ["Window", "Throughput", "PeerStats", "BadSample", "BadSamples", "EngineStats", "STAGES"]
 
-STAGES = ("read", "decode", "augment", "batch", "send")
+STAGES = ("read", "decode", "augment", "geometry", "postops", "batch", "send")
+"""Stages always shown; per-op stages (``op:<pipeline>/<op>``) appear once an op has run."""
 _STAGE_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
 
 
@@ -145,6 +146,7 @@ class EngineStats:
         self.latency = Window()
         self.throughput = Throughput()
         self.errors: dict[str, int] = {}
+        self.pipeline_errors: deque[dict[str, Any]] = deque(maxlen=100)
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.images_total = Counter("stoker_images_served", "Images sent to clients", registry=r)
@@ -154,6 +156,9 @@ class EngineStats:
             "stoker_samples_decoded", "Samples a worker attempted, by outcome", ["outcome"], registry=r
         )
         self.bad_total = Counter("stoker_bad_samples", "Samples refused as bad", ["dataset"], registry=r)
+        self.pipeline_errors_total = Counter(
+            "stoker_pipeline_errors", "Samples a post-op failed on, by pipeline", ["pipeline"], registry=r
+        )
         self.restarts_total = Counter("stoker_worker_restarts", "Workers replaced after dying", registry=r)
         self.errors_total = Counter("stoker_errors", "ERROR replies sent, by code", ["code"], registry=r)
         self.stage_seconds = Histogram(
@@ -176,7 +181,9 @@ class EngineStats:
 
     def stage(self, name: str, seconds: float, count: int = 1) -> None:
         """Record ``count`` samples (or batches) that took ``seconds`` each on ``name``."""
-        window = self.stages[name]
+        window = self.stages.get(name)
+        if window is None:  # a post-op's stage: names come from declared pipelines only, so bounded
+            window = self.stages[name] = Window()
         child = self.stage_seconds.labels(name)
         for _ in range(count):
             window.add(seconds)
@@ -190,6 +197,11 @@ class EngineStats:
         self.latency.add(latency_s)
         self.latency_seconds.observe(latency_s)
         self.throughput.add(time.monotonic(), images, nbytes)
+
+    def pipeline_failed(self, pipeline: str, op: str, path: str, reason: str) -> None:
+        """A post-op failed on a sample (the batch fails with ``PIPELINE``)."""
+        self.pipeline_errors.append({"pipeline": pipeline, "op": op, "path": path, "reason": reason, "at": time.time()})
+        self.pipeline_errors_total.labels(pipeline).inc()
 
     def error(self, code_name: str) -> None:
         """An ERROR reply was sent."""

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from stoker.client.protocol.rng import SampleRng
-from stoker.server.imaging.pipelines import Pipeline
+from stoker.server.imaging.pipelines import View
 
 __all__ = ["Box", "SampleGeometry", "plan_geometry", "oriented_size", "raw_box", "reduction_for"]
 
@@ -43,13 +43,13 @@ def oriented_size(width: int, height: int, orientation: int) -> tuple[int, int]:
     return (height, width) if orientation in _TRANSPOSING else (width, height)
 
 
-def _random_resized_crop(width: int, height: int, pipeline: Pipeline, rng: SampleRng) -> Box:
+def _random_resized_crop(width: int, height: int, view: View, rng: SampleRng) -> Box:
     # torchvision's RandomResizedCrop.get_params: 10 tries at a random area and log-uniform aspect,
     # then a centre crop clamped to the ratio range.
     area = width * height
     for _ in range(10):
-        target_area = area * rng.uniform(*pipeline.scale)
-        aspect = rng.log_uniform(*pipeline.ratio)
+        target_area = area * rng.uniform(*view.scale)
+        aspect = rng.log_uniform(*view.ratio)
         w = int(round(math.sqrt(target_area * aspect)))
         h = int(round(math.sqrt(target_area / aspect)))
         if 0 < w <= width and 0 < h <= height:
@@ -57,31 +57,31 @@ def _random_resized_crop(width: int, height: int, pipeline: Pipeline, rng: Sampl
             left = rng.randint(0, width - w)
             return left, top, left + w, top + h
     in_ratio = width / height
-    if in_ratio < pipeline.ratio[0]:
-        w, h = width, int(round(width / pipeline.ratio[0]))
-    elif in_ratio > pipeline.ratio[1]:
-        w, h = int(round(height * pipeline.ratio[1])), height
+    if in_ratio < view.ratio[0]:
+        w, h = width, int(round(width / view.ratio[0]))
+    elif in_ratio > view.ratio[1]:
+        w, h = int(round(height * view.ratio[1])), height
     else:
         w, h = width, height
     left, top = (width - w) // 2, (height - h) // 2
     return left, top, left + w, top + h
 
 
-def plan_geometry(width: int, height: int, size: int, pipeline: Pipeline, rng: SampleRng) -> SampleGeometry:
+def plan_geometry(width: int, height: int, size: int, view: View, rng: SampleRng) -> SampleGeometry:
     """Plan one sample of an upright ``width x height`` image into a ``size x size`` output."""
-    if pipeline.geometry == "random_resized_crop":
-        box = _random_resized_crop(width, height, pipeline, rng)
+    if view.geometry == "random_resized_crop":
+        box = _random_resized_crop(width, height, view, rng)
         resize, crop = (size, size), None
-    elif pipeline.geometry == "resize_center_crop":
+    elif view.geometry == "resize_center_crop":
         # torchvision's Resize(short) keeps the aspect, truncating the long side; CenterCrop rounds.
-        short = int(size * pipeline.resize_ratio)
+        short = int(size * view.resize_ratio)
         resize = (int(short * height / width), short) if width <= height else (short, int(short * width / height))
         top = int(round((resize[0] - size) / 2.0))
         left = int(round((resize[1] - size) / 2.0))
         box, crop = (0, 0, width, height), (left, top, left + size, top + size)
     else:
         box, resize, crop = (0, 0, width, height), (size, size), None
-    flip = pipeline.hflip > 0.0 and rng.random() < pipeline.hflip
+    flip = view.hflip > 0.0 and rng.random() < view.hflip
     return SampleGeometry(box, resize, crop, flip)
 
 

@@ -1,35 +1,60 @@
-"""Run one sample end to end: read, decode (reduced when possible), crop, resize once, orient, flip,
-and write the result straight into its row of the shared batch buffer.
+"""Run one sample end to end: read, decode (reduced when possible) once, and for each view of the
+pipeline crop, resize once, orient, flip, run its post-ops, and write the result straight into its
+row of the shared batch buffer.
+
+Randomness: view ``v`` of a sample draws its geometry from ``SampleRng(view_key(key, v))`` (view 0
+uses the sample's key itself, so single-view pipelines keep their bytes) and seeds the post-ops'
+generators from ``post_ops_key(view_key(key, v))``.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from stoker.client.protocol.rng import SampleRng
-from stoker.server.imaging.decode import DecodeLimits, decode, probe, read_file
-from stoker.server.imaging.geometry import oriented_size, plan_geometry, raw_box, reduction_for
-from stoker.server.imaging.pipelines import Pipeline
+from stoker.client.protocol.rng import SampleRng, mix
+from stoker.server.imaging.decode import DecodeLimits, ImageInfo, decode, probe, read_file
+from stoker.server.imaging.geometry import SampleGeometry, oriented_size, plan_geometry, raw_box, reduction_for
+from stoker.server.imaging.pipelines import Pipeline, View
 
-__all__ = ["StageTimes", "render_sample", "render_bytes", "orient", "warm_up"]
+__all__ = ["StageTimes", "render_sample", "render_bytes", "orient", "warm_up", "view_key", "post_ops_key"]
+
+_VIEW_DOMAIN = 0x56494557
+_POST_OPS_DOMAIN = 0x504F5354
+
+
+def view_key(key: int, view: int) -> int:
+    """The RNG key of view ``view`` of the sample whose key is ``key``."""
+    return key if view == 0 else mix(_VIEW_DOMAIN, key, view)
+
+
+def post_ops_key(key: int) -> int:
+    """The seed of the post-ops' generators for a view with key ``key``: apart from its geometry's."""
+    return mix(_POST_OPS_DOMAIN, key)
 
 
 @dataclass(slots=True)
 class StageTimes:
-    """Seconds spent per stage, summed over the samples of a task."""
+    """Seconds and counts per stage, summed over the samples of a task. Stages: ``read`` and
+    ``decode`` per sample, ``geometry`` and ``postops`` per view image, ``augment`` (both) per sample,
+    and ``op:<pipeline>/<op>`` per image an op ran on."""
 
-    read: float = 0.0
-    decode: float = 0.0
-    augment: float = 0.0
+    seconds: dict[str, float] = field(default_factory=dict)
+    counts: dict[str, int] = field(default_factory=dict)
 
-    def as_tuple(self) -> tuple[float, float, float]:
-        """``(read, decode, augment)``."""
-        return self.read, self.decode, self.augment
+    def add(self, stage: str, seconds: float, count: int = 1) -> None:
+        """Count ``count`` items that took ``seconds`` in all on ``stage``."""
+        self.seconds[stage] = self.seconds.get(stage, 0.0) + seconds
+        self.counts[stage] = self.counts.get(stage, 0) + count
+
+    def totals(self) -> tuple[tuple[str, float, int], ...]:
+        """``(stage, seconds, count)`` for every stage seen."""
+        return tuple((stage, seconds, self.counts[stage]) for stage, seconds in self.seconds.items())
 
 
 def orient(pixels: torch.Tensor, orientation: int) -> torch.Tensor:
@@ -69,45 +94,121 @@ def _resize(pixels: np.ndarray, height: int, width: int) -> torch.Tensor:
     return out.permute(0, 2, 3, 1)[0]
 
 
+Rows = np.ndarray | Sequence[np.ndarray]
+"""Where a sample goes: its row (one view), or one row per view in declaration order."""
+
+
 def render_sample(
-    path: bytes, key: int, pipeline: Pipeline, size: int, out: np.ndarray, limits: DecodeLimits, times: StageTimes
+    path: bytes,
+    key: int,
+    pipeline: Pipeline,
+    size: int,
+    out: Rows,
+    limits: DecodeLimits,
+    times: StageTimes,
+    post: PostOpsRunner | None = None,
 ) -> None:
-    """Produce one sample into ``out`` (``size x size x 3`` ``uint8``); raises ``BadImage``."""
+    """Produce one sample into ``out`` (``size x size x 3`` ``uint8`` per view); raises ``BadImage``
+    for the file and ``PostOpError`` for a post-op."""
     started = time.perf_counter()
     data = read_file(path, limits)
-    times.read += time.perf_counter() - started
-    render_bytes(data, key, pipeline, size, out, limits, times)
+    times.add("read", time.perf_counter() - started)
+    render_bytes(data, key, pipeline, size, out, limits, times, post)
 
 
 def render_bytes(
-    data: bytes, key: int, pipeline: Pipeline, size: int, out: np.ndarray, limits: DecodeLimits, times: StageTimes
+    data: bytes,
+    key: int,
+    pipeline: Pipeline,
+    size: int,
+    out: Rows,
+    limits: DecodeLimits,
+    times: StageTimes,
+    post: PostOpsRunner | None = None,
 ) -> None:
     """Like :func:`render_sample`, from the file's bytes."""
     read_done = time.perf_counter()
+    rows = [out] if isinstance(out, np.ndarray) else list(out)
+    views, sizes = pipeline.expanded, pipeline.sizes(size)
+    if len(rows) != len(views):
+        raise ValueError(f"pipeline {pipeline.name!r} has {len(views)} views, got {len(rows)} rows")
     info = probe(data, limits)
     width, height = oriented_size(info.width, info.height, info.orientation)
-    geometry = plan_geometry(width, height, size, pipeline, SampleRng(key))
-    box = raw_box(geometry.box, info.width, info.height, info.orientation)
-    pixels = decode(data, info, reduction_for(box, geometry.resize, info.orientation), limits)
+    plans = [
+        plan_geometry(width, height, side, view, SampleRng(view_key(key, v)))
+        for v, (view, side) in enumerate(zip(views, sizes, strict=True))
+    ]
+    boxes = [raw_box(plan.box, info.width, info.height, info.orientation) for plan in plans]
+    # One decode for every view, reduced as far as the most demanding view allows.
+    reduction = min(reduction_for(box, plan.resize, info.orientation) for box, plan in zip(boxes, plans, strict=True))
+    pixels = decode(data, info, reduction, limits)
     decoded = time.perf_counter()
+    times.add("decode", decoded - read_done)
+    declared = [number for number, view in enumerate(pipeline.views) for _ in range(view.count)]
+    for v, (view, side, plan, box, row) in enumerate(zip(views, sizes, plans, boxes, rows, strict=True)):
+        began = time.perf_counter()
+        result = _geometry(pixels, info, box, plan)
+        placed = time.perf_counter()
+        times.add("geometry", placed - began)
+        if view.post_ops:
+            if post is None:
+                raise RuntimeError(f"pipeline {pipeline.name!r} has post-ops and no runner was given")
+            result = post.run(pipeline, declared[v], view, result, post_ops_key(view_key(key, v)), side, times)
+            times.add("postops", time.perf_counter() - placed)
+        torch.from_numpy(row).copy_(result)
+    times.add("augment", time.perf_counter() - decoded)
+
+
+def _geometry(
+    pixels: np.ndarray, info: ImageInfo, box: tuple[int, int, int, int], plan: SampleGeometry
+) -> torch.Tensor:
+    """The fused crop-resize-orient-crop-flip of one view, as an H x W x 3 tensor."""
     # Map the box onto what was actually decoded (a reduced JPEG is about 1/n of the stored size).
     scale_x, scale_y = pixels.shape[1] / info.width, pixels.shape[0] / info.height
     left, top = int(round(box[0] * scale_x)), int(round(box[1] * scale_y))
     right = max(left + 1, int(round(box[2] * scale_x)))
     bottom = max(top + 1, int(round(box[3] * scale_y)))
-    resize_h, resize_w = geometry.resize
+    resize_h, resize_w = plan.resize
     if info.orientation >= 5:
         resize_h, resize_w = resize_w, resize_h
     result = orient(_resize(pixels[top:bottom, left:right], resize_h, resize_w), info.orientation)
-    if geometry.crop is not None:
-        c_left, c_top, c_right, c_bottom = geometry.crop
+    if plan.crop is not None:
+        c_left, c_top, c_right, c_bottom = plan.crop
         result = result[c_top:c_bottom, c_left:c_right]
-    if geometry.flip:
+    if plan.flip:
         result = result.flip(1)
-    torch.from_numpy(out).copy_(result)
-    finished = time.perf_counter()
-    times.decode += decoded - read_done
-    times.augment += finished - decoded
+    return result
+
+
+class PostOpsRunner:
+    """Runs a view's post-ops on the H x W x 3 result of its geometry (as the 3 x H x W image they
+    take) and times each op; built ops are kept per pipeline and view."""
+
+    def __init__(self) -> None:
+        from stoker.server.imaging.postops import PostOps  # torchvision: only where post-ops run
+
+        self._ops = PostOps()
+
+    def run(
+        self,
+        pipeline: Pipeline,
+        view_index: int,
+        view: View,
+        hwc: torch.Tensor,
+        key: int,
+        size: int,
+        times: StageTimes,
+    ) -> torch.Tensor:
+        """The view's image after its post-ops, H x W x 3 again."""
+        ops = self._ops.ops(pipeline, view_index, view)
+        seconds: dict[str, float] = {}
+        try:
+            # Contiguous CHW, as a decoded image is: torchvision's kernels are much slower on other strides.
+            chw = self._ops.apply(ops, hwc.permute(2, 0, 1).contiguous(), key, size, seconds)
+        finally:
+            for label, spent in seconds.items():
+                times.add(f"op:{pipeline.name}/{label}", spent)
+        return chw.permute(1, 2, 0)
 
 
 def warm_up() -> None:

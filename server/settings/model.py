@@ -34,7 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, m
 
 from stoker.server.data.catalog import DatasetDecl
 from stoker.server.imaging.limits import DecodeLimits
-from stoker.server.imaging.pipelines import BUILTIN_PIPELINES, Pipeline, pipeline_from_ops
+from stoker.server.imaging.pipelines import BUILTIN_PIPELINES, Pipeline, pipeline_from_ops, pipeline_from_views
 from stoker.server.settings.host import parse_http, usable_cores
 
 __all__ = ["EngineSettings", "ServerSettings", "DatasetSettings", "PipelineSettings", "OnError", "LogLevel", "LIVE"]
@@ -148,10 +148,18 @@ class DatasetSettings(BaseModel):
 
 
 class PipelineSettings(BaseModel):
-    """A declared pipeline as an op list (see :mod:`stoker.server.imaging.pipelines`)."""
+    """A declared pipeline: an op list, or a list of views each with its own op list (see
+    :mod:`stoker.server.imaging.pipelines`)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
-    ops: list[dict[str, Any]]
+    ops: list[dict[str, Any]] | None = None
+    views: list[dict[str, Any]] | None = None
+
+    @model_validator(mode="after")
+    def _one_form(self) -> Self:
+        if (self.ops is None) == (self.views is None):
+            raise ValueError("a pipeline has either 'ops' (one view) or 'views' (several), not both or neither")
+        return self
 
 
 class ServerSettings(EngineSettings):
@@ -209,7 +217,12 @@ class ServerSettings(EngineSettings):
 
     def pipeline_map(self) -> dict[str, Pipeline]:
         """Built-in pipelines plus declared ones (a declared name overrides a built-in)."""
-        declared = {name: pipeline_from_ops(name, entry.ops) for name, entry in self.pipelines.items()}
+        declared = {
+            name: pipeline_from_ops(name, entry.ops)
+            if entry.ops is not None
+            else pipeline_from_views(name, entry.views or [])
+            for name, entry in self.pipelines.items()
+        }
         return {**BUILTIN_PIPELINES, **declared}
 
 

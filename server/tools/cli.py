@@ -72,7 +72,10 @@ def _add_demo(demo: argparse.ArgumentParser) -> None:
 
 def _add_bench(bench: argparse.ArgumentParser) -> None:
     bench.add_argument("--data", type=Path, required=True, help="an ImageFolder directory of JPEGs")
-    bench.add_argument("--pipeline", default="train", choices=["train", "eval", "resize"])
+    bench.add_argument(
+        "--pipeline", default="train", help="a built-in pipeline (train, eval, resize) or one --config declares"
+    )
+    bench.add_argument("--config", type=Path, help="a server config whose [pipelines.*] tables declare --pipeline")
     bench.add_argument("--image-size", type=int, default=224)
     bench.add_argument("--batch-size", type=int, default=64)
     bench.add_argument("--workers", type=int, help="workers for every loader (default: usable CPU cores)")
@@ -140,6 +143,7 @@ def _bench(args: argparse.Namespace) -> int:
             seconds=args.seconds,
             repeats=args.repeats,
             poll_status_ms=args.poll_status_ms,
+            config_file=args.config.resolve() if args.config else None,
         )
     except ValueError as exc:
         print(f"stoker bench: {exc}", file=sys.stderr)

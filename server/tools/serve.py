@@ -64,8 +64,13 @@ def build_engine(settings: ServerSettings) -> Engine:
     if not settings.datasets:
         raise ServeError("no dataset declared: use --dataset NAME=PATH or [datasets.NAME] in --config")
     try:
-        catalog = Catalog.load(settings.dataset_decls())
         pipelines = settings.pipeline_map()
+        with_code = [pipeline for pipeline in pipelines.values() if pipeline.has_post_ops]
+        if with_code:
+            from stoker.server.imaging.postops import validate_pipelines  # torchvision, only when needed
+
+            validate_pipelines(with_code)
+        catalog = Catalog.load(settings.dataset_decls())
     except (ValueError, OSError) as exc:
         raise ServeError(str(exc)) from None
     return Engine(settings.engine_config(), catalog, pipelines)

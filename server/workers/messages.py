@@ -53,6 +53,9 @@ class Outcome(IntEnum):
     """The file cannot be used (unreadable, corrupt, too large): the sample is replaced or raised."""
     FAILED = 2
     """Something other than the file went wrong (a bug, an exhausted resource): the batch fails."""
+    PIPELINE = 3
+    """A post-op (torchvision transform or plugin) failed or returned a wrong image: the batch fails
+    with a pipeline error naming the op."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,6 +68,7 @@ class TaskMessage:
     rows: int
     """Rows of the batch in the slot (the slot may be larger)."""
     size: int
+    """The job's image size (views without a size of their own use it)."""
     pipeline: Pipeline
     samples: tuple[tuple[int, bytes, int], ...]
     """``(row, path, rng_key)`` per sample."""
@@ -110,6 +114,8 @@ class SampleResult:
     outcome: Outcome
     reason: str = ""
     traceback: str = ""
+    op: str = ""
+    """For ``PIPELINE``: the op that failed."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,5 +125,5 @@ class TaskResult:
     kind: ClassVar[Message] = Message.RESULT
     task_id: int
     samples: tuple[SampleResult, ...]
-    times: tuple[float, float, float]
-    """``(read, decode, augment)`` seconds summed over the task's samples."""
+    stages: tuple[tuple[str, float, int], ...]
+    """``(stage, seconds, count)``: time spent per stage, summed over the task's samples."""

@@ -30,9 +30,14 @@ import signal
 import traceback
 from multiprocessing.connection import Connection
 from multiprocessing.sharedctypes import Synchronized
+from typing import TYPE_CHECKING
 
+import numpy as np
+
+from stoker.client.protocol.wire import batch_nbytes, view_blocks
 from stoker.server import failpoints
 from stoker.server.imaging.decode import BadImage, DecodeLimits
+from stoker.server.imaging.errors import PostOpError
 from stoker.server.workers.messages import (
     Message,
     Outcome,
@@ -44,36 +49,54 @@ from stoker.server.workers.messages import (
 )
 from stoker.server.workers.slots import SlotViews
 
+if TYPE_CHECKING:
+    from stoker.server.imaging.render import PostOpsRunner
+
 __all__ = ["worker_main", "run_task"]
 
 log = logging.getLogger(__name__)
 _MAX_TRACEBACK_CHARS = 8000
 
 
-def run_task(task: TaskMessage, views: SlotViews, limits: DecodeLimits, progress: Synchronized) -> TaskResult:
-    """Render every sample of ``task`` into its row of the slot; never raises for one sample."""
+def _rows(task: TaskMessage, views: SlotViews) -> list[list[np.ndarray]]:
+    """For each row of the batch, its output array per view (views are consecutive blocks)."""
+    shapes = [(task.rows, side, side, 3) for side in task.pipeline.sizes(task.size)]
+    total = sum(batch_nbytes(shape) for shape in shapes)
+    flat = views.array(task.slot, total)
+    blocks = [
+        flat[offset : offset + size].reshape(shape)
+        for (offset, size), shape in zip(view_blocks(shapes), shapes, strict=True)
+    ]
+    return [[block[row] for block in blocks] for row in range(task.rows)]
+
+
+def run_task(
+    task: TaskMessage, views: SlotViews, limits: DecodeLimits, progress: Synchronized, post: PostOpsRunner | None
+) -> TaskResult:
+    """Render every sample of ``task`` into its rows of the slot; never raises for one sample."""
     from stoker.server.imaging.render import StageTimes, render_sample  # preloaded by the forkserver
 
-    size = task.size
-    batch = views.array(task.slot, task.rows * size * size * 3).reshape(task.rows, size, size, 3)
+    rows = _rows(task, views)
     times = StageTimes()
     results: list[SampleResult] = []
     for position, (row, path, key) in enumerate(task.samples):
         progress.value = position
         try:
             failpoints.check("worker.sample")
-            render_sample(path, key, task.pipeline, size, batch[row], limits, times)
+            render_sample(path, key, task.pipeline, task.size, rows[row], limits, times, post)
             results.append(SampleResult(row, Outcome.OK))
         except BadImage as exc:
             results.append(SampleResult(row, Outcome.BAD, exc.reason))
         except MemoryError:
             results.append(SampleResult(row, Outcome.BAD, "out of memory while decoding"))
+        except PostOpError as exc:
+            results.append(SampleResult(row, Outcome.PIPELINE, exc.reason, exc.trace, exc.op))
         except Exception as exc:  # not the file's fault: the engine fails the batch, with the evidence
             trace = traceback.format_exc()[-_MAX_TRACEBACK_CHARS:]
             results.append(SampleResult(row, Outcome.FAILED, f"{type(exc).__name__}: {exc}", trace))
     progress.value = -1
-    del batch
-    return TaskResult(task.task_id, tuple(results), times.as_tuple())
+    del rows
+    return TaskResult(task.task_id, tuple(results), times.totals())
 
 
 def _initialise(conn: Connection) -> SlotViews:
@@ -99,6 +122,7 @@ def worker_main(conn: Connection, progress: Synchronized, limits: DecodeLimits) 
     except BaseException as exc:  # report any start-up failure, then exit
         conn.send(StartFailed(f"{type(exc).__name__}: {exc}", traceback.format_exc()[-_MAX_TRACEBACK_CHARS:]))
         return
+    post: PostOpsRunner | None = None
     try:
         while True:
             try:
@@ -107,7 +131,11 @@ def worker_main(conn: Connection, progress: Synchronized, limits: DecodeLimits) 
                 return
             kind = getattr(message, "kind", None)
             if kind is Message.TASK:
-                conn.send(run_task(message, views, limits, progress))
+                if post is None and message.pipeline.has_post_ops:
+                    from stoker.server.imaging.render import PostOpsRunner  # preloaded by the forkserver
+
+                    post = PostOpsRunner()  # torchvision's transforms load on the first post-op
+                conn.send(run_task(message, views, limits, progress, post))
             elif kind is Message.FORGET:
                 views.forget(message.name)
             elif kind is Message.STOP:

@@ -10,19 +10,10 @@ import pytest
 import torch
 from torchvision.datasets import ImageFolder
 
-from stoker.client import RemoteBatches
 from stoker.client.protocol.plan import permutation
-from tests.helpers import DEMO_DATA
+from tests.helpers import DEMO_DATA, fetch_epoch, open_client
 
-TIMEOUT_S = 60.0
-
-
-def fetch_epoch(endpoint: str, dataset: str = "demo", **kwargs) -> list[tuple[torch.Tensor, ...]]:
-    kwargs.setdefault("device", "cpu")
-    kwargs.setdefault("normalize", False)
-    kwargs.setdefault("return_indices", True)
-    with RemoteBatches(endpoint, dataset, timeout_s=TIMEOUT_S, **kwargs) as batches:
-        return list(batches)
+pytestmark = pytest.mark.slow
 
 
 @pytest.mark.parametrize(("batch_size", "drop_last"), [(5, False), (4, True), (7, False)])
@@ -65,31 +56,23 @@ def test_batches_are_byte_identical_whatever_the_worker_count(cluster) -> None:
     one, two = cluster.start(workers=1), cluster.start(workers=2)
     for epoch in (0, 3):
         options = dict(image_size=48, batch_size=8, seed=5, world_size=2, rank=1)
-        a = _epoch(one.data, epoch, **options)
-        b = _epoch(two.data, epoch, **options)
+        a = fetch_epoch(one.data, epoch=epoch, **options)
+        b = fetch_epoch(two.data, epoch=epoch, **options)
         assert len(a) == len(b) == 3
-        for (xa, ya, ia), (xb, yb, ib) in zip(a, b, strict=False):
+        for (xa, ya, ia), (xb, yb, ib) in zip(a, b, strict=True):
             assert torch.equal(ia, ib) and torch.equal(ya, yb)
             assert torch.equal(xa, xb), "same job, epoch and rank must give the same bytes"
-    assert not torch.equal(_epoch(one.data, 0, **options)[0][0], _epoch(one.data, 1, **options)[0][0])
-
-
-def _epoch(endpoint: str, epoch: int, **options) -> list[tuple[torch.Tensor, ...]]:
-    with RemoteBatches(
-        endpoint, "demo", device="cpu", normalize=False, return_indices=True, timeout_s=TIMEOUT_S, **options
-    ) as batches:
-        batches.set_epoch(epoch)
-        return list(batches)
+    assert not torch.equal(
+        fetch_epoch(one.data, epoch=0, **options)[0][0], fetch_epoch(one.data, epoch=1, **options)[0][0]
+    )
 
 
 def test_state_dict_resumes_with_exactly_the_remaining_batches(cluster) -> None:
     server = cluster.start()
-    options = dict(
-        image_size=32, batch_size=5, seed=3, device="cpu", normalize=False, return_indices=True, timeout_s=TIMEOUT_S
-    )
-    with RemoteBatches(server.data, "demo", **options) as reference:
+    options = dict(image_size=32, batch_size=5, seed=3)
+    with open_client(server.data, **options) as reference:
         full = [list(reference), list(reference)]  # epochs 0 and 1
-    with RemoteBatches(server.data, "demo", **options) as first:
+    with open_client(server.data, **options) as first:
         taken = []
         for batch in first:
             taken.append(batch)
@@ -97,30 +80,32 @@ def test_state_dict_resumes_with_exactly_the_remaining_batches(cluster) -> None:
                 state = first.state_dict()
                 break
     assert state["epoch"] == 0 and state["next_batch"] == 4
-    with RemoteBatches(server.data, "demo", **options) as resumed:
+    with open_client(server.data, **options) as resumed:
         resumed.load_state_dict(state)
         resumed.set_epoch(0)  # a training loop's set_epoch must not undo the resume
         rest = list(resumed)
         following = list(resumed)
     assert len(taken) + len(rest) == len(full[0]) == 10
-    for got, want in zip(taken + rest, full[0], strict=False):
+    for got, want in zip(taken + rest, full[0], strict=True):
         assert torch.equal(got[0], want[0]) and torch.equal(got[2], want[2])
-    for got, want in zip(following, full[1], strict=False):
+    for got, want in zip(following, full[1], strict=True):
         assert torch.equal(got[0], want[0])
 
 
 def test_state_dict_of_another_job_is_refused(cluster) -> None:
     server = cluster.start()
-    with RemoteBatches(server.data, "demo", batch_size=4, device="cpu") as a:
+    with open_client(server.data, batch_size=4) as a:
         state = a.state_dict()
-    with RemoteBatches(server.data, "demo", batch_size=8, device="cpu") as b:
+    with open_client(server.data, batch_size=8) as b:
         with pytest.raises(ValueError, match="batch_size"):
             b.load_state_dict(state)
 
 
 def test_normalized_channels_last_float_output_and_stats(cluster) -> None:
     server = cluster.start()
-    with RemoteBatches(server.data, "demo", batch_size=16, image_size=64, device="cpu", timeout_s=TIMEOUT_S) as b:
+    # The trainer's defaults, not the tests': normalised float images and (images, labels) pairs.
+    options = dict(batch_size=16, image_size=64, normalize=True, return_indices=False)
+    with open_client(server.data, memory_format=torch.channels_last, **options) as b:
         assert len(b) == 3
         images, labels = next(iter(b))
         stats = b.stats()
@@ -130,21 +115,20 @@ def test_normalized_channels_last_float_output_and_stats(cluster) -> None:
     assert -3.0 < images.mean().item() < 3.0
     assert stats["batches"] == 1 and stats["images"] == 16 and stats["bytes"] == 16 * 64 * 64 * 3
     assert 0.0 <= stats["wait_share"] <= 1.0 and stats["wait_s"] > 0
+    # The default layout is a DataLoader's: contiguous NCHW, normalised or not, with the same values.
+    with open_client(server.data, **options) as b:
+        default, _ = next(iter(b))
+    assert default.is_contiguous() and torch.equal(default, images.contiguous())
+    with open_client(server.data, **(options | {"normalize": False})) as b:
+        raw, _ = next(iter(b))
+    assert raw.dtype == torch.uint8 and raw.is_contiguous()
+    with pytest.raises(ValueError, match="memory_format"):
+        open_client(server.data, memory_format=torch.channels_last_3d)
 
 
 def test_dataloader_wrapping_batch_size_none(cluster) -> None:
     server = cluster.start()
-    with RemoteBatches(
-        server.data,
-        "demo",
-        batch_size=8,
-        image_size=32,
-        device="cpu",
-        normalize=False,
-        return_indices=True,
-        shuffle=False,
-        timeout_s=TIMEOUT_S,
-    ) as batches:
+    with open_client(server.data, batch_size=8, image_size=32, shuffle=False) as batches:
         loader = torch.utils.data.DataLoader(batches, batch_size=None)
         got = list(loader)
         assert len(got) == len(batches) == 6
@@ -153,7 +137,7 @@ def test_dataloader_wrapping_batch_size_none(cluster) -> None:
         batches.set_epoch(0)
         parallel = list(torch.utils.data.DataLoader(batches, batch_size=None, num_workers=2))
         assert [idx.tolist() for _, _, idx in parallel] == [idx.tolist() for _, _, idx in got]
-        assert all(torch.equal(a[0], b[0]) for a, b in zip(parallel, got, strict=False))
+        assert all(torch.equal(a[0], b[0]) for a, b in zip(parallel, got, strict=True))
 
 
 def test_taking_exactly_len_batches_finishes_each_epoch(cluster) -> None:
@@ -162,17 +146,7 @@ def test_taking_exactly_len_batches_finishes_each_epoch(cluster) -> None:
     there, so the next one is served in full, directly and through ``DataLoader(batch_size=None)``."""
     server = cluster.start()
     seed = 13
-    with RemoteBatches(
-        server.data,
-        "demo",
-        batch_size=8,
-        image_size=16,
-        seed=seed,
-        device="cpu",
-        normalize=False,
-        return_indices=True,
-        timeout_s=TIMEOUT_S,
-    ) as batches:
+    with open_client(server.data, batch_size=8, image_size=16, seed=seed) as batches:
         loader = torch.utils.data.DataLoader(batches, batch_size=None)
         epochs, states = [], []
         for source in [batches] * 3 + [loader] * 3:
@@ -199,9 +173,9 @@ def test_eval_pipeline_matches_torchvision_and_imagefolder(cluster) -> None:
     reference = ImageFolder(
         str(DEMO_DATA), transform=transforms.Compose([transforms.Resize(256), transforms.CenterCrop(224)])
     )
-    batches = fetch_epoch(server.data, pipeline="eval", batch_size=16, shuffle=False)
+    batches = fetch_epoch(server.data, pipeline="eval", image_size=224, batch_size=16, shuffle=False)
     for images, labels, indices in batches:
-        for image, label, index in zip(images, labels, indices.tolist(), strict=False):
+        for image, label, index in zip(images, labels, indices.tolist(), strict=True):
             picture, target = reference[index]
             theirs = torch.from_numpy(np.array(picture)).permute(2, 0, 1).to(torch.int16)
             assert (image.to(torch.int16) - theirs).abs().float().mean().item() < 2.0
@@ -210,12 +184,10 @@ def test_eval_pipeline_matches_torchvision_and_imagefolder(cluster) -> None:
 
 def test_breaking_out_and_iterating_again_continues_where_it_stopped(cluster) -> None:
     server = cluster.start()
-    options = dict(
-        image_size=16, batch_size=6, device="cpu", normalize=False, return_indices=True, timeout_s=TIMEOUT_S, seed=9
-    )
-    with RemoteBatches(server.data, "demo", **options) as reference:
+    options = dict(image_size=16, batch_size=6, seed=9)
+    with open_client(server.data, **options) as reference:
         epochs = [[idx.tolist() for _, _, idx in reference] for _ in range(2)]
-    with RemoteBatches(server.data, "demo", **options) as batches:
+    with open_client(server.data, **options) as batches:
         got = []
         for _, _, idx in batches:
             got.append(idx.tolist())
@@ -235,7 +207,9 @@ def test_batches_over_16_mib_arrive_in_several_frames_in_order(cluster) -> None:
 
     server = cluster.start()
     # 48 x 352 x 352 x 3 = 17.8 MB: two frames on the wire, gathered into one tensor.
-    ((images, _, indices),) = fetch_epoch(server.data, batch_size=48, image_size=352, seed=4)
+    ((images, _, indices),) = fetch_epoch(
+        server.data, batch_size=48, image_size=352, seed=4, memory_format=torch.channels_last
+    )
     assert images.shape == (48, 3, 352, 352) and images.is_contiguous(memory_format=torch.channels_last)
     paths = [path for path, _ in ImageFolder(str(DEMO_DATA)).samples]
     for row in (0, 23, 47):  # first frame, boundary, second frame

@@ -81,7 +81,9 @@ def test_a_task_fills_its_rows_and_reports_each_sample(pool, slots) -> None:
     )
     row = np.frombuffer(slot.view(SIZE * SIZE * 3), np.uint8).reshape(SIZE, SIZE, 3)
     assert np.array_equal(row, expected), "the worker wrote the same bytes as rendering in-process"
-    assert all(t >= 0 for t in done.result.times)
+    stages = {stage: (seconds, count) for stage, seconds, count in done.result.stages}
+    assert {"read", "decode", "geometry", "augment"} <= set(stages) and stages["decode"][1] == 1
+    assert all(seconds >= 0 for seconds, _ in stages.values())
 
 
 def test_a_task_and_its_message_must_agree_on_the_id(pool, slots) -> None:

@@ -13,7 +13,7 @@ from torchvision.transforms import v2
 from stoker.client.protocol.rng import SampleRng
 from stoker.server.imaging.decode import DecodeLimits
 from stoker.server.imaging.geometry import plan_geometry
-from stoker.server.imaging.pipelines import BUILTIN_PIPELINES, Pipeline
+from stoker.server.imaging.pipelines import BUILTIN_PIPELINES, Pipeline, View
 from stoker.server.imaging.render import StageTimes, render_sample
 from tests.helpers import DEMO_DATA, ODD_DATA
 
@@ -29,7 +29,7 @@ def render(path, pipeline: str | Pipeline = "resize", size: int = 64, key: int =
 
 @pytest.mark.parametrize(("width", "height"), [(500, 320), (320, 500), (64, 64), (2000, 100), (100, 2000)])
 def test_random_resized_crop_boxes_follow_torchvision_rules(width: int, height: int) -> None:
-    train = BUILTIN_PIPELINES["train"]
+    train = BUILTIN_PIPELINES["train"].views[0]
     flips = 0
     for key in range(300):
         geometry = plan_geometry(width, height, 224, train, SampleRng(key))
@@ -47,14 +47,14 @@ def test_random_resized_crop_boxes_follow_torchvision_rules(width: int, height: 
 
 
 def test_same_key_same_geometry_different_key_different_geometry() -> None:
-    train = BUILTIN_PIPELINES["train"]
+    train = BUILTIN_PIPELINES["train"].views[0]
     assert plan_geometry(500, 320, 224, train, SampleRng(5)) == plan_geometry(500, 320, 224, train, SampleRng(5))
     assert len({plan_geometry(500, 320, 224, train, SampleRng(k)).box for k in range(50)}) > 40
 
 
 @pytest.mark.parametrize(("width", "height"), [(500, 320), (320, 500), (451, 300), (256, 256)])
 def test_eval_geometry_matches_torchvision_resize_then_center_crop(width: int, height: int) -> None:
-    geometry = plan_geometry(width, height, 224, BUILTIN_PIPELINES["eval"], SampleRng(0))
+    geometry = plan_geometry(width, height, 224, BUILTIN_PIPELINES["eval"].views[0], SampleRng(0))
     reference = v2.Compose([v2.Resize(256), v2.CenterCrop(224)])
     resized = v2.Resize(256)(torch.zeros(3, height, width))
     assert tuple(resized.shape[1:]) == geometry.resize
@@ -87,7 +87,7 @@ def test_all_eight_exif_orientations_give_the_same_upright_image() -> None:
 
 
 def test_flip_mirrors_the_output() -> None:
-    always = Pipeline("flip", "resize", hflip=1.0)
+    always = Pipeline("flip", (View("resize", hflip=1.0),))
     path = sorted(DEMO_DATA.rglob("*.jpg"))[0]
     assert np.array_equal(render(path, always), render(path, "resize")[:, ::-1])
 

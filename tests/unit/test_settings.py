@@ -67,14 +67,14 @@ def test_http_address_parsing() -> None:
 
 def test_declared_pipelines_are_validated() -> None:
     small = pipeline_from_ops("small", [{"op": "random_resized_crop", "scale": [0.35, 1.0]}, {"op": "hflip"}])
-    assert small.scale == (0.35, 1.0) and small.hflip == 0.5
+    assert small.views[0].scale == (0.35, 1.0) and small.views[0].hflip == 0.5
     with pytest.raises(ValueError, match="first op"):
         pipeline_from_ops("x", [{"op": "hflip"}])
     with pytest.raises(ValueError, match="no parameter 'size'"):
         pipeline_from_ops("x", [{"op": "resize", "size": 3}])
     with pytest.raises(ValueError, match="scale="):
         pipeline_from_ops("x", [{"op": "random_resized_crop", "scale": [0.5, 2.0]}])
-    assert BUILTIN_PIPELINES["train"].hflip == 0.5
+    assert BUILTIN_PIPELINES["train"].views[0].hflip == 0.5
 
 
 def test_token_can_come_from_a_file(tmp_path: Path) -> None:

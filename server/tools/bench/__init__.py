@@ -21,6 +21,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from stoker.server.imaging.pipelines import Pipeline
 from stoker.server.tools.bench.report import dump_json, format_table, ratios
 from stoker.server.tools.measure import Run, Series, Stream, timed_window
 
@@ -44,16 +45,31 @@ class BenchConfig:
     repeats: int = 3
     poll_status_ms: float = 0.0
     """Also run stoker with ``/status`` polled this often (0: don't)."""
+    config_file: Path | None = None
+    """A server config declaring ``pipeline`` (its ``[pipelines.*]`` tables)."""
 
     def __post_init__(self) -> None:
         if not self.data.is_dir():
             raise ValueError(f"--data {self.data} is not a directory")
+        self.resolve_pipeline()  # an unknown name or a bad config is refused before anything runs
         if not self.seconds > 0:
             raise ValueError(f"--seconds must be > 0, not {self.seconds}")
         if self.repeats < 1:
             raise ValueError(f"--repeats must be at least 1, not {self.repeats}")
         if self.workers is not None and self.workers < 0:
             raise ValueError(f"--workers must be >= 0, not {self.workers}")
+
+    def resolve_pipeline(self) -> Pipeline:
+        """The pipeline benchmarked: a built-in, or one ``config_file`` declares."""
+        from stoker.server.settings import load_settings
+
+        try:
+            pipelines = load_settings(self.config_file, env={}).pipeline_map()
+        except (ValueError, OSError) as exc:
+            raise ValueError(f"--config {self.config_file}: {exc}") from None
+        if self.pipeline not in pipelines:
+            raise ValueError(f"--pipeline {self.pipeline!r} is not declared; known: {sorted(pipelines)}")
+        return pipelines[self.pipeline]
 
 
 class _Progress:
@@ -81,7 +97,14 @@ def _loaders(config: BenchConfig, workers: int) -> dict[str, tuple[str, Factory 
     """Each row: its label and how to open its stream (``None``: the decode row, measured apart)."""
     from stoker.server.tools.bench.loaders import seed_recipe, stoker_stream, strong_recipe
 
-    data, size, batch, pipeline = config.data, config.image_size, config.batch_size, config.pipeline
+    data, size, batch, name, extra = (
+        config.data,
+        config.image_size,
+        config.batch_size,
+        config.pipeline,
+        config.config_file,
+    )
+    pipeline = config.resolve_pipeline()
     rows: dict[str, tuple[str, Factory | None]] = {
         "dataloader_seed": ("(a) DataLoader seed recipe", lambda: seed_recipe(data, size, batch, workers)),
         "dataloader_strong": (
@@ -89,13 +112,13 @@ def _loaders(config: BenchConfig, workers: int) -> dict[str, tuple[str, Factory 
             lambda: strong_recipe(data, size, batch, workers, pipeline),
         ),
         "decode_1core": ("(c) decode, 1 core", None),
-        "stoker": ("(d) stoker end to end", lambda: stoker_stream(data, size, batch, workers, pipeline)),
+        "stoker": ("(d) stoker end to end", lambda: stoker_stream(data, size, batch, workers, name, config=extra)),
     }
     if config.poll_status_ms:
         poll = config.poll_status_ms
         rows["stoker_polled"] = (
             f"(d) + /status every {poll:g} ms",
-            lambda: stoker_stream(data, size, batch, workers, pipeline, poll_status_ms=poll),
+            lambda: stoker_stream(data, size, batch, workers, name, poll_status_ms=poll, config=extra),
         )
     return rows
 

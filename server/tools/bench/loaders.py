@@ -2,8 +2,9 @@
 
 - ``seed_recipe``: the recipe most people start from: ``ImageFolder`` + ``Resize((S, S))`` +
   ``ToTensor`` + ``Normalize``, float32 out. The one DataLoader baseline of both commands.
-- ``strong_recipe``: a ``DataLoader`` doing stoker's work: ``torchvision.io.decode_jpeg`` + v2
-  ``RandomResizedCrop`` + flip (``train``) or ``Resize`` + ``CenterCrop`` (``eval``), uint8 out.
+- ``strong_recipe``: a ``DataLoader`` doing stoker's work: ``torchvision.io.decode_jpeg`` + the
+  pipeline's torchvision form (:mod:`.recipes`): v2 ``RandomResizedCrop`` + flip (``train``),
+  ``Resize`` + ``CenterCrop`` (``eval``), and any post-ops and views, uint8 out.
 - ``stoker_client``: a ``RemoteBatches`` client of a running server; ``stoker_stream`` starts a real
   ``stoker serve`` child on loopback for it.
 
@@ -16,7 +17,7 @@ import threading
 import time
 import urllib.request
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -24,8 +25,9 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset
 from torchvision import datasets, transforms
-from torchvision.transforms import v2
 
+from stoker.server.imaging.pipelines import Pipeline
+from stoker.server.tools.bench.recipes import recipe_transform
 from stoker.server.tools.launcher import loopback_args, start_server
 from stoker.server.tools.measure import Stream
 
@@ -41,7 +43,7 @@ def _loader_stream(loader: DataLoader) -> Iterator[Stream]:
         epoch: Iterable[Any] = first
         while True:
             for images, _ in epoch:
-                yield images.shape[0], images.numel() * images.element_size()
+                yield _count(images)
             epoch = loader
 
     endless = counts()
@@ -49,6 +51,12 @@ def _loader_stream(loader: DataLoader) -> Iterator[Stream]:
         yield Stream(endless, len(loader))
     finally:
         endless.close()  # lets go of the loader: its persistent workers stop when it is collected
+
+
+def _count(images: torch.Tensor | list[torch.Tensor]) -> tuple[int, int]:
+    """``(samples, bytes)`` of a batch: one tensor, or one per view of a multi-view pipeline."""
+    views = images if isinstance(images, list) else [images]
+    return views[0].shape[0], sum(view.numel() * view.element_size() for view in views)
 
 
 @contextmanager
@@ -72,14 +80,14 @@ def seed_recipe(data: Path, size: int, batch_size: int, workers: int) -> Iterato
 class _JpegFolder(Dataset):
     """ImageFolder's samples, decoded with libjpeg-turbo through torchvision."""
 
-    def __init__(self, data: Path, transform: v2.Transform) -> None:
+    def __init__(self, data: Path, transform: Callable[[torch.Tensor], Any]) -> None:
         self.samples = datasets.ImageFolder(str(data)).samples
         self.transform = transform
 
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, index: int) -> tuple[Any, int]:
         from torchvision.io import ImageReadMode, decode_image, read_file
 
         path, label = self.samples[index]
@@ -90,16 +98,10 @@ class _JpegFolder(Dataset):
 
 
 @contextmanager
-def strong_recipe(data: Path, size: int, batch_size: int, workers: int, pipeline: str) -> Iterator[Stream]:
-    """decode_jpeg + v2 RandomResizedCrop + flip (or Resize + CenterCrop), uint8 out."""
-    if pipeline == "train":
-        transform = v2.Compose([v2.RandomResizedCrop(size, antialias=True), v2.RandomHorizontalFlip()])
-    elif pipeline == "eval":
-        transform = v2.Compose([v2.Resize(int(size * 256 / 224), antialias=True), v2.CenterCrop(size)])
-    else:
-        transform = v2.Resize((size, size), antialias=True)
+def strong_recipe(data: Path, size: int, batch_size: int, workers: int, pipeline: Pipeline) -> Iterator[Stream]:
+    """decode_jpeg + the pipeline's torchvision form, uint8 out."""
     loader = DataLoader(
-        _JpegFolder(data, transform),
+        _JpegFolder(data, recipe_transform(pipeline, size)),
         batch_size=batch_size,
         shuffle=True,
         num_workers=workers,
@@ -125,9 +127,10 @@ def stoker_client(endpoint: str, dataset: str, step_s: float = 0.0, **options: A
                 for images, _ in batches:
                     if step_s:
                         _busy(step_s)
-                    if images.device.type == "cuda":
-                        torch.cuda.synchronize(images.device)
-                    yield images.shape[0], images.numel()
+                    first = images[0] if isinstance(images, list) else images
+                    if first.device.type == "cuda":
+                        torch.cuda.synchronize(first.device)
+                    yield _count(images)
 
         endless = counts()
         try:
@@ -152,10 +155,11 @@ def stoker_stream(
     pipeline: str,
     poll_status_ms: float = 0.0,
     prefetch: int = 4,
+    config: Path | None = None,
 ) -> Iterator[Stream]:
-    """A real server (child process) and a CPU client of uint8 batches; optionally a thread polling
-    ``/status``."""
-    args = loopback_args("bench", data, workers)
+    """A real server (child process, with ``config`` declaring pipelines) and a CPU client of uint8
+    batches; optionally a thread polling ``/status``."""
+    args = loopback_args("bench", data, workers) + (["--config", str(config)] if config else [])
     with start_server(args) as server:
         stop = threading.Event()
 
