@@ -177,6 +177,9 @@ def stoker_stream(
             batch_size=batch_size,
             device="cpu",
             normalize=False,
+            # The wire's NHWC seen as NCHW, with no host copy: turning it contiguous is the trainer's
+            # device's work (on a GPU, after the copy), which a CPU benchmark should not charge here.
+            memory_format=torch.channels_last,
             prefetch=prefetch,
             timeout_s=120,
         ) as stream:
