@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 import zmq
 
@@ -84,7 +85,12 @@ class Converter:
         if self.normalize:
             mean, std = self._normalizer()
             return images.to(dtype=torch.float32, memory_format=layout).sub_(mean).div_(std)
-        return images.contiguous() if self.contiguous else images
+        if not self.contiguous:
+            return images
+        if nhwc.device.type == "cpu":
+            # numpy transposes 3-byte pixels about three times faster than torch's permute copy.
+            return torch.from_numpy(np.ascontiguousarray(nhwc.numpy().transpose(0, 3, 1, 2)))
+        return images.contiguous()
 
     def _normalizer(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self._scale is None:
