@@ -48,6 +48,7 @@ class Cluster:
         self.log_dir = log_dir
         self.servers: list[ServerProcess] = []
         self._args: dict[int, list[str]] = {}
+        self._env: dict[int, dict[str, str]] = {}
         self._logs: list[Any] = []
 
     def start(
@@ -67,9 +68,12 @@ class Cluster:
         # Kept open for the server's lifetime; close() closes it.
         log = open(self.log_dir / f"server-{len(self._logs)}.log", "wb")  # noqa: SIM115
         self._logs.append(log)
-        server = start_server(full, timeout_s=START_TIMEOUT_S, env={**os.environ, **(env or {})}, stderr=log.fileno())
+        # Index caches go next to the logs, not into the home directory, unless a test says otherwise.
+        environment = {**os.environ, "STOKER_INDEX_DIR": str(self.log_dir / "index"), **(env or {})}
+        server = start_server(full, timeout_s=START_TIMEOUT_S, env=environment, stderr=log.fileno())
         self.servers.append(server)
         self._args[id(server)] = full
+        self._env[id(server)] = dict(env or {})
         return server
 
     def kill(self, server: ServerProcess) -> None:
@@ -83,7 +87,7 @@ class Cluster:
         workers = args[args.index("--workers") + 1]
         # start() adds --bind/--http/--workers/--log-level; the other flags pass through unchanged.
         rest = _drop_pairs(args, {"--bind", "--http", "--workers", "--log-level"})
-        return self.start(*rest, datasets={}, workers=int(workers), bind=server.data)
+        return self.start(*rest, datasets={}, workers=int(workers), bind=server.data, env=self._env[id(server)])
 
     def logs(self) -> str:
         """Everything the servers wrote to stderr (shown when a test fails)."""

@@ -92,6 +92,11 @@ class ErrorCode(IntEnum):
     """A post-op of the pipeline (a torchvision transform or a plugin) failed on a sample or returned a
     wrong image; ``op``, ``path``, ``reason`` and ``traceback`` say which and why. Not retried: the
     same sample fails the same way everywhere."""
+    NOT_READY = 13
+    """The server is still listing the job's dataset (at start-up); ask again shortly."""
+    STORAGE_UNAVAILABLE = 14
+    """The dataset's storage could not be reached after the server's retries; the request can be
+    retried (the client does, a few times, then raises)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -17,7 +17,9 @@ from stoker.client.protocol.wire import ErrorCode
 
 __all__ = ["TRANSIENT", "MAX_INTERNAL_RETRIES", "is_transient", "server_error"]
 
-TRANSIENT = frozenset({ErrorCode.BUSY, ErrorCode.SHUTTING_DOWN, ErrorCode.INTERNAL})
+TRANSIENT = frozenset(
+    {ErrorCode.BUSY, ErrorCode.SHUTTING_DOWN, ErrorCode.INTERNAL, ErrorCode.NOT_READY, ErrorCode.STORAGE_UNAVAILABLE}
+)
 """Codes answered by asking again (later, or elsewhere) rather than by raising."""
 MAX_INTERNAL_RETRIES = 3
 """How often one batch is asked again after ``INTERNAL`` before the error is raised."""

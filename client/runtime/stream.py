@@ -130,16 +130,20 @@ class BatchStream:
             return
         if item not in self._outstanding:
             return  # a late answer to a request asked again since
-        if code == ErrorCode.INTERNAL:
+        if code in (ErrorCode.INTERNAL, ErrorCode.STORAGE_UNAVAILABLE):
             failures = self._internal_errors.get(item, 0) + 1
             self._internal_errors[item] = failures
             if failures > MAX_INTERNAL_RETRIES:
                 self._failure = server_error(fields, link.endpoint)
-                self._failure.add_note(f"asked {failures} times; every answer was INTERNAL")
+                self._failure.add_note(f"asked {failures} times; every answer was {ErrorCode(code).name}")
                 return
             log.debug("batch %s failed on %s (%s); asking again", item, link.endpoint, fields["message"])
+            if code == ErrorCode.STORAGE_UNAVAILABLE:
+                link.avoid_until = time.monotonic() + 0.5 * failures  # give the store a moment
         elif code == ErrorCode.SHUTTING_DOWN:
             link.avoid_until = time.monotonic() + 2.0
+        elif code == ErrorCode.NOT_READY:
+            link.avoid_until = time.monotonic() + 0.5  # still listing its datasets: ask again soon
         elif code == ErrorCode.BUSY:
             self.prefetch = max(1, min(self.prefetch, fields.get("prefetch", self.prefetch)))
             self._hold_until = time.monotonic() + fields.get("retry_after_s", 0.05)

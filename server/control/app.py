@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
@@ -19,23 +20,57 @@ __all__ = ["create_app"]
 log = logging.getLogger(__name__)
 
 
+class Startup(threading.Thread):
+    """Starts the engine (workers, data socket), then lists the declared datasets, off the event loop,
+    so ``/healthz`` answers from the first moment and ``/readyz`` says what is still being done."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        on_ready: Callable[[Engine], None] | None,
+        on_failed: Callable[[str], None] | None,
+    ) -> None:
+        super().__init__(name="stoker-startup", daemon=True)
+        self.engine, self.on_ready, self.on_failed = engine, on_ready, on_failed
+
+    def run(self) -> None:
+        try:
+            self.engine.start()
+        except Exception as exc:  # workers that cannot start, a socket that cannot bind
+            log.error("the engine could not start: %s", exc)
+            self._fail(f"the engine could not start: {exc}")
+            return
+        if not self.engine.catalog.load_declared():
+            reasons = "; ".join(entry.error or entry.decl.name for entry in self.engine.catalog.failed)
+            self._fail(reasons)
+            return
+        if self.on_ready is not None:
+            self.on_ready(self.engine)
+
+    def _fail(self, reason: str) -> None:
+        if self.on_failed is not None:
+            self.on_failed(reason)
+
+
 def create_app(
     engine: Engine,
     settings: ServerSettings,
     http_url: str = "",
     on_ready: Callable[[Engine], None] | None = None,
+    on_failed: Callable[[str], None] | None = None,
 ) -> FastAPI:
-    """Build the app; starting it starts the engine, stopping it drains the engine."""
+    """Build the app; starting it starts the engine and the listing of datasets in the background,
+    stopping it drains the engine. ``on_ready`` runs once serving; ``on_failed`` when start-up failed."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        # Worker start-up blocks for a while; keep it off the event loop.
-        await asyncio.to_thread(engine.start)
-        if on_ready is not None:
-            on_ready(engine)
+        startup = Startup(engine, on_ready, on_failed)
+        startup.start()
         try:
             yield
         finally:
+            # A stop during start-up waits a little for it (a listing may take minutes: not for that).
+            await asyncio.to_thread(startup.join, engine.config.drain_timeout_s)
             await asyncio.to_thread(engine.close)
 
     app = FastAPI(

@@ -21,10 +21,15 @@ async def healthz() -> dict[str, str]:
 
 @router.get("/readyz", responses={503: {"description": "not ready, with the reason"}})
 async def readyz(engine: Annotated[Engine, Depends(get_engine)]) -> JSONResponse:
-    """200 once the worker pool is up and the data socket bound; 503 with the reason otherwise."""
-    if engine.ready:
+    """200 once the worker pool is up, the data socket bound and every dataset listed; 503 with the
+    reason otherwise."""
+    catalog = engine.catalog
+    if engine.ready and catalog.ready:
         return JSONResponse({"status": "ready", "endpoint": engine.endpoint})
     reason = "draining" if engine.started.is_set() else "starting workers"
+    if engine.ready:
+        waiting = [f"{e.decl.name} ({e.state}, {e.listed} samples)" for e in catalog.entries if e.state != "ready"]
+        reason = "listing datasets: " + ", ".join(waiting)
     if engine.stopped.is_set():
         reason = "stopped"
     return JSONResponse({"status": "not ready", "reason": reason}, status_code=503)

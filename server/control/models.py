@@ -72,9 +72,14 @@ class PoolStatus(BaseModel):
 
 class DatasetStatus(BaseModel):
     name: str
-    samples: int
+    state: str = Field("ready", description="loading (being listed), ready or failed")
+    samples: int = Field(description="samples (so far, while loading)")
     classes: int
     fingerprint: str
+    source: str = Field("image_folder", description="image_folder, flat, manifest, file_list, shards or plugin")
+    from_cache: bool = Field(False, description="the index was read from the index cache")
+    seconds: float = Field(0.0, description="time the listing took")
+    error: str | None = Field(None, description="why a failed dataset could not be listed")
 
 
 class JobStatus(BaseModel):

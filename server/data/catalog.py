@@ -1,158 +1,164 @@
-"""Datasets declared by the operator: an ImageFolder tree or a CSV/TSV file list.
+"""The datasets this server may read, by name. Clients name a dataset; they never name a path.
 
-Clients name a dataset; they never name a path. Each dataset's file paths live in one ``uint8`` blob
-with an ``int64`` offset array and its labels in an ``int64`` array, so a million samples are three
-numpy arrays instead of a million Python strings (no refcount churn, no copy-on-read growth).
+Each declared dataset is listed once at start (:func:`~stoker.server.data.listing.list_dataset`),
+possibly for minutes, while the server already answers ``/healthz``: the catalog shows each dataset's
+state and progress, a job on a dataset still loading is answered ``NOT_READY`` (the client waits and
+asks again), and readiness waits for every dataset.
 """
 
 from __future__ import annotations
 
-import csv
-import hashlib
 import logging
-import os
-from collections.abc import Iterable, Iterator, Mapping
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Literal
+from typing import Any
 
-import numpy as np
+from stoker.server.data.declarations import IMAGE_EXTENSIONS, DatasetDecl
+from stoker.server.data.index_cache import IndexCache
+from stoker.server.data.table import SampleTable
 
-__all__ = ["DatasetDecl", "SampleTable", "Catalog", "IMAGE_EXTENSIONS", "load_dataset"]
+__all__ = ["Catalog", "DatasetDecl", "DatasetEntry", "SampleTable", "IMAGE_EXTENSIONS", "load_dataset"]
 
 log = logging.getLogger(__name__)
 
-# The same extensions torchvision's ImageFolder accepts, matched case-insensitively.
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+@dataclass(eq=False)
+class DatasetEntry:
+    """One declared dataset as the catalog knows it. Written by the thread listing it; other threads
+    read single attributes (each assignment is atomic), and ``table`` is set before ``state``."""
+
+    decl: DatasetDecl
+    state: str = "loading"
+    """``loading``, ``ready`` or ``failed``."""
+    listed: int = 0
+    """Samples listed so far."""
+    table: SampleTable | None = None
+    error: str | None = None
+    from_cache: bool = False
+    seconds: float = 0.0
+
+    def view(self) -> dict[str, Any]:
+        """JSON-ready, for ``/status``."""
+        table = self.table
+        return {
+            "name": self.decl.name,
+            "state": self.state,
+            "samples": len(table) if table is not None else self.listed,
+            "classes": len(table.classes) if table is not None else 0,
+            "fingerprint": table.fingerprint if table is not None else "",
+            "source": self.decl.resolved().kind,
+            "from_cache": self.from_cache,
+            "seconds": round(self.seconds, 3),
+            "error": self.error,
+        }
 
 
-@dataclass(frozen=True, slots=True)
-class DatasetDecl:
-    """An operator's declaration: ``image_folder`` (class = sub-folder) or ``file_list`` (path,label rows)."""
+def load_dataset(
+    decl: DatasetDecl, progress: Callable[[int], None] | None = None, cache: IndexCache | None = None
+) -> SampleTable:
+    """List one declared dataset now; ``ValueError`` names the dataset when it is unusable."""
+    from stoker.server.data.listing import list_dataset
 
-    name: str
-    path: Path
-    kind: Literal["image_folder", "file_list"] = "image_folder"
-    root: Path | None = None
-    """For a file list: the folder relative paths are read from (default: the list's folder)."""
-
-
-class SampleTable:
-    """The samples of one dataset: root, relative paths, labels and class names."""
-
-    def __init__(self, name: str, root: Path, classes: list[str], rows: Iterable[tuple[bytes, int]]) -> None:
-        self.name = name
-        self.root = root
-        self.classes = tuple(classes)
-        offsets = [0]
-        chunks: list[bytes] = []
-        labels: list[int] = []
-        digest = hashlib.blake2b(digest_size=16)
-        digest.update("\0".join(self.classes).encode())
-        for rel, label in rows:
-            chunks.append(rel)
-            offsets.append(offsets[-1] + len(rel))
-            labels.append(label)
-            digest.update(rel + b"\0" + label.to_bytes(8, "little", signed=True))
-        # Build the arrays, then drop the temporary Python lists: only numpy arrays stay alive.
-        self._blob = np.frombuffer(b"".join(chunks), dtype=np.uint8)
-        self._offsets = np.asarray(offsets, dtype=np.int64)
-        self.labels = np.asarray(labels, dtype=np.int64)
-        self.fingerprint = digest.hexdigest()
-        self._root_bytes = os.fsencode(root)
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def relative_path(self, index: int) -> bytes:
-        """The sample's path relative to the dataset root, as bytes."""
-        return self._blob[self._offsets[index] : self._offsets[index + 1]].tobytes()
-
-    def path(self, index: int) -> bytes:
-        """The sample's full path as bytes (what workers open)."""
-        return os.path.join(self._root_bytes, self.relative_path(index))
-
-    def display_path(self, index: int) -> str:
-        """The sample's full path as text for logs and ``/status``."""
-        return os.fsdecode(self.path(index))
-
-
-def _scan_image_folder(name: str, root: Path) -> SampleTable:
-    if not root.is_dir():
-        raise ValueError(f"dataset {name!r}: {str(root)!r} is not a directory")
-    classes = sorted(entry.name for entry in os.scandir(root) if entry.is_dir())
-    if not classes:
-        raise ValueError(f"dataset {name!r}: no class sub-folders in {str(root)!r}")
-
-    def rows() -> Iterator[tuple[bytes, int]]:
-        for label, cls in enumerate(classes):
-            found = 0
-            # Same walk order as torchvision's ImageFolder, so sample i and class ids match it.
-            for folder, _, files in sorted(os.walk(root / cls, followlinks=True)):
-                for file in sorted(files):
-                    if file.lower().endswith(IMAGE_EXTENSIONS):
-                        found += 1
-                        yield os.fsencode(os.path.relpath(os.path.join(folder, file), root)), label
-            if not found:
-                log.warning("dataset %r: class folder %r holds no images", name, cls)
-
-    return SampleTable(name, root, classes, rows())
-
-
-def _read_file_list(name: str, path: Path, root: Path | None) -> SampleTable:
-    if not path.is_file():
-        raise ValueError(f"dataset {name!r}: file list {str(path)!r} does not exist")
-    delimiter = "\t" if path.suffix.lower() in (".tsv", ".tab") else ","
-    with path.open(newline="", encoding="utf-8") as handle:
-        raw = [row for row in csv.reader(handle, delimiter=delimiter) if row and any(cell.strip() for cell in row)]
-    if raw and raw[0][-1].strip().lower() in ("label", "class", "target"):
-        raw = raw[1:]
-    bad = [i for i, row in enumerate(raw) if len(row) != 2 or not row[0].strip()]
-    if bad:
-        raise ValueError(f"dataset {name!r}: rows {bad[:5]} of {str(path)!r} are not 'path,label'")
-    labels_text = [row[1].strip() for row in raw]
-    if all(text.lstrip("-").isdigit() for text in labels_text):
-        numbers = [int(text) for text in labels_text]
-        if numbers and min(numbers) < 0:
-            raise ValueError(f"dataset {name!r}: labels must be >= 0")
-        classes = [str(i) for i in range(max(numbers, default=-1) + 1)]
-    else:
-        classes = sorted(set(labels_text))
-        index = {cls: i for i, cls in enumerate(classes)}
-        numbers = [index[text] for text in labels_text]
-    base = root if root is not None else path.parent
-    rows = ((os.fsencode(row[0].strip()), label) for row, label in zip(raw, numbers, strict=False))
-    return SampleTable(name, base, classes, rows)
-
-
-def load_dataset(decl: DatasetDecl) -> SampleTable:
-    """Scan or read a declared dataset; raise ``ValueError`` naming the dataset when it is unusable."""
-    if decl.kind == "image_folder":
-        table = _scan_image_folder(decl.name, decl.path)
-    else:
-        table = _read_file_list(decl.name, decl.path, decl.root)
+    started = time.monotonic()
+    table = list_dataset(decl.resolved(), progress or (lambda count: None), cache)
     if len(table) == 0:
-        raise ValueError(f"dataset {decl.name!r} at {str(decl.path)!r} has no images")
-    log.info("dataset %r: %d samples, %d classes from %s", decl.name, len(table), len(table.classes), decl.path)
+        raise ValueError(f"dataset {decl.name!r} at {decl.location!r} has no images")
+    log.info(
+        "dataset %r: %d samples, %d classes from %s in %.1f s",
+        decl.name,
+        len(table),
+        len(table.classes),
+        decl.location or decl.plugin,
+        time.monotonic() - started,
+    )
     return table
 
 
 class Catalog(Mapping[str, SampleTable]):
-    """The datasets this server may read, by name. Nothing else is ever opened."""
+    """Declared datasets by name; as a mapping, the ones ready to serve."""
 
-    def __init__(self, tables: Iterable[SampleTable]) -> None:
-        self._tables = {table.name: table for table in tables}
+    def __init__(
+        self, tables: Iterable[SampleTable] = (), decls: Iterable[DatasetDecl] = (), index_dir: str | None = None
+    ) -> None:
+        self.cache = IndexCache(index_dir)
+        self._entries: dict[str, DatasetEntry] = {}
+        for table in tables:
+            self._entries[table.name] = DatasetEntry(DatasetDecl(table.name, table.root), "ready", len(table), table)
+        for decl in decls:
+            self._entries[decl.name] = DatasetEntry(decl)
 
     @classmethod
     def load(cls, decls: Iterable[DatasetDecl]) -> Catalog:
-        """Load every declaration."""
+        """List every declaration now (tests, tools); raises on the first unusable one."""
         return cls(load_dataset(decl) for decl in decls)
 
+    def load_declared(self, progress_log_s: float = 10.0) -> bool:
+        """List every dataset still loading, one after another, in this thread; ``False`` if one
+        failed (its entry says why)."""
+        ok = True
+        for entry in self.entries:
+            if entry.state == "loading":
+                ok = self._load(entry, progress_log_s) and ok
+        return ok
+
+    def _load(self, entry: DatasetEntry, progress_log_s: float) -> bool:
+        started = last_log = time.monotonic()
+
+        def progress(count: int) -> None:
+            nonlocal last_log
+            entry.listed = count
+            if time.monotonic() - last_log >= progress_log_s:
+                last_log = time.monotonic()
+                log.info("dataset %r: %d samples listed so far", entry.decl.name, count)
+
+        try:
+            table = load_dataset(entry.decl, progress, self.cache)
+        except Exception as exc:  # whatever stops a listing (a store, a plugin) fails that dataset, with why
+            reason = str(exc) if isinstance(exc, (ValueError, OSError)) else f"{type(exc).__name__}: {exc}"
+            entry.error, entry.state = reason, "failed"
+            log.error("dataset %r cannot be served: %s", entry.decl.name, reason)
+            return False
+        entry.seconds = time.monotonic() - started
+        entry.from_cache = getattr(table, "from_cache", False)
+        entry.listed, entry.table = len(table), table
+        entry.state = "ready"
+        return True
+
+    # -- reading (any thread) --------------------------------------------------------------------
+
+    @property
+    def entries(self) -> list[DatasetEntry]:
+        """Every declared dataset."""
+        return list(self._entries.values())
+
+    def entry(self, name: str) -> DatasetEntry | None:
+        """A declared dataset's entry, ready or not."""
+        return self._entries.get(name)
+
+    @property
+    def declared(self) -> list[str]:
+        """Every declared name, sorted."""
+        return sorted(self._entries)
+
+    @property
+    def ready(self) -> bool:
+        """Every dataset listed."""
+        return all(entry.state == "ready" for entry in self._entries.values())
+
+    @property
+    def failed(self) -> list[DatasetEntry]:
+        """Datasets that could not be listed."""
+        return [entry for entry in self._entries.values() if entry.state == "failed"]
+
     def __getitem__(self, name: str) -> SampleTable:
-        return self._tables[name]
+        entry = self._entries.get(name)
+        if entry is None or entry.table is None:
+            raise KeyError(name)
+        return entry.table
 
     def __iter__(self) -> Iterator[str]:
-        return iter(self._tables)
+        return (name for name, entry in self._entries.items() if entry.table is not None)
 
     def __len__(self) -> int:
-        return len(self._tables)
+        return sum(1 for entry in self._entries.values() if entry.table is not None)

@@ -17,7 +17,8 @@ from stoker.client.protocol.job import JobSpec
 from stoker.client.protocol.plan import batch_indices, batch_sizes, batches_per_rank, permutation, sample_seed
 from stoker.client.protocol.rng import mix
 from stoker.client.protocol.wire import ErrorCode
-from stoker.server.data.catalog import Catalog, SampleTable
+from stoker.server.data.catalog import Catalog
+from stoker.server.data.table import SampleTable
 from stoker.server.imaging.pipelines import Pipeline
 
 __all__ = ["OpenJob", "JobRegistry", "replacement_candidate"]
@@ -115,8 +116,14 @@ class JobRegistry:
     def _resolve(self, spec: JobSpec) -> tuple[SampleTable, Pipeline]:
         table = self.catalog.get(spec.dataset)
         if table is None:
+            entry = self.catalog.entry(spec.dataset)
+            if entry is not None and entry.state == "loading":
+                raise ProtocolError(
+                    f"dataset {spec.dataset!r} is still being listed ({entry.listed} samples so far); ask again",
+                    ErrorCode.NOT_READY,
+                )
             raise ProtocolError(
-                f"unknown dataset {spec.dataset!r}; this server declares {sorted(self.catalog)}",
+                f"unknown dataset {spec.dataset!r}; this server declares {self.catalog.declared}",
                 ErrorCode.UNKNOWN_DATASET,
             )
         pipeline = self.pipelines.get(spec.pipeline)

@@ -61,7 +61,9 @@ class Engine:
         )
         self.stats = EngineStats()
         self.bad = BadSamples()
-        self.pool: WorkerPool[Task] = WorkerPool(config.workers, config.limits, config.worker_start_timeout_s)
+        self.pool: WorkerPool[Task] = WorkerPool(
+            config.workers, config.limits, config.worker_start_timeout_s, config.reads_in_flight
+        )
         self.slots = SlotPool(self.shm_budget)
         self.admission = Admission()
         planner = BatchPlanner(self.jobs, self.bad, self.stats)

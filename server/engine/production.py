@@ -30,7 +30,13 @@ __all__ = ["Production", "KILLS_BEFORE_QUARANTINE"]
 log = logging.getLogger(__name__)
 KILLS_BEFORE_QUARANTINE = 2
 _MAX_ROWS_PER_TASK = 16
-_OUTCOME_LABELS = {Outcome.OK: "ok", Outcome.BAD: "bad", Outcome.FAILED: "failed", Outcome.PIPELINE: "pipeline"}
+_OUTCOME_LABELS = {
+    Outcome.OK: "ok",
+    Outcome.BAD: "bad",
+    Outcome.FAILED: "failed",
+    Outcome.PIPELINE: "pipeline",
+    Outcome.UNAVAILABLE: "unavailable",
+}
 
 
 class Production:
@@ -149,7 +155,7 @@ class Production:
         job, epoch = work.job, work.key[1]
         table = job.table
         samples = tuple(
-            (row, table.path(index), self.jobs.sample_key(job, epoch, index)) for row, index in task.samples
+            (row, table.locator(index), self.jobs.sample_key(job, epoch, index)) for row, index in task.samples
         )
         return TaskMessage(
             task.task_id, work.slot.name, len(work.originals), job.spec.image_size, job.pipeline, samples
@@ -183,6 +189,9 @@ class Production:
                     self._enqueue(work, [(sample.row, int(work.indices[sample.row]))], first=True)
             elif sample.outcome is Outcome.PIPELINE:
                 self._fail_in_pipeline(work, sample)
+            elif sample.outcome is Outcome.UNAVAILABLE:
+                log.error("storage unavailable for batch %s: %s", work.key, sample.reason)
+                work.fail(ErrorCode.STORAGE_UNAVAILABLE, f"the dataset's storage cannot be reached: {sample.reason}")
             else:
                 self._fail_on_sample(work, sample.row, sample.reason, sample.traceback)
         self._settle(work)

@@ -94,10 +94,7 @@ def build_snapshot(engine: Engine) -> dict[str, Any]:
         "endpoints": {"data": engine.endpoint},
         "ready": engine.ready,
         "pool": pool_view(engine),
-        "datasets": [
-            {"name": t.name, "samples": len(t), "classes": len(t.classes), "fingerprint": t.fingerprint}
-            for t in engine.catalog.values()
-        ],
+        "datasets": [entry.view() for entry in engine.catalog.entries],
         "jobs": [job_view(job) for job in engine.jobs.open_jobs],
         "pipelines": [pipeline.describe() for pipeline in engine.pipelines.values()],
         "pipeline_errors": list(reversed(stats.pipeline_errors)),

@@ -7,7 +7,7 @@ import math
 import os
 from pathlib import Path
 
-__all__ = ["usable_cores", "parse_http", "is_loopback", "bind_host"]
+__all__ = ["usable_cores", "parse_http", "is_loopback", "bind_host", "default_index_dir"]
 
 
 def usable_cores() -> int:
@@ -49,3 +49,9 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def default_index_dir() -> str:
+    """``$XDG_CACHE_HOME/stoker/index`` (``~/.cache/stoker/index`` by default)."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "stoker", "index")

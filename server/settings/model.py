@@ -32,10 +32,10 @@ from typing import Any, ClassVar, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
-from stoker.server.data.catalog import DatasetDecl
+from stoker.server.data.declarations import DatasetDecl, Kind
 from stoker.server.imaging.limits import DecodeLimits
 from stoker.server.imaging.pipelines import BUILTIN_PIPELINES, Pipeline, pipeline_from_ops, pipeline_from_views
-from stoker.server.settings.host import parse_http, usable_cores
+from stoker.server.settings.host import default_index_dir, parse_http, usable_cores
 
 __all__ = ["EngineSettings", "ServerSettings", "DatasetSettings", "PipelineSettings", "OnError", "LogLevel", "LIVE"]
 
@@ -84,6 +84,9 @@ class EngineSettings(BaseModel):
     worker_queue_depth: int = Field(2, ge=1, le=64, description="tasks queued per worker")
     max_replacements: int = Field(64, ge=1, le=100000, description="stand-ins tried for a bad sample")
     heartbeat_ms: int = Field(2000, ge=10, le=600000, description="ZeroMQ heartbeat interval")
+    reads_in_flight: int = Field(
+        16, ge=1, le=256, description="reads a worker keeps in flight for a task's samples on object storage"
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -139,12 +142,23 @@ EngineSettings.live_fields = _live(EngineSettings)
 
 
 class DatasetSettings(BaseModel):
-    """A declared dataset: a folder (ImageFolder) or a CSV/TSV file list."""
+    """A declared dataset (see :mod:`stoker.server.data.declarations`): an ImageFolder tree, a flat
+    folder with ``label_pattern``, a manifest (CSV/TSV/JSON Lines), a tar-shard pattern, any of them
+    under an ``s3://`` URL, or an operator's ``plugin`` listing."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
-    path: str
-    kind: Literal["auto", "image_folder", "file_list"] = "auto"
+    path: str | None = None
+    kind: Kind = "auto"
     root: str | None = None
+    label_pattern: str | None = None
+    plugin: str | None = None
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _path_or_plugin(self) -> Self:
+        if (self.path is None) == (self.plugin is None):
+            raise ValueError("a dataset has a 'path' or a 'plugin', one of the two")
+        return self
 
 
 class PipelineSettings(BaseModel):
@@ -170,6 +184,10 @@ class ServerSettings(EngineSettings):
     http_token_file: str | None = Field(None, description="read the bearer token from this file (a mounted secret)")
     log_level: LogLevel = Field("INFO", description="level of the server's log", json_schema_extra=LIVE)
     ready_file: str | None = Field(None, description="write the bound endpoints here as JSON once serving")
+    index_dir: str = Field(
+        default_factory=lambda: default_index_dir(),
+        description="where manifest and shard indexes are cached (keyed by what they list)",
+    )
     datasets: dict[str, DatasetSettings] = Field(default_factory=dict, description="declared datasets by name")
     pipelines: dict[str, PipelineSettings] = Field(default_factory=dict, description="declared pipelines by name")
 
@@ -207,13 +225,11 @@ class ServerSettings(EngineSettings):
         return EngineSettings.model_validate(self.model_dump(include=set(EngineSettings.model_fields)))
 
     def dataset_decls(self) -> list[DatasetDecl]:
-        """Dataset declarations; ``auto`` means a folder is an ImageFolder and a file a file list."""
-        decls = []
-        for name, entry in self.datasets.items():
-            path = Path(entry.path).expanduser()
-            kind = entry.kind if entry.kind != "auto" else ("file_list" if path.is_file() else "image_folder")
-            decls.append(DatasetDecl(name, path, kind, Path(entry.root).expanduser() if entry.root else None))
-        return decls
+        """Dataset declarations (their kind decided from what they name when ``auto``)."""
+        return [
+            DatasetDecl(name, e.path, e.kind, e.root, e.label_pattern, e.plugin, dict(e.kwargs)).resolved()
+            for name, e in self.datasets.items()
+        ]
 
     def pipeline_map(self) -> dict[str, Pipeline]:
         """Built-in pipelines plus declared ones (a declared name overrides a built-in)."""

@@ -71,7 +71,15 @@ def _add_demo(demo: argparse.ArgumentParser) -> None:
 
 
 def _add_bench(bench: argparse.ArgumentParser) -> None:
-    bench.add_argument("--data", type=Path, required=True, help="an ImageFolder directory of JPEGs")
+    bench.add_argument(
+        "--data",
+        required=True,
+        help="an ImageFolder directory of JPEGs (every row), or any dataset path stoker serves: a manifest, "
+        "a tar-shard pattern, an s3:// URL (stoker's rows)",
+    )
+    bench.add_argument(
+        "--reads-in-flight", type=int, help="stoker workers' reads in flight on object storage (server default 16)"
+    )
     bench.add_argument(
         "--pipeline", default="train", help="a built-in pipeline (train, eval, resize) or one --config declares"
     )
@@ -130,12 +138,19 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_data(data: str) -> str:
+    """A local path made absolute (the server runs elsewhere in the tree); a URL or pattern as given."""
+    if data.startswith("s3://") or "{" in data:
+        return data
+    return str(Path(data).resolve())
+
+
 def _bench(args: argparse.Namespace) -> int:
     from stoker.server.tools.bench import BenchConfig, dump_json, format_table, run_bench
 
     try:
         config = BenchConfig(
-            data=args.data.resolve(),
+            data=_bench_data(args.data),
             pipeline=args.pipeline,
             image_size=args.image_size,
             batch_size=args.batch_size,
@@ -144,6 +159,7 @@ def _bench(args: argparse.Namespace) -> int:
             repeats=args.repeats,
             poll_status_ms=args.poll_status_ms,
             config_file=args.config.resolve() if args.config else None,
+            server_args=("--reads-in-flight", str(args.reads_in_flight)) if args.reads_in_flight else (),
         )
     except ValueError as exc:
         print(f"stoker bench: {exc}", file=sys.stderr)

@@ -53,7 +53,7 @@ class ServerProcess:
         self.stop()
 
 
-def loopback_args(dataset: str, path: Path, workers: int) -> list[str]:
+def loopback_args(dataset: str, path: str | Path, workers: int) -> list[str]:
     """``stoker serve`` flags for one dataset on loopback ports chosen by the kernel, quiet logs."""
     return [
         "--dataset", f"{dataset}={path}",

@@ -70,9 +70,12 @@ def build_engine(settings: ServerSettings) -> Engine:
             from stoker.server.imaging.postops import validate_pipelines  # torchvision, only when needed
 
             validate_pipelines(with_code)
-        catalog = Catalog.load(settings.dataset_decls())
+        decls = settings.dataset_decls()
+        for decl in decls:
+            decl.check()  # what needs no listing fails now; the listing runs once the server answers
     except (ValueError, OSError) as exc:
         raise ServeError(str(exc)) from None
+    catalog = Catalog(decls=decls, index_dir=settings.index_dir)
     return Engine(settings.engine_config(), catalog, pipelines)
 
 
@@ -86,7 +89,17 @@ def serve(settings: ServerSettings) -> int:
     sock = bind_http(settings.http)
     bound_host, bound_port = sock.getsockname()[:2]
     http_url = f"http://{'[' + bound_host + ']' if ':' in bound_host else bound_host}:{bound_port}"
-    app = create_app(engine, settings, http_url=http_url, on_ready=_announce(settings, http_url))
+    # Said at once: /healthz answers while workers start and datasets are listed, before the ready file.
+    log.info("HTTP listening on %s", http_url)
+    failure: list[str] = []
+    server: uvicorn.Server | None = None
+
+    def on_failed(reason: str) -> None:
+        failure.append(reason)
+        if server is not None:
+            server.should_exit = True  # uvicorn stops at its next tick, draining the engine
+
+    app = create_app(engine, settings, http_url=http_url, on_ready=_announce(settings, http_url), on_failed=on_failed)
     config = uvicorn.Config(
         app,
         log_level=settings.log_level.lower(),
@@ -103,7 +116,9 @@ def serve(settings: ServerSettings) -> int:
     server.run(sockets=[sock])
     if received:
         log.info("stopped by signal %d", received[0])
-    # uvicorn reports a failed lifespan start-up (e.g. workers that cannot start) by not starting.
+    if failure:
+        raise ServeError(failure[0])
+    # uvicorn reports a failed lifespan start-up by not starting.
     return 0 if server.started else 1
 
 

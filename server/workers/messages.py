@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from enum import IntEnum
 from typing import ClassVar
 
+from stoker.server.data.locators import Locator
 from stoker.server.imaging.pipelines import Pipeline
 
 __all__ = [
@@ -56,6 +57,9 @@ class Outcome(IntEnum):
     PIPELINE = 3
     """A post-op (torchvision transform or plugin) failed or returned a wrong image: the batch fails
     with a pipeline error naming the op."""
+    UNAVAILABLE = 4
+    """The sample's object store could not be reached (after retries): the batch fails, retryable;
+    the sample is not marked bad."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,8 +74,8 @@ class TaskMessage:
     size: int
     """The job's image size (views without a size of their own use it)."""
     pipeline: Pipeline
-    samples: tuple[tuple[int, bytes, int], ...]
-    """``(row, path, rng_key)`` per sample."""
+    samples: tuple[tuple[int, Locator, int], ...]
+    """``(row, locator, rng_key)`` per sample."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -91,11 +91,14 @@ PoolEvent = TaskDone[Any] | WorkerDied[Any] | WorkerFailed[Any]
 class WorkerPool(Generic[T]):
     """``size`` worker processes; call :meth:`handle` when one of :meth:`fds` is readable."""
 
-    def __init__(self, size: int, limits: DecodeLimits, start_timeout_s: float = 120.0) -> None:
+    def __init__(
+        self, size: int, limits: DecodeLimits, start_timeout_s: float = 120.0, reads_in_flight: int = 1
+    ) -> None:
         if size < 1:
             raise ValueError(f"{size=} must be >= 1")
         self.target_size = size
         self.limits = limits
+        self.reads_in_flight = reads_in_flight
         self.start_timeout_s = start_timeout_s
         self.restarts = 0
         self.workers: list[WorkerHandle[T]] = []
@@ -131,7 +134,10 @@ class WorkerPool(Generic[T]):
         progress = _context.Value("q", -1, lock=False)
         worker_id = next(self._ids)
         process = _context.Process(
-            target=worker_main, args=(child, progress, self.limits), name=f"stoker-worker-{worker_id}", daemon=True
+            target=worker_main,
+            args=(child, progress, self.limits, self.reads_in_flight),
+            name=f"stoker-worker-{worker_id}",
+            daemon=True,
         )
         process.start()
         child.close()

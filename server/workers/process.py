@@ -27,6 +27,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import time
 import traceback
 from multiprocessing.connection import Connection
 from multiprocessing.sharedctypes import Synchronized
@@ -36,8 +37,11 @@ import numpy as np
 
 from stoker.client.protocol.wire import batch_nbytes, view_blocks
 from stoker.server import failpoints
-from stoker.server.imaging.decode import BadImage, DecodeLimits
+from stoker.server.data.locators import StoreUnavailable
+from stoker.server.imaging.decode import BadImage
 from stoker.server.imaging.errors import PostOpError
+from stoker.server.imaging.limits import DecodeLimits
+from stoker.server.imaging.reading import Reader
 from stoker.server.workers.messages import (
     Message,
     Outcome,
@@ -71,20 +75,28 @@ def _rows(task: TaskMessage, views: SlotViews) -> list[list[np.ndarray]]:
 
 
 def run_task(
-    task: TaskMessage, views: SlotViews, limits: DecodeLimits, progress: Synchronized, post: PostOpsRunner | None
+    task: TaskMessage, views: SlotViews, reader: Reader, progress: Synchronized, post: PostOpsRunner | None
 ) -> TaskResult:
     """Render every sample of ``task`` into its rows of the slot; never raises for one sample."""
-    from stoker.server.imaging.render import StageTimes, render_sample  # preloaded by the forkserver
+    from stoker.server.imaging.render import StageTimes, render_bytes  # preloaded by the forkserver
 
     rows = _rows(task, views)
     times = StageTimes()
     results: list[SampleResult] = []
-    for position, (row, path, key) in enumerate(task.samples):
+    contents = reader.read_all([locator for _, locator, _ in task.samples])
+    for position, (row, _, key) in enumerate(task.samples):
         progress.value = position
+        waited = time.perf_counter()
+        data = next(contents)
+        times.add("read", time.perf_counter() - waited)
         try:
             failpoints.check("worker.sample")
-            render_sample(path, key, task.pipeline, task.size, rows[row], limits, times, post)
+            if isinstance(data, Exception):
+                raise data
+            render_bytes(data, key, task.pipeline, task.size, rows[row], reader.limits, times, post)
             results.append(SampleResult(row, Outcome.OK))
+        except StoreUnavailable as exc:
+            results.append(SampleResult(row, Outcome.UNAVAILABLE, str(exc)))
         except BadImage as exc:
             results.append(SampleResult(row, Outcome.BAD, exc.reason))
         except MemoryError:
@@ -114,8 +126,9 @@ def _initialise(conn: Connection) -> SlotViews:
     return SlotViews()
 
 
-def worker_main(conn: Connection, progress: Synchronized, limits: DecodeLimits) -> None:
+def worker_main(conn: Connection, progress: Synchronized, limits: DecodeLimits, reads_in_flight: int = 1) -> None:
     """Entry point of a worker process; returns when told to stop or when the server is gone."""
+    reader = Reader(limits, reads_in_flight)
     try:
         views = _initialise(conn)
         conn.send(Ready(os.getpid()))
@@ -135,7 +148,7 @@ def worker_main(conn: Connection, progress: Synchronized, limits: DecodeLimits) 
                     from stoker.server.imaging.render import PostOpsRunner  # preloaded by the forkserver
 
                     post = PostOpsRunner()  # torchvision's transforms load on the first post-op
-                conn.send(run_task(message, views, limits, progress, post))
+                conn.send(run_task(message, views, reader, progress, post))
             elif kind is Message.FORGET:
                 views.forget(message.name)
             elif kind is Message.STOP:
@@ -146,3 +159,4 @@ def worker_main(conn: Connection, progress: Synchronized, limits: DecodeLimits) 
         return
     finally:
         views.close()
+        reader.close()

@@ -73,9 +73,14 @@ def test_status_shows_clients_stages_and_stall(cluster) -> None:
         status = http_json(server.http + "/status")[1]
     assert status["ready"] and status["endpoints"]["data"] == server.data
     assert status["endpoints"]["http"] == server.http
-    assert status["datasets"] == [
-        {"name": "demo", "samples": 48, "classes": 6, "fingerprint": status["datasets"][0]["fingerprint"]}
-    ]
+    (dataset,) = status["datasets"]
+    assert {k: dataset[k] for k in ("name", "samples", "classes", "fingerprint", "state")} == {
+        "name": "demo",
+        "samples": 48,
+        "classes": 6,
+        "fingerprint": dataset["fingerprint"],
+        "state": "ready",
+    }
     assert status["jobs"][0]["batches_per_rank"] == 6
     (client,) = status["clients"]
     # The client runs ahead into the next epoch by up to `prefetch` (4) batches.

@@ -55,3 +55,58 @@ def test_bad_file_lists_are_refused(tmp_path: Path, content: str, needle: str) -
 def test_missing_dataset_folder_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="not a directory"):
         load_dataset(DatasetDecl("gone", tmp_path / "nope"))
+
+
+def test_json_lines_manifests_take_int_or_class_name_labels_and_report_bad_lines(tmp_path: Path) -> None:
+    images = sorted(DEMO_DATA.rglob("*.jpg"))[:4]
+    listing = tmp_path / "list.jsonl"
+    listing.write_text("".join(f'{{"path": "{p}", "label": "{p.parent.name}"}}\n' for p in images) + "\n")
+    table = load_dataset(DatasetDecl("list", listing))
+    assert table.classes == tuple(sorted({p.parent.name for p in images}))
+    assert [table.display_path(i) for i in range(4)] == [str(p) for p in images]
+    listing.write_text('{"path": "a.jpg", "label": 1}\n{"path": "b.jpg"}\n')
+    with pytest.raises(ValueError, match="line 2 must be"):
+        load_dataset(DatasetDecl("list", listing))
+    listing.write_text('{"path": "a.jpg", "label": 1}\nnot json\n')
+    with pytest.raises(ValueError, match="line 2 is not JSON"):
+        load_dataset(DatasetDecl("list", listing))
+    listing.write_text('{"path": "a.jpg", "label": 1}\n{"path": "b.jpg", "label": "cat"}\n')
+    with pytest.raises(ValueError, match="not a mix"):
+        load_dataset(DatasetDecl("list", listing))
+
+
+def test_a_flat_folder_takes_its_labels_from_the_file_names(tmp_path: Path) -> None:
+    for name in ("cat_1.jpg", "dog_2.jpg", "cat_3.png", "notes.txt", "7.jpg"):
+        (tmp_path / name).write_bytes(b"x")
+    table = load_dataset(DatasetDecl("flat", tmp_path, label_pattern=r"^([a-z]+)_"))
+    assert table.classes == ("cat", "dog") and table.labels.tolist() == [0, 0, 1]
+    assert [table.member(i) for i in range(3)] == ["cat_1.jpg", "cat_3.png", "dog_2.jpg"]
+    numbers = load_dataset(DatasetDecl("flat", tmp_path, label_pattern=r"_(\d+)\."))
+    assert numbers.labels.tolist() == [1, 3, 2] and numbers.classes == ("0", "1", "2", "3")
+    with pytest.raises(ValueError, match="needs a group"):
+        DatasetDecl("flat", tmp_path, label_pattern=r"^\d").check()
+
+
+def test_a_listing_plugin_returns_locators_and_labels(monkeypatch) -> None:
+    monkeypatch.syspath_prepend(str(DEMO_DATA.parent.parent / "tests" / "plugins"))
+    table = load_dataset(DatasetDecl("custom", plugin="stoker_test_datasets:list_demo", kwargs={"split": "odd"}))
+    assert len(table) == 24 and table.classes == tuple(sorted(p.name for p in DEMO_DATA.iterdir() if p.is_dir()))
+    with pytest.raises(ValueError, match="no_such_module"):
+        load_dataset(DatasetDecl("custom", plugin="no_such_module:listing"))
+
+
+def test_the_index_cache_returns_the_same_table_and_notices_a_changed_manifest(tmp_path: Path) -> None:
+    from stoker.server.data.index_cache import IndexCache
+
+    images = sorted(DEMO_DATA.rglob("*.jpg"))[:6]
+    listing = tmp_path / "list.csv"
+    listing.write_text("".join(f"{p},{i % 2}\n" for i, p in enumerate(images)))
+    cache = IndexCache(str(tmp_path / "index"))
+    first = load_dataset(DatasetDecl("list", listing), cache=cache)
+    again = load_dataset(DatasetDecl("list", listing), cache=cache)
+    assert getattr(again, "from_cache", False) and not getattr(first, "from_cache", False)
+    assert again.fingerprint == first.fingerprint and again.labels.tolist() == first.labels.tolist()
+    assert [again.locator(i) for i in range(6)] == [first.locator(i) for i in range(6)]
+    listing.write_text("".join(f"{p},{i % 3}\n" for i, p in enumerate(images)))
+    changed = load_dataset(DatasetDecl("list", listing), cache=cache)
+    assert not getattr(changed, "from_cache", False) and changed.fingerprint != first.fingerprint

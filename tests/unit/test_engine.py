@@ -77,7 +77,15 @@ def test_a_batch_holds_exactly_the_bytes_of_rendering_its_samples(engine, client
     for row, index in enumerate(header.fields["indices"]):
         expected = np.zeros((32, 32, 3), np.uint8)
         key = sample_seed(JOB.seed, 0, index)
-        render_sample(table.path(index), key, BUILTIN_PIPELINES["train"], 32, expected, DecodeLimits(), StageTimes())
+        render_sample(
+            table.locator(index).target.encode(),
+            key,
+            BUILTIN_PIPELINES["train"],
+            32,
+            expected,
+            DecodeLimits(),
+            StageTimes(),
+        )
         assert np.array_equal(images[row], expected), row
         assert header.fields["labels"][row] == int(table.labels[index])
 

@@ -17,7 +17,7 @@ from stoker.server.control.models import Status
 from stoker.server.data.catalog import Catalog
 from stoker.server.engine import Engine
 from stoker.server.settings import ServerSettings, load_settings
-from tests.helpers import DEMO_DATA
+from tests.helpers import DEMO_DATA, wait_until
 
 TOKEN = "unit-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -44,6 +44,8 @@ def client(settings: ServerSettings) -> Iterator[TestClient]:
     level = logging.getLogger("stoker").level
     try:
         with TestClient(create_app(engine, settings, http_url="http://testserver")) as http:
+            # The app answers at once; the engine and the catalog come up in the background.
+            wait_until(lambda: http.get("/readyz").status_code == 200, timeout_s=120, what="the app ready")
             yield http
     finally:
         logging.getLogger("stoker").setLevel(level)

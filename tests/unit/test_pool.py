@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from stoker.client.protocol.plan import sample_seed
+from stoker.server.data.locators import Locator
 from stoker.server.imaging.decode import DecodeLimits
 from stoker.server.imaging.pipelines import BUILTIN_PIPELINES
 from stoker.server.imaging.render import StageTimes, render_sample
@@ -62,7 +63,7 @@ def events_until(pool: WorkerPool[Held], wanted: type, timeout_s: float = 60.0) 
 
 
 def task_for(slot_name: str, task_id: int, paths: list[bytes]) -> TaskMessage:
-    samples = tuple((row, path, sample_seed(1, 0, row)) for row, path in enumerate(paths))
+    samples = tuple((row, Locator(os.fsdecode(path)), sample_seed(1, 0, row)) for row, path in enumerate(paths))
     return TaskMessage(task_id, slot_name, len(paths), SIZE, BUILTIN_PIPELINES["train"], samples)
 
 

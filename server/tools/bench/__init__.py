@@ -35,7 +35,9 @@ _WARMUP_BATCHES = 2
 class BenchConfig:
     """What to run."""
 
-    data: Path
+    data: str
+    """An ImageFolder directory (every row), or any other dataset path stoker serves: a manifest, a
+    shard pattern, an ``s3://`` URL (stoker's rows only: the DataLoader rows need a local folder)."""
     pipeline: str = "train"
     image_size: int = 224
     batch_size: int = 64
@@ -47,10 +49,12 @@ class BenchConfig:
     """Also run stoker with ``/status`` polled this often (0: don't)."""
     config_file: Path | None = None
     """A server config declaring ``pipeline`` (its ``[pipelines.*]`` tables)."""
+    server_args: tuple[str, ...] = ()
+    """More ``stoker serve`` flags for stoker's rows (e.g. ``--reads-in-flight 1``)."""
 
     def __post_init__(self) -> None:
-        if not self.data.is_dir():
-            raise ValueError(f"--data {self.data} is not a directory")
+        if not self.folder and not _dataset_path(self.data):
+            raise ValueError(f"--data {self.data} is not a directory, a manifest, a shard pattern or an s3:// URL")
         self.resolve_pipeline()  # an unknown name or a bad config is refused before anything runs
         if not self.seconds > 0:
             raise ValueError(f"--seconds must be > 0, not {self.seconds}")
@@ -58,6 +62,12 @@ class BenchConfig:
             raise ValueError(f"--repeats must be at least 1, not {self.repeats}")
         if self.workers is not None and self.workers < 0:
             raise ValueError(f"--workers must be >= 0, not {self.workers}")
+
+    @property
+    def folder(self) -> Path | None:
+        """The data as a local ImageFolder directory, if it is one."""
+        path = Path(self.data)
+        return path if not self.data.startswith("s3://") and path.is_dir() else None
 
     def resolve_pipeline(self) -> Pipeline:
         """The pipeline benchmarked: a built-in, or one ``config_file`` declares."""
@@ -93,32 +103,35 @@ class _Progress:
 Factory = Callable[[], AbstractContextManager[Stream]]
 
 
+def _dataset_path(data: str) -> bool:
+    return data.startswith("s3://") or "{" in data or Path(data).is_file()
+
+
 def _loaders(config: BenchConfig, workers: int) -> dict[str, tuple[str, Factory | None]]:
     """Each row: its label and how to open its stream (``None``: the decode row, measured apart)."""
     from stoker.server.tools.bench.loaders import seed_recipe, stoker_stream, strong_recipe
 
-    data, size, batch, name, extra = (
-        config.data,
-        config.image_size,
-        config.batch_size,
-        config.pipeline,
-        config.config_file,
-    )
+    data, size, batch, name = config.data, config.image_size, config.batch_size, config.pipeline
+    server_args = (["--config", str(config.config_file)] if config.config_file else []) + list(config.server_args)
     pipeline = config.resolve_pipeline()
-    rows: dict[str, tuple[str, Factory | None]] = {
-        "dataloader_seed": ("(a) DataLoader seed recipe", lambda: seed_recipe(data, size, batch, workers)),
-        "dataloader_strong": (
+    rows: dict[str, tuple[str, Factory | None]] = {}
+    folder = config.folder
+    if folder is not None:
+        rows["dataloader_seed"] = ("(a) DataLoader seed recipe", lambda: seed_recipe(folder, size, batch, workers))
+        rows["dataloader_strong"] = (
             "(b) DataLoader, stoker's work",
-            lambda: strong_recipe(data, size, batch, workers, pipeline),
-        ),
-        "decode_1core": ("(c) decode, 1 core", None),
-        "stoker": ("(d) stoker end to end", lambda: stoker_stream(data, size, batch, workers, name, config=extra)),
-    }
+            lambda: strong_recipe(folder, size, batch, workers, pipeline),
+        )
+        rows["decode_1core"] = ("(c) decode, 1 core", None)
+    rows["stoker"] = (
+        "(d) stoker end to end",
+        lambda: stoker_stream(data, size, batch, workers, name, server_args=server_args),
+    )
     if config.poll_status_ms:
         poll = config.poll_status_ms
         rows["stoker_polled"] = (
             f"(d) + /status every {poll:g} ms",
-            lambda: stoker_stream(data, size, batch, workers, name, poll_status_ms=poll, config=extra),
+            lambda: stoker_stream(data, size, batch, workers, name, poll_status_ms=poll, server_args=server_args),
         )
     return rows
 
@@ -141,8 +154,9 @@ def run_bench(config: BenchConfig, progress: bool = True) -> dict[str, Any]:
 
     workers = config.workers or usable_cores()
     config = replace(config, workers=workers)  # the report shows the count used
-    files = sorted(p for p in config.data.rglob("*") if p.suffix.lower() in (".jpg", ".jpeg"))
-    if not files:
+    folder = config.folder
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in (".jpg", ".jpeg")) if folder else []
+    if folder is not None and not files:
         raise ValueError(f"no JPEG files under {config.data}")
     loaders = _loaders(config, workers)
     rows = {key: Series(label) for key, (label, _) in loaders.items()}

@@ -17,7 +17,7 @@ import threading
 import time
 import urllib.request
 import warnings
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -148,18 +148,18 @@ def _busy(seconds: float) -> None:
 
 @contextmanager
 def stoker_stream(
-    data: Path,
+    data: str,
     size: int,
     batch_size: int,
     workers: int,
     pipeline: str,
     poll_status_ms: float = 0.0,
     prefetch: int = 4,
-    config: Path | None = None,
+    server_args: Sequence[str] = (),
 ) -> Iterator[Stream]:
-    """A real server (child process, with ``config`` declaring pipelines) and a CPU client of uint8
-    batches; optionally a thread polling ``/status``."""
-    args = loopback_args("bench", data, workers) + (["--config", str(config)] if config else [])
+    """A real server (child process, given ``server_args`` too) and a CPU client of uint8 batches;
+    optionally a thread polling ``/status``."""
+    args = loopback_args("bench", data, workers) + list(server_args)
     with start_server(args) as server:
         stop = threading.Event()
 

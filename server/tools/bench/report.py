@@ -13,7 +13,8 @@ __all__ = ["ratios", "format_table", "dump_json"]
 def ratios(rows: dict[str, Series], cores: int) -> dict[str, float | None]:
     """(d)/(a), (d)/(b), (d)/(cores x (c)) and, when polled, the /status polling overhead."""
     d, a, b, c = (
-        rows[key].median().images_per_s for key in ("stoker", "dataloader_seed", "dataloader_strong", "decode_1core")
+        rows[key].median().images_per_s if key in rows else 0.0
+        for key in ("stoker", "dataloader_seed", "dataloader_strong", "decode_1core")
     )
     out: dict[str, float | None] = {
         "stoker_vs_seed": d / a if a else None,
@@ -30,7 +31,8 @@ def format_table(result: dict[str, Any]) -> str:
     """The human-readable table."""
     config = result["config"]
     lines = [
-        f"stoker bench: {config['files']} JPEGs in {config['data']}, pipeline {config['pipeline']}, "
+        f"stoker bench: {config['files'] or 'dataset'} {'JPEGs in ' if config['files'] else ''}{config['data']}, "
+        f"pipeline {config['pipeline']}, "
         f"{config['image_size']}px, batch {config['batch_size']}, {config['workers']} workers, "
         f"{config['seconds']:g} s x {config['repeats']} repeats",
         "",
@@ -43,20 +45,25 @@ def format_table(result: dict[str, Any]) -> str:
         mb = f"{row['mb_per_s']:.1f}" if row["mb_per_s"] else "-"
         lines.append(f"{row['label']:36s} {ips['median']:9.1f} {spread:>17s} {mb:>8s} {cpu:>12s}")
     ratios = result["ratios"]
-    fastest = result["rows"]["decode_1core"]["note"]
+    decode = result["rows"].get("decode_1core")
 
     def show(value: float | None, suffix: str = "x") -> str:
         return "-" if value is None else f"{value:.2f}{suffix}"
 
     share = ratios["stoker_vs_cores_x_decode"]
-    lines += [
-        "",
-        f"(d) / (a) = {show(ratios['stoker_vs_seed'])}    (d) / (b) = {show(ratios['stoker_vs_strong'])}    "
-        f"(d) / ({config['cores']} cores x (c)) = {show(None if share is None else 100 * share, '%')}",
-        f"(c) is {fastest}; all decoders, 1 core: "
-        + ", ".join(f"{name} {rate:.0f}/s" for name, rate in result["decoders_1core_images_per_s"].items()),
-        f"wire path alone (256 x 224 x 224 x 3 uint8 batches over loopback): {result['wire_gb_per_s']:.2f} GB/s",
-    ]
+    lines.append("")
+    if decode is not None:
+        lines += [
+            f"(d) / (a) = {show(ratios['stoker_vs_seed'])}    (d) / (b) = {show(ratios['stoker_vs_strong'])}    "
+            f"(d) / ({config['cores']} cores x (c)) = {show(None if share is None else 100 * share, '%')}",
+            f"(c) is {decode['note']}; all decoders, 1 core: "
+            + ", ".join(f"{name} {rate:.0f}/s" for name, rate in result["decoders_1core_images_per_s"].items()),
+        ]
+    else:
+        lines.append("(the DataLoader rows need --data to be a local ImageFolder directory)")
+    lines.append(
+        f"wire path alone (256 x 224 x 224 x 3 uint8 batches over loopback): {result['wire_gb_per_s']:.2f} GB/s"
+    )
     if "status_polling_overhead" in ratios and ratios["status_polling_overhead"] is not None:
         lines.append(f"/status polling overhead on (d): {100 * ratios['status_polling_overhead']:.1f}%")
     return "\n".join(lines)
