@@ -105,6 +105,16 @@ class PipelineErrorStatus(BaseModel):
     at: float = Field(description="unix time it happened")
 
 
+class CacheStatus(BaseModel):
+    budget_bytes: int = Field(description="the decoded-sample cache's budget (0: off)")
+    used_bytes: int = Field(description="bytes written into it")
+    entries: int = Field(description="samples held decoded")
+    hits: int = Field(description="samples read decoded from the cache")
+    misses: int = Field(description="samples of cached datasets decoded")
+    decodes_per_sample: float | None = Field(description="mean decodes per sample decoded at least once")
+    datasets: list[str] = Field(description="datasets declared cached")
+
+
 class ClientStatus(BaseModel):
     client_id: str
     job_id: str
@@ -158,6 +168,7 @@ class Status(BaseModel):
     jobs: list[JobStatus]
     pipelines: list[PipelineStatus] = Field(description="declared pipelines with their ops")
     pipeline_errors: list[PipelineErrorStatus] = Field(description="recent post-op failures, newest first")
+    cache: CacheStatus
     clients: list[ClientStatus]
     throughput: Throughput = Field(description="all clients, over the last 10 s")
     stall_share: float | None = Field(description="mean of the clients' reported data-stall shares")

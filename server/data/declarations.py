@@ -37,6 +37,10 @@ class DatasetDecl:
     plugin: str | None = None
     """``module:attribute`` returning ``(locator, label)`` pairs."""
     kwargs: dict[str, Any] = field(default_factory=dict)
+    cache: bool = False
+    """Keep its decoded images in the decoded-sample cache."""
+    cache_min_side: int = 0
+    """Its images decode down to this shorter side (0: full size), cached or not."""
 
     @property
     def location(self) -> str:

@@ -27,6 +27,7 @@ from stoker.server import failpoints
 from stoker.server.data.catalog import Catalog
 from stoker.server.data.jobs import JobRegistry, OpenJob
 from stoker.server.engine.admission import Admission, Verdict
+from stoker.server.engine.decoded import DecodedCache
 from stoker.server.engine.delivery import Delivery
 from stoker.server.engine.mailbox import Mailbox
 from stoker.server.engine.production import Production
@@ -38,7 +39,8 @@ from stoker.server.engine.stats import BadSamples, EngineStats
 from stoker.server.engine.transport import Incoming, Transport
 from stoker.server.imaging.pipelines import Pipeline
 from stoker.server.settings.model import EngineSettings
-from stoker.server.workers.pool import WorkerPool
+from stoker.server.workers.arena import Arena
+from stoker.server.workers.pool import CONTEXT, WorkerPool
 from stoker.server.workers.slots import SlotPool, fit_budget
 
 __all__ = ["Engine"]
@@ -61,13 +63,17 @@ class Engine:
         )
         self.stats = EngineStats()
         self.bad = BadSamples()
+        self.cache = decoded_cache(config, catalog, self.shm_budget)
+        arena = self.cache.arena.handle if self.cache.arena is not None else None
         self.pool: WorkerPool[Task] = WorkerPool(
-            config.workers, config.limits, config.worker_start_timeout_s, config.reads_in_flight
+            config.workers, config.limits, config.worker_start_timeout_s, config.reads_in_flight, arena
         )
         self.slots = SlotPool(self.shm_budget)
         self.admission = Admission()
         planner = BatchPlanner(self.jobs, self.bad, self.stats)
-        self.production = Production(self.pool, self.slots, self.jobs, planner, self.stats, self._on_finished)
+        self.production = Production(
+            self.pool, self.slots, self.jobs, planner, self.stats, self._on_finished, self.cache
+        )
         self.delivery: Delivery | None = None
         """Exists once started (it needs the bound socket)."""
         self.endpoint = ""
@@ -111,6 +117,7 @@ class Engine:
         if self._thread is None:
             self.pool.close()
             self.slots.close()
+            self._close_arena()
             self._mailbox.close()
             return
         drain = self.config.drain_timeout_s if timeout_s is None else timeout_s
@@ -306,11 +313,16 @@ class Engine:
         if self.delivery is not None:
             self.delivery.close()
         self.slots.close()
+        self._close_arena()
         self.stopped.set()
         self._mailbox.close()
         log.info("engine stopped")
 
     # -- operator API (run on the engine thread through call()) ----------------------------------
+
+    def _close_arena(self) -> None:
+        if self.cache.arena is not None:
+            self.cache.arena.close()
 
     def reconfigure(self, **changes: Any) -> EngineSettings:
         """Apply live changes (``EngineSettings.live_fields``); return the new config."""
@@ -334,3 +346,15 @@ def _follow(poller: zmq.Poller, registered: set[int], fds: set[int]) -> set[int]
     for fd in fds - registered:
         poller.register(fd, zmq.POLLIN)
     return fds
+
+
+def decoded_cache(config: EngineSettings, catalog: Catalog, slots_budget: int) -> DecodedCache:
+    """The decoded-sample cache of the datasets declared cached: its arena sized to ``cache_bytes``,
+    cut to what the shared-memory mount holds beside the batch slots (none when the budget is 0)."""
+    cached = {e.decl.name: e.decl.cache_min_side for e in catalog.entries if e.decl.cache}
+    if not cached or not config.cache_bytes:
+        return DecodedCache(None, cached)
+    budget = fit_budget(int(config.cache_bytes) + slots_budget) - slots_budget
+    if budget < int(config.cache_bytes):
+        log.warning("decoded-sample cache cut to %d MiB to fit the shared-memory mount", max(budget, 0) // 2**20)
+    return DecodedCache(Arena(max(budget, 2**20), CONTEXT), cached) if budget > 0 else DecodedCache(None, cached)

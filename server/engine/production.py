@@ -18,10 +18,12 @@ from collections.abc import Callable, Iterable
 
 from stoker.client.protocol.wire import ErrorCode
 from stoker.server.data.jobs import JobRegistry, OpenJob
+from stoker.server.engine.decoded import DecodedCache
 from stoker.server.engine.records import BatchKey, BatchWork, Task
+from stoker.server.engine.specs import SpecMaker
 from stoker.server.engine.standins import BadSamplePolicy, BatchPlanner
 from stoker.server.engine.stats import EngineStats
-from stoker.server.workers.messages import Outcome, SampleResult, TaskMessage
+from stoker.server.workers.messages import Outcome, SampleResult
 from stoker.server.workers.pool import PoolEvent, TaskDone, WorkerDied, WorkerPool
 from stoker.server.workers.slots import SlotPool
 
@@ -50,6 +52,7 @@ class Production:
         planner: BatchPlanner,
         stats: EngineStats,
         on_finished: Callable[[BatchWork], None],
+        cache: DecodedCache,
     ) -> None:
         self.pool = pool
         self.slots = slots
@@ -57,6 +60,8 @@ class Production:
         self.planner = planner
         self.stats = stats
         self.on_finished = on_finished
+        self.cache = cache
+        self._specs = SpecMaker(jobs, cache)
         self._works: dict[BatchKey, BatchWork] = {}
         self._queue: deque[BatchWork] = deque()
         """Planned batches waiting for a slot."""
@@ -114,7 +119,11 @@ class Production:
                 task = self._next_task()
                 if task is None:
                     return
-                self.pool.submit(worker, task, self._message(task))
+                message = self._specs.message(task)
+                if message is None:  # every row waits for another task's decode
+                    task.work.tasks.discard(task)
+                    continue
+                self.pool.submit(worker, task, message)
 
     def _cut(self, capacity: int) -> None:
         workers = max(1, len(self.pool.workers))
@@ -145,21 +154,17 @@ class Production:
             if task.work.failure is None:
                 return task
             task.work.tasks.discard(task)  # its batch failed meanwhile: nobody needs these rows
+            self._release_claims(task)
             self._settle(task.work)
         return None
 
-    def _message(self, task: Task) -> TaskMessage:
-        work = task.work
-        if work.slot is None:
-            raise RuntimeError("a task of a batch without a slot")  # unreachable: tasks are cut after acquire
-        job, epoch = work.job, work.key[1]
-        table = job.table
-        samples = tuple(
-            (row, table.locator(index), self.jobs.sample_key(job, epoch, index)) for row, index in task.samples
-        )
-        return TaskMessage(
-            task.task_id, work.slot.name, len(work.originals), job.spec.image_size, job.pipeline, samples
-        )
+    def _release_claims(self, task: Task) -> None:
+        """``task`` is done with its cache claims: rows parked on them go on, reading the arena."""
+        for sample in task.claims.values():
+            for work, row in self.cache.settle(sample, task):
+                if work.failure is None and row in work.pending:
+                    self._enqueue(work, [(row, int(work.indices[row]))], first=True)
+        task.claims.clear()
 
     # -- results ---------------------------------------------------------------------------------
 
@@ -184,6 +189,9 @@ class Production:
                 continue
             if sample.outcome is Outcome.OK:
                 work.pending.discard(sample.row)
+                claimed = task.claims.get(sample.row)
+                if claimed is not None:
+                    self.cache.decoded(claimed, len(work.job.table), sample.stored)
             elif sample.outcome is Outcome.BAD:
                 if self.planner.stand_in(work, sample.row, sample.reason, policy):
                     self._enqueue(work, [(sample.row, int(work.indices[sample.row]))], first=True)
@@ -194,6 +202,7 @@ class Production:
                 work.fail(ErrorCode.STORAGE_UNAVAILABLE, f"the dataset's storage cannot be reached: {sample.reason}")
             else:
                 self._fail_on_sample(work, sample.row, sample.reason, sample.traceback)
+        self._release_claims(task)
         self._settle(work)
 
     def _fail_on_sample(self, work: BatchWork, row: int, reason: str, trace: str) -> None:
@@ -224,9 +233,10 @@ class Production:
         # Redo everything the dead worker held, ahead of new work: slots are already reserved.
         for task in reversed(tasks):
             if task.samples and task.work.failure is None:
-                self._ready.appendleft(task)
+                self._ready.appendleft(task)  # it keeps its claims: the redo decodes and stores
             else:
                 task.work.tasks.discard(task)
+                self._release_claims(task)
                 self._settle(task.work)
 
     def _count_kill(self, task: Task, position: int, exitcode: int | None, policy: BadSamplePolicy) -> None:
@@ -235,6 +245,11 @@ class Production:
         self._kills[key] = kills = self._kills.get(key, 0) + 1
         if kills >= KILLS_BEFORE_QUARANTINE:
             task.samples.remove((row, index))
+            claimed = task.claims.pop(row, None)
+            if claimed is not None:  # rows waiting on it will meet it as a known bad sample
+                for other, parked in self.cache.settle(claimed, task):
+                    if other.failure is None and parked in other.pending:
+                        self._enqueue(other, [(parked, int(other.indices[parked]))], first=True)
             work = task.work
             reason = f"quarantined: killed {kills} workers (last exit code {exitcode})"
             if self.planner.stand_in(work, row, reason, policy):

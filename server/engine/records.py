@@ -89,6 +89,8 @@ class Task:
     work: BatchWork
     samples: list[tuple[int, int]]
     """``(row, dataset index)``."""
+    claims: dict[int, tuple[str, int]] = field(default_factory=dict)
+    """Row -> ``(dataset, index)`` this task decodes for the decoded-sample cache."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -97,6 +97,7 @@ def build_snapshot(engine: Engine) -> dict[str, Any]:
         "datasets": [entry.view() for entry in engine.catalog.entries],
         "jobs": [job_view(job) for job in engine.jobs.open_jobs],
         "pipelines": [pipeline.describe() for pipeline in engine.pipelines.values()],
+        "cache": engine.cache.view(),
         "pipeline_errors": list(reversed(stats.pipeline_errors)),
         "clients": clients,
         "throughput": {"images_per_s": round(images_s, 1), "mb_per_s": round(bytes_s / 1e6, 2)},
@@ -124,3 +125,10 @@ def update_gauges(engine: Engine) -> None:
     stats.busy_gauge.set(sum(1 for w in workers if w.tasks))
     stats.clients_gauge.set(len(list(engine.admission.peers)))
     stats.inflight_gauge.set(engine.admission.inflight)
+    cache = engine.cache.view()
+    stats.cache_budget.set(cache["budget_bytes"])
+    stats.cache_used.set(cache["used_bytes"])
+    stats.cache_entries.set(cache["entries"])
+    stats.cache_hits.set(cache["hits"])
+    stats.cache_misses.set(cache["misses"])
+    stats.cache_decodes.set(cache["decodes_per_sample"] or 0.0)

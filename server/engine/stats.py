@@ -178,6 +178,15 @@ class EngineStats:
         self.busy_gauge = Gauge("stoker_workers_busy", "Workers holding a task", registry=r)
         self.clients_gauge = Gauge("stoker_clients", "Connected clients", registry=r)
         self.inflight_gauge = Gauge("stoker_inflight_batches", "Batches requested and not yet delivered", registry=r)
+        self.cache_budget = Gauge("stoker_cache_budget_bytes", "Decoded-sample cache budget", registry=r)
+        self.cache_used = Gauge("stoker_cache_used_bytes", "Decoded-sample cache bytes written", registry=r)
+        self.cache_entries = Gauge("stoker_cache_entries", "Samples held decoded", registry=r)
+        # Gauges set from the engine's own counts at each housekeeping tick (one source of truth).
+        self.cache_hits = Gauge("stoker_cache_hits", "Samples read decoded from the cache", registry=r)
+        self.cache_misses = Gauge("stoker_cache_misses", "Samples of cached datasets decoded", registry=r)
+        self.cache_decodes = Gauge(
+            "stoker_cache_decodes_per_sample", "Mean decodes per sample of the cached datasets", registry=r
+        )
 
     def stage(self, name: str, seconds: float, count: int = 1) -> None:
         """Record ``count`` samples (or batches) that took ``seconds`` each on ``name``."""

@@ -15,7 +15,15 @@ from dataclasses import dataclass
 from stoker.client.protocol.rng import SampleRng
 from stoker.server.imaging.pipelines import View
 
-__all__ = ["Box", "SampleGeometry", "plan_geometry", "oriented_size", "raw_box", "reduction_for"]
+__all__ = [
+    "Box",
+    "SampleGeometry",
+    "plan_geometry",
+    "oriented_size",
+    "raw_box",
+    "reduction_for",
+    "reduction_for_side",
+]
 
 Box = tuple[int, int, int, int]
 """``(left, top, right, bottom)`` in pixels, right and bottom exclusive."""
@@ -116,5 +124,16 @@ def reduction_for(box: Box, resize: tuple[int, int], orientation: int) -> int:
     limit = min(box_w / out_w, box_h / out_h)
     for factor in (8, 4, 2):
         if limit >= factor:
+            return factor
+    return 1
+
+
+def reduction_for_side(width: int, height: int, min_side: int) -> int:
+    """The largest DCT scale-down (1, 2, 4 or 8) keeping the shorter side at least ``min_side``:
+    decided by the image alone (``min_side`` 0: no reduction), as a cached dataset's images are."""
+    if min_side <= 0:
+        return 1
+    for factor in (8, 4, 2):
+        if min(width, height) / factor >= min_side:
             return factor
     return 1

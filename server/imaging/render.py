@@ -19,10 +19,27 @@ import torch.nn.functional as F
 
 from stoker.client.protocol.rng import SampleRng, mix
 from stoker.server.imaging.decode import DecodeLimits, ImageInfo, decode, probe, read_file
-from stoker.server.imaging.geometry import SampleGeometry, oriented_size, plan_geometry, raw_box, reduction_for
+from stoker.server.imaging.geometry import (
+    Box,
+    SampleGeometry,
+    oriented_size,
+    plan_geometry,
+    raw_box,
+    reduction_for,
+    reduction_for_side,
+)
 from stoker.server.imaging.pipelines import Pipeline, View
 
-__all__ = ["StageTimes", "render_sample", "render_bytes", "orient", "warm_up", "view_key", "post_ops_key"]
+__all__ = [
+    "StageTimes",
+    "render_sample",
+    "render_bytes",
+    "render_pixels",
+    "orient",
+    "warm_up",
+    "view_key",
+    "post_ops_key",
+]
 
 _VIEW_DOMAIN = 0x56494557
 _POST_OPS_DOMAIN = 0x504F5354
@@ -125,27 +142,57 @@ def render_bytes(
     limits: DecodeLimits,
     times: StageTimes,
     post: PostOpsRunner | None = None,
-) -> None:
-    """Like :func:`render_sample`, from the file's bytes."""
+    min_side: int | None = None,
+) -> tuple[np.ndarray, ImageInfo]:
+    """Like :func:`render_sample`, from the file's bytes; returns the decoded pixels and header.
+
+    ``min_side`` (a dataset declared cached) fixes the decode's reduction from the image alone: the
+    largest that keeps the shorter side at least ``min_side`` (0: none), whatever the crop.
+    """
     read_done = time.perf_counter()
+    info = probe(data, limits)
+    plans = _plans(info, key, pipeline, size)
+    if min_side is not None:
+        reduction = reduction_for_side(info.width, info.height, min_side) if info.jpeg else 1
+    else:
+        # One decode for every view, reduced as far as the most demanding view allows.
+        reduction = min(reduction_for(box, plan.resize, info.orientation) for plan, box in plans)
+    pixels = decode(data, info, reduction, limits)
+    times.add("decode", time.perf_counter() - read_done)
+    render_pixels(pixels, info, key, pipeline, size, out, times, post, plans)
+    return pixels, info
+
+
+def _plans(info: ImageInfo, key: int, pipeline: Pipeline, size: int) -> list[tuple[SampleGeometry, Box]]:
+    """Each view's plan and its box in stored coordinates."""
+    width, height = oriented_size(info.width, info.height, info.orientation)
+    plans = []
+    for v, (view, side) in enumerate(zip(pipeline.expanded, pipeline.sizes(size), strict=True)):
+        plan = plan_geometry(width, height, side, view, SampleRng(view_key(key, v)))
+        plans.append((plan, raw_box(plan.box, info.width, info.height, info.orientation)))
+    return plans
+
+
+def render_pixels(
+    pixels: np.ndarray,
+    info: ImageInfo,
+    key: int,
+    pipeline: Pipeline,
+    size: int,
+    out: Rows,
+    times: StageTimes,
+    post: PostOpsRunner | None = None,
+    plans: list[tuple[SampleGeometry, Box]] | None = None,
+) -> None:
+    """Every view of a sample from its decoded ``pixels`` (fresh, or read from the cache) into ``out``."""
+    started = time.perf_counter()
     rows = [out] if isinstance(out, np.ndarray) else list(out)
     views, sizes = pipeline.expanded, pipeline.sizes(size)
     if len(rows) != len(views):
         raise ValueError(f"pipeline {pipeline.name!r} has {len(views)} views, got {len(rows)} rows")
-    info = probe(data, limits)
-    width, height = oriented_size(info.width, info.height, info.orientation)
-    plans = [
-        plan_geometry(width, height, side, view, SampleRng(view_key(key, v)))
-        for v, (view, side) in enumerate(zip(views, sizes, strict=True))
-    ]
-    boxes = [raw_box(plan.box, info.width, info.height, info.orientation) for plan in plans]
-    # One decode for every view, reduced as far as the most demanding view allows.
-    reduction = min(reduction_for(box, plan.resize, info.orientation) for box, plan in zip(boxes, plans, strict=True))
-    pixels = decode(data, info, reduction, limits)
-    decoded = time.perf_counter()
-    times.add("decode", decoded - read_done)
+    plans = plans if plans is not None else _plans(info, key, pipeline, size)
     declared = [number for number, view in enumerate(pipeline.views) for _ in range(view.count)]
-    for v, (view, side, plan, box, row) in enumerate(zip(views, sizes, plans, boxes, rows, strict=True)):
+    for v, (view, side, (plan, box), row) in enumerate(zip(views, sizes, plans, rows, strict=True)):
         began = time.perf_counter()
         result = _geometry(pixels, info, box, plan)
         placed = time.perf_counter()
@@ -160,7 +207,7 @@ def render_bytes(
             times.add("postops", time.perf_counter() - placed)
         else:
             torch.from_numpy(row).copy_(result)
-    times.add("augment", time.perf_counter() - decoded)
+    times.add("augment", time.perf_counter() - started)
 
 
 def _geometry(

@@ -9,7 +9,7 @@ import types
 import typing
 from typing import Any, Literal
 
-from pydantic import BaseModel, SecretStr
+from pydantic import BaseModel, ByteSize, SecretStr
 from pydantic.fields import FieldInfo
 
 __all__ = ["add_setting_flags", "given_settings"]
@@ -30,6 +30,8 @@ def _flag_options(info: FieldInfo) -> dict[str, Any]:
     options: dict[str, Any] = {}
     if typing.get_origin(annotation) is Literal:
         options["choices"] = list(typing.get_args(annotation))
+    elif annotation is ByteSize:
+        pass  # text such as 8GiB: the model parses the units
     elif annotation in (int, float):
         options["type"] = annotation
     elif annotation not in (str, SecretStr):

@@ -30,7 +30,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, ClassVar, Literal, Self
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+from pydantic import BaseModel, ByteSize, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 from stoker.server.data.declarations import DatasetDecl, Kind
 from stoker.server.imaging.limits import DecodeLimits
@@ -84,6 +84,10 @@ class EngineSettings(BaseModel):
     worker_queue_depth: int = Field(2, ge=1, le=64, description="tasks queued per worker")
     max_replacements: int = Field(64, ge=1, le=100000, description="stand-ins tried for a bad sample")
     heartbeat_ms: int = Field(2000, ge=10, le=600000, description="ZeroMQ heartbeat interval")
+    cache_bytes: ByteSize = Field(
+        ByteSize(0),
+        description="budget of the decoded-sample cache shared by every job (e.g. 8GiB; 0: off)",
+    )
     reads_in_flight: int = Field(
         16, ge=1, le=256, description="reads a worker keeps in flight for a task's samples on object storage"
     )
@@ -153,6 +157,12 @@ class DatasetSettings(BaseModel):
     label_pattern: str | None = None
     plugin: str | None = None
     kwargs: dict[str, Any] = Field(default_factory=dict)
+    cache: bool = False
+    """Keep its decoded images in the server's decoded-sample cache (``cache_bytes``)."""
+    cache_min_side: int = Field(0, ge=0, le=65536)
+    """A cached dataset's images are decoded down (in the DCT domain) as far as keeps their shorter
+    side at least this; 0 keeps them full size. The same rule holds with or without the cache, so the
+    cache never changes a byte."""
 
     @model_validator(mode="after")
     def _path_or_plugin(self) -> Self:
@@ -220,6 +230,10 @@ class ServerSettings(EngineSettings):
             JobSpec(dataset=name)  # raises ValueError naming the bad dataset name
         return value
 
+    def cached_datasets(self) -> dict[str, int]:
+        """Datasets declared cached, with their decode rule's shorter side."""
+        return {name: entry.cache_min_side for name, entry in self.datasets.items() if entry.cache}
+
     def engine_config(self) -> EngineSettings:
         """The engine's part of the settings."""
         return EngineSettings.model_validate(self.model_dump(include=set(EngineSettings.model_fields)))
@@ -227,7 +241,9 @@ class ServerSettings(EngineSettings):
     def dataset_decls(self) -> list[DatasetDecl]:
         """Dataset declarations (their kind decided from what they name when ``auto``)."""
         return [
-            DatasetDecl(name, e.path, e.kind, e.root, e.label_pattern, e.plugin, dict(e.kwargs)).resolved()
+            DatasetDecl(
+                name, e.path, e.kind, e.root, e.label_pattern, e.plugin, dict(e.kwargs), e.cache, e.cache_min_side
+            ).resolved()
             for name, e in self.datasets.items()
         ]
 

@@ -44,10 +44,17 @@ def load_settings(
     if config_file is not None:
         with open(config_file, "rb") as handle:
             merged.update(tomllib.load(handle))
-    for source in (from_environment(os.environ if env is None else env), overrides or {}):
+    overrides = dict(overrides or {})
+    cached = overrides.pop("cache_datasets", None) or []
+    for source in (from_environment(os.environ if env is None else env), overrides):
         for key, value in source.items():
             if key == "datasets":
                 merged["datasets"] = {**merged.get("datasets", {}), **value}
             elif value is not None:
                 merged[key] = value
+    for name in cached:  # --cache NAME: a declared dataset, from any source, marked cached
+        declared = merged.get("datasets", {})
+        if name not in declared:
+            raise ValueError(f"--cache {name}: no dataset {name!r} is declared; declared: {sorted(declared)}")
+        declared[name] = {**declared[name], "cache": True}
     return ServerSettings.model_validate(merged)

@@ -48,6 +48,13 @@ def _add_serve(serve: argparse.ArgumentParser) -> None:
         metavar="NAME=PATH",
         help="declare a dataset: an ImageFolder directory or a CSV/TSV file list (repeatable)",
     )
+    serve.add_argument(
+        "--cache",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="keep dataset NAME's decoded images in the decoded-sample cache (--cache-bytes) (repeatable)",
+    )
     try:
         from stoker.server.settings import ServerSettings, add_setting_flags
     except ImportError:  # a client-only install: `stoker serve` will say what to install
@@ -78,6 +85,13 @@ def _add_bench(bench: argparse.ArgumentParser) -> None:
         "a tar-shard pattern, an s3:// URL (stoker's rows)",
     )
     bench.add_argument(
+        "--cache",
+        nargs="?",
+        const="4GiB",
+        metavar="BYTES",
+        help="add row (e): stoker with its decoded-sample cache (budget BYTES, default 4GiB), from epoch 2",
+    )
+    bench.add_argument(
         "--reads-in-flight", type=int, help="stoker workers' reads in flight on object storage (server default 16)"
     )
     bench.add_argument(
@@ -104,6 +118,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     overrides = given_settings(args)
     overrides["datasets"] = {name: {"path": path} for name, path in args.dataset}
+    overrides["cache_datasets"] = args.cache
     try:
         settings = load_settings(args.config, overrides=overrides)
     except (ValueError, OSError) as exc:
@@ -160,6 +175,7 @@ def _bench(args: argparse.Namespace) -> int:
             poll_status_ms=args.poll_status_ms,
             config_file=args.config.resolve() if args.config else None,
             server_args=("--reads-in-flight", str(args.reads_in_flight)) if args.reads_in_flight else (),
+            cache_bytes=args.cache,
         )
     except ValueError as exc:
         print(f"stoker bench: {exc}", file=sys.stderr)

@@ -16,6 +16,8 @@ from stoker.server.data.locators import Locator
 from stoker.server.imaging.pipelines import Pipeline
 
 __all__ = [
+    "CacheEntry",
+    "SampleSpec",
     "Message",
     "Outcome",
     "TaskMessage",
@@ -63,6 +65,32 @@ class Outcome(IntEnum):
 
 
 @dataclass(frozen=True, slots=True)
+class CacheEntry:
+    """A decoded sample in the arena: where, its decoded size, and what rendering needs of its header
+    (the stored size, to map crop boxes onto the decoded pixels, and the EXIF orientation)."""
+
+    offset: int
+    height: int
+    width: int
+    stored_width: int
+    stored_height: int
+    orientation: int
+    jpeg: bool
+
+
+@dataclass(frozen=True, slots=True)
+class SampleSpec:
+    """One sample of a task: its row, where its bytes are, its RNG key, and its cache part: an entry
+    to read instead of decoding, or whether to write what it decodes into the arena."""
+
+    row: int
+    locator: Locator
+    key: int
+    cached: CacheEntry | None = None
+    store: bool = False
+
+
+@dataclass(frozen=True, slots=True)
 class TaskMessage:
     """One unit of work: some rows of one batch."""
 
@@ -74,8 +102,11 @@ class TaskMessage:
     size: int
     """The job's image size (views without a size of their own use it)."""
     pipeline: Pipeline
-    samples: tuple[tuple[int, Locator, int], ...]
-    """``(row, locator, rng_key)`` per sample."""
+    samples: tuple[SampleSpec, ...]
+    decode_min_side: int | None = None
+    """For a dataset declared cached: decode every image at the reduction that keeps its shorter side
+    at least this (0: full size), whatever the crop, so a sample's pixels are the same whether they
+    come from the arena or from a fresh decode. ``None``: reduce as far as the crop allows."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,6 +151,8 @@ class SampleResult:
     traceback: str = ""
     op: str = ""
     """For ``PIPELINE``: the op that failed."""
+    stored: CacheEntry | None = None
+    """Where the worker wrote the decoded sample in the arena (only once the whole write is done)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -21,6 +21,7 @@ from multiprocessing.sharedctypes import Synchronized
 from typing import Any, Generic, Protocol, TypeVar
 
 from stoker.server.imaging.decode import DecodeLimits
+from stoker.server.workers.arena import ArenaHandle
 from stoker.server.workers.messages import Forget, Message, Ready, StartFailed, Stop, TaskMessage, TaskResult
 from stoker.server.workers.process import worker_main
 
@@ -36,6 +37,8 @@ class _HasTaskId(Protocol):
 T = TypeVar("T", bound=_HasTaskId)
 
 _context = multiprocessing.get_context("forkserver")
+CONTEXT = _context
+"""Where the pool's processes and shared values come from (the arena's pointer must match)."""
 _PRELOAD = ["stoker.server.imaging.render", "stoker.server.workers.process"]
 
 
@@ -92,13 +95,19 @@ class WorkerPool(Generic[T]):
     """``size`` worker processes; call :meth:`handle` when one of :meth:`fds` is readable."""
 
     def __init__(
-        self, size: int, limits: DecodeLimits, start_timeout_s: float = 120.0, reads_in_flight: int = 1
+        self,
+        size: int,
+        limits: DecodeLimits,
+        start_timeout_s: float = 120.0,
+        reads_in_flight: int = 1,
+        arena: ArenaHandle | None = None,
     ) -> None:
         if size < 1:
             raise ValueError(f"{size=} must be >= 1")
         self.target_size = size
         self.limits = limits
         self.reads_in_flight = reads_in_flight
+        self.arena = arena
         self.start_timeout_s = start_timeout_s
         self.restarts = 0
         self.workers: list[WorkerHandle[T]] = []
@@ -135,7 +144,7 @@ class WorkerPool(Generic[T]):
         worker_id = next(self._ids)
         process = _context.Process(
             target=worker_main,
-            args=(child, progress, self.limits, self.reads_in_flight),
+            args=(child, progress, self.limits, self.reads_in_flight, self.arena),
             name=f"stoker-worker-{worker_id}",
             daemon=True,
         )

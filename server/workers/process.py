@@ -29,24 +29,28 @@ import os
 import signal
 import time
 import traceback
+from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from multiprocessing.sharedctypes import Synchronized
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from stoker.client.protocol.wire import batch_nbytes, view_blocks
 from stoker.server import failpoints
 from stoker.server.data.locators import StoreUnavailable
-from stoker.server.imaging.decode import BadImage
+from stoker.server.imaging.decode import BadImage, ImageInfo
 from stoker.server.imaging.errors import PostOpError
 from stoker.server.imaging.limits import DecodeLimits
 from stoker.server.imaging.reading import Reader
+from stoker.server.workers.arena import ArenaHandle, ArenaView, attach
 from stoker.server.workers.messages import (
+    CacheEntry,
     Message,
     Outcome,
     Ready,
     SampleResult,
+    SampleSpec,
     StartFailed,
     TaskMessage,
     TaskResult,
@@ -74,27 +78,82 @@ def _rows(task: TaskMessage, views: SlotViews) -> list[list[np.ndarray]]:
     return [[block[row] for block in blocks] for row in range(task.rows)]
 
 
-def run_task(
-    task: TaskMessage, views: SlotViews, reader: Reader, progress: Synchronized, post: PostOpsRunner | None
-) -> TaskResult:
-    """Render every sample of ``task`` into its rows of the slot; never raises for one sample."""
-    from stoker.server.imaging.render import StageTimes, render_bytes  # preloaded by the forkserver
+@dataclass(eq=False)
+class WorkerTools:
+    """What a worker keeps between tasks: its slot mappings, its reader, the decoded-sample arena
+    (when the server has one) and the post-ops built so far."""
 
-    rows = _rows(task, views)
+    slots: SlotViews
+    reader: Reader
+    arena: ArenaView | None = None
+    post: PostOpsRunner | None = None
+
+    def close(self) -> None:
+        """Unmap and stop the read threads."""
+        self.slots.close()
+        self.reader.close()
+        if self.arena is not None:
+            self.arena.close()
+
+
+def _store(tools: WorkerTools, pixels: np.ndarray, info: ImageInfo) -> CacheEntry | None:
+    """Write a decoded sample into the arena; ``None`` once the budget is spent."""
+    arena = tools.arena
+    offset = arena.reserve(pixels.nbytes) if arena is not None else None
+    if arena is None or offset is None:
+        return None
+    arena.write(offset, pixels)
+    height, width = pixels.shape[:2]
+    return CacheEntry(offset, height, width, info.width, info.height, info.orientation, info.jpeg)
+
+
+def _render(task: TaskMessage, spec: SampleSpec, tools: WorkerTools, data: object, out: list, times: Any) -> object:
+    """One sample into its rows: from the arena, or from ``data`` (its bytes, or the error reading
+    them); returns the cache entry it wrote, if any."""
+    from stoker.server.imaging.render import render_bytes, render_pixels  # preloaded by the forkserver
+
+    failpoints.check("worker.sample")
+    if spec.cached is not None and tools.arena is not None:
+        entry = spec.cached
+        pixels = tools.arena.read(entry.offset, (entry.height, entry.width, 3))
+        info = ImageInfo(entry.stored_width, entry.stored_height, entry.orientation, entry.jpeg)
+        render_pixels(pixels, info, spec.key, task.pipeline, task.size, out, times, tools.post)
+        return None
+    if isinstance(data, Exception):
+        raise data
+    pixels, info = render_bytes(
+        data,  # type: ignore[arg-type]
+        spec.key,
+        task.pipeline,
+        task.size,
+        out,
+        tools.reader.limits,
+        times,
+        tools.post,
+        task.decode_min_side,
+    )
+    return _store(tools, pixels, info) if spec.store else None
+
+
+def run_task(task: TaskMessage, tools: WorkerTools, progress: Synchronized) -> TaskResult:
+    """Render every sample of ``task`` into its rows of the slot; never raises for one sample."""
+    from stoker.server.imaging.render import StageTimes  # preloaded by the forkserver
+
+    rows = _rows(task, tools.slots)
     times = StageTimes()
     results: list[SampleResult] = []
-    contents = reader.read_all([locator for _, locator, _ in task.samples])
-    for position, (row, _, key) in enumerate(task.samples):
+    contents = tools.reader.read_all([spec.locator for spec in task.samples if spec.cached is None])
+    for position, spec in enumerate(task.samples):
         progress.value = position
-        waited = time.perf_counter()
-        data = next(contents)
-        times.add("read", time.perf_counter() - waited)
+        data: object = None
+        if spec.cached is None:
+            waited = time.perf_counter()
+            data = next(contents)
+            times.add("read", time.perf_counter() - waited)
+        row = spec.row
         try:
-            failpoints.check("worker.sample")
-            if isinstance(data, Exception):
-                raise data
-            render_bytes(data, key, task.pipeline, task.size, rows[row], reader.limits, times, post)
-            results.append(SampleResult(row, Outcome.OK))
+            stored = _render(task, spec, tools, data, rows[row], times)
+            results.append(SampleResult(row, Outcome.OK, stored=stored))  # type: ignore[arg-type]
         except StoreUnavailable as exc:
             results.append(SampleResult(row, Outcome.UNAVAILABLE, str(exc)))
         except BadImage as exc:
@@ -126,16 +185,20 @@ def _initialise(conn: Connection) -> SlotViews:
     return SlotViews()
 
 
-def worker_main(conn: Connection, progress: Synchronized, limits: DecodeLimits, reads_in_flight: int = 1) -> None:
+def worker_main(
+    conn: Connection,
+    progress: Synchronized,
+    limits: DecodeLimits,
+    reads_in_flight: int = 1,
+    arena: ArenaHandle | None = None,
+) -> None:
     """Entry point of a worker process; returns when told to stop or when the server is gone."""
-    reader = Reader(limits, reads_in_flight)
     try:
-        views = _initialise(conn)
+        tools = WorkerTools(_initialise(conn), Reader(limits, reads_in_flight), attach(arena))
         conn.send(Ready(os.getpid()))
     except BaseException as exc:  # report any start-up failure, then exit
         conn.send(StartFailed(f"{type(exc).__name__}: {exc}", traceback.format_exc()[-_MAX_TRACEBACK_CHARS:]))
         return
-    post: PostOpsRunner | None = None
     try:
         while True:
             try:
@@ -144,13 +207,13 @@ def worker_main(conn: Connection, progress: Synchronized, limits: DecodeLimits, 
                 return
             kind = getattr(message, "kind", None)
             if kind is Message.TASK:
-                if post is None and message.pipeline.has_post_ops:
+                if tools.post is None and message.pipeline.has_post_ops:
                     from stoker.server.imaging.render import PostOpsRunner  # preloaded by the forkserver
 
-                    post = PostOpsRunner()  # torchvision's transforms load on the first post-op
-                conn.send(run_task(message, views, reader, progress, post))
+                    tools.post = PostOpsRunner()  # torchvision's transforms load on the first post-op
+                conn.send(run_task(message, tools, progress))
             elif kind is Message.FORGET:
-                views.forget(message.name)
+                tools.slots.forget(message.name)
             elif kind is Message.STOP:
                 return
             else:
@@ -158,5 +221,4 @@ def worker_main(conn: Connection, progress: Synchronized, limits: DecodeLimits, 
     except (BrokenPipeError, EOFError):
         return
     finally:
-        views.close()
-        reader.close()
+        tools.close()

@@ -17,7 +17,7 @@ from stoker.server.data.locators import Locator
 from stoker.server.imaging.decode import DecodeLimits
 from stoker.server.imaging.pipelines import BUILTIN_PIPELINES
 from stoker.server.imaging.render import StageTimes, render_sample
-from stoker.server.workers.messages import Outcome, TaskMessage
+from stoker.server.workers.messages import Outcome, SampleSpec, TaskMessage
 from stoker.server.workers.pool import PoolEvent, TaskDone, WorkerDied, WorkerPool
 from stoker.server.workers.slots import SlotPool
 from tests.helpers import DEMO_DATA
@@ -63,7 +63,9 @@ def events_until(pool: WorkerPool[Held], wanted: type, timeout_s: float = 60.0) 
 
 
 def task_for(slot_name: str, task_id: int, paths: list[bytes]) -> TaskMessage:
-    samples = tuple((row, Locator(os.fsdecode(path)), sample_seed(1, 0, row)) for row, path in enumerate(paths))
+    samples = tuple(
+        SampleSpec(row, Locator(os.fsdecode(path)), sample_seed(1, 0, row)) for row, path in enumerate(paths)
+    )
     return TaskMessage(task_id, slot_name, len(paths), SIZE, BUILTIN_PIPELINES["train"], samples)
 
 

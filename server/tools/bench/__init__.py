@@ -6,6 +6,7 @@ Rows, run one after another and repeated (interleaved, so drift hits all alike):
 - (b) ``dataloader_strong``: a DataLoader doing stoker's work (uint8 out)
 - (c) ``decode_1core``: the fastest decoder here on one core: the per-core limit
 - (d) ``stoker``: a real server and client over loopback (uint8 out)
+- (e) ``stoker_cached`` (``--cache``): the same with the decoded-sample cache, from its second epoch
 
 plus the wire path alone (GB/s). Reported: images/s (median and range), MB/s, CPU-seconds per
 1,000 images (the whole process tree), (d)/(a), (d)/(b) and (d) / (cores x (c)). Each row is
@@ -51,6 +52,9 @@ class BenchConfig:
     """A server config declaring ``pipeline`` (its ``[pipelines.*]`` tables)."""
     server_args: tuple[str, ...] = ()
     """More ``stoker serve`` flags for stoker's rows (e.g. ``--reads-in-flight 1``)."""
+    cache_bytes: str | None = None
+    """Also run stoker with its decoded-sample cache of this budget (e.g. ``4GiB``), timed from its
+    second epoch on: row (e)."""
 
     def __post_init__(self) -> None:
         if not self.folder and not _dataset_path(self.data):
@@ -127,6 +131,12 @@ def _loaders(config: BenchConfig, workers: int) -> dict[str, tuple[str, Factory 
         "(d) stoker end to end",
         lambda: stoker_stream(data, size, batch, workers, name, server_args=server_args),
     )
+    if config.cache_bytes:
+        cached_args = [*server_args, "--cache", "bench", "--cache-bytes", config.cache_bytes]
+        rows["stoker_cached"] = (
+            "(e) stoker, decoded cache, epochs 2+",
+            lambda: stoker_stream(data, size, batch, workers, name, server_args=cached_args),
+        )
     if config.poll_status_ms:
         poll = config.poll_status_ms
         rows["stoker_polled"] = (
@@ -169,7 +179,9 @@ def run_bench(config: BenchConfig, progress: bool = True) -> dict[str, Any]:
                 rates = _decode_run(rows[key], files, config.seconds)
                 continue
             with factory() as stream:
-                rows[key].runs.append(timed_window(stream, seconds=config.seconds, warmup_batches=_WARMUP_BATCHES))
+                # The cached row is timed once its first epoch has filled the cache.
+                warmup = _WARMUP_BATCHES + (stream.batches_per_epoch if key == "stoker_cached" else 0)
+                rows[key].runs.append(timed_window(stream, seconds=config.seconds, warmup_batches=warmup))
     bar.step("wire path, 256 x 224 x 224 x 3 batches")
     gb_per_s = wire_rate(min(config.seconds, 5.0))
     bar.finish()

@@ -21,6 +21,10 @@ def ratios(rows: dict[str, Series], cores: int) -> dict[str, float | None]:
         "stoker_vs_strong": d / b if b else None,
         "stoker_vs_cores_x_decode": d / (cores * c) if c else None,
     }
+    if "stoker_cached" in rows:
+        e = rows["stoker_cached"].median().images_per_s
+        out["cached_vs_stoker"] = e / d if d else None
+        out["cached_vs_strong"] = e / b if b else None
     if "stoker_polled" in rows:
         polled = rows["stoker_polled"].median().images_per_s
         out["status_polling_overhead"] = 1 - polled / d if d else None
@@ -64,6 +68,10 @@ def format_table(result: dict[str, Any]) -> str:
     lines.append(
         f"wire path alone (256 x 224 x 224 x 3 uint8 batches over loopback): {result['wire_gb_per_s']:.2f} GB/s"
     )
+    if ratios.get("cached_vs_stoker") is not None:
+        lines.append(
+            f"(e) / (d) = {show(ratios['cached_vs_stoker'])}    (e) / (b) = {show(ratios.get('cached_vs_strong'))}"
+        )
     if "status_polling_overhead" in ratios and ratios["status_polling_overhead"] is not None:
         lines.append(f"/status polling overhead on (d): {100 * ratios['status_polling_overhead']:.1f}%")
     return "\n".join(lines)

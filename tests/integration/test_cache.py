@@ -1,0 +1,142 @@
+"""The decoded-sample cache on real servers: it never changes a byte (1 vs 2 workers, warm vs cold,
+a server with the cache and one without), every job on a cached dataset shares it (a sample is
+decoded once for a sweep), the budget holds, bad samples and half-written entries never count."""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.helpers import (
+    BackgroundClient,
+    fetch_epochs,
+    http_json,
+    make_bad_dataset,
+    metrics,
+    wait_until,
+)
+
+pytestmark = pytest.mark.slow
+
+OPTIONS = dict(batch_size=6, image_size=48, seed=5)
+
+
+def config_for(tmp_path: Path, path: Path, min_side: int = 0) -> Path:
+    config = tmp_path / f"cached-{min_side}.toml"
+    config.write_text(f"[datasets.photos]\npath = '{path}'\ncache = true\ncache_min_side = {min_side}\n")
+    return config
+
+
+def cache_of(server) -> dict:
+    return http_json(server.http + "/status")[1]["cache"]
+
+
+def same(a: list, b: list) -> bool:
+    return len(a) == len(b) and all(
+        torch.equal(x[0], y[0]) and torch.equal(x[2], y[2]) for x, y in zip(a, b, strict=True)
+    )
+
+
+@pytest.mark.parametrize("min_side", [0, 100])
+def test_the_cache_never_changes_a_byte(cluster, tmp_path: Path, min_side: int) -> None:
+    from tests.helpers import DEMO_DATA
+
+    config = config_for(tmp_path, DEMO_DATA, min_side)
+    cached_two = cluster.start("--config", str(config), "--cache-bytes", "256MiB", datasets={}, workers=2)
+    cached_one = cluster.start("--config", str(config), "--cache-bytes", "256MiB", datasets={}, workers=1)
+    uncached = cluster.start("--config", str(config), "--cache-bytes", "0", datasets={}, workers=2)
+    reference = fetch_epochs(uncached.data, 3, "photos", **OPTIONS)
+    for server in (cached_two, cached_one):
+        epochs = fetch_epochs(server.data, 3, "photos", **OPTIONS)  # epoch 0 cold, 1 and 2 warm
+        assert all(same(a, b) for a, b in zip(epochs, reference, strict=True))
+        cache = cache_of(server)
+        assert cache["entries"] == 48 and cache["hits"] >= 2 * 48 and cache["decodes_per_sample"] == 1.0
+        assert 0 < cache["used_bytes"] <= cache["budget_bytes"] == 256 * 2**20
+    assert cache_of(uncached)["budget_bytes"] == 0 and cache_of(uncached)["entries"] == 0
+
+
+def test_a_sweep_of_concurrent_jobs_decodes_each_sample_once(cluster, tmp_path: Path) -> None:
+    from tests.helpers import DEMO_DATA
+
+    server = cluster.start("--dataset", f"photos={DEMO_DATA}", "--cache", "photos", "--cache-bytes", "128MiB")
+    jobs = [
+        BackgroundClient(server.data, "photos", epochs=3, **(OPTIONS | {"seed": seed, "image_size": size}))
+        for seed, size in ((1, 32), (2, 48), (3, 64))
+    ]
+    for job in jobs:
+        job.start()
+    for job in jobs:
+        assert all(sorted(epoch) == list(range(48)) for epoch in job.result(180)), "exactly once per epoch"
+    cache = cache_of(server)
+    assert cache["entries"] == 48 and cache["decodes_per_sample"] == 1.0, cache
+    assert cache["misses"] == 48 and cache["hits"] >= 3 * 3 * 48 - 48
+    values = wait_until(
+        lambda: (v := metrics(server.http))["stoker_cache_entries"] == 48 and v, what="the gauges refreshed"
+    )
+    assert values["stoker_cache_decodes_per_sample"] == 1.0 and values["stoker_cache_hits"] >= 3 * 3 * 48 - 48
+
+
+def test_a_small_budget_holds_and_what_does_not_fit_is_decoded(cluster, tmp_path: Path) -> None:
+    from tests.helpers import DEMO_DATA
+
+    config = config_for(tmp_path, DEMO_DATA)
+    small = cluster.start("--config", str(config), "--cache-bytes", "4MiB", datasets={})
+    uncached = cluster.start("--config", str(config), "--cache-bytes", "0", datasets={})
+    assert all(
+        same(a, b)
+        for a, b in zip(
+            fetch_epochs(small.data, 2, "photos", **OPTIONS),
+            fetch_epochs(uncached.data, 2, "photos", **OPTIONS),
+            strict=True,
+        )
+    )
+    cache = cache_of(small)
+    assert cache["budget_bytes"] == 4 * 2**20 and cache["used_bytes"] <= cache["budget_bytes"]
+    assert 0 < cache["entries"] < 48 and cache["decodes_per_sample"] > 1.0, "the rest is decoded every time"
+
+
+def test_bad_samples_are_never_cached(cluster, tmp_path: Path) -> None:
+    root, bad = make_bad_dataset(tmp_path / "mixed")
+    server = cluster.start("--dataset", f"mixed={root}", "--cache", "mixed", "--cache-bytes", "64MiB", datasets={})
+    epochs = fetch_epochs(server.data, 2, "mixed", **OPTIONS)
+    assert all(sum(len(idx) for _, _, idx in epoch) == 35 for epoch in epochs), "batches keep their shape"
+    status = http_json(server.http + "/status")[1]
+    assert status["bad_samples"]["count"] == len(bad) and status["cache"]["entries"] == 35 - len(bad)
+
+
+def test_a_worker_killed_while_filling_the_cache_leaves_no_corrupt_entry(cluster, tmp_path: Path) -> None:
+    from tests.helpers import DEMO_DATA
+
+    config = config_for(tmp_path, DEMO_DATA)
+    server = cluster.start("--config", str(config), "--cache-bytes", "128MiB", datasets={})
+    reference = fetch_epochs(
+        cluster.start("--config", str(config), "--cache-bytes", "0", datasets={}).data, 3, "photos", **OPTIONS
+    )
+
+    def busy_worker() -> dict | None:
+        pool = http_json(server.http + "/status")[1]["pool"]
+        return next((w for w in pool["workers"] if w["current"]), None)
+
+    with BackgroundClient(server.data, "photos", epochs=3, keep_batches=True, **OPTIONS) as client:
+        victim = wait_until(busy_worker, what="a worker decoding (and filling the cache)")
+        os.kill(victim["pid"], signal.SIGKILL)
+        client.result(180)
+    assert all(same(a, b) for a, b in zip(client.batches, reference, strict=True)), "warm epochs equal cold ones"
+    assert cache_of(server)["entries"] == 48
+
+
+def test_a_restarted_server_starts_cold(cluster, tmp_path: Path) -> None:
+    from tests.helpers import DEMO_DATA
+
+    config = config_for(tmp_path, DEMO_DATA)
+    server = cluster.start("--config", str(config), "--cache-bytes", "64MiB", datasets={})
+    first = fetch_epochs(server.data, 1, "photos", **OPTIONS)
+    assert cache_of(server)["entries"] == 48
+    cluster.kill(server)
+    again = cluster.restart(server)
+    assert cache_of(again)["entries"] == 0
+    assert all(same(a, b) for a, b in zip(fetch_epochs(again.data, 1, "photos", **OPTIONS), first, strict=True))
