@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
 import msgpack
@@ -34,6 +34,9 @@ class JobSpec:
     shuffle: bool = True
     drop_last: bool = False
     world_size: int = 1
+    span: tuple[int, int] | None = None
+    """Positions ``[start, end)`` of each epoch's order that this job plans (a job resumed on another
+    number of ranks asks for the rest of its epoch this way); ``None``: the whole epoch."""
 
     def __post_init__(self) -> None:
         for name in ("dataset", "pipeline"):
@@ -52,16 +55,40 @@ class JobSpec:
         for name in ("shuffle", "drop_last"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name}={getattr(self, name)!r} must be a bool")
+        if self.span is not None:
+            span = self.span
+            if (
+                not isinstance(span, tuple | list)
+                or len(span) != 2
+                or not all(isinstance(x, int) and not isinstance(x, bool) for x in span)
+                or not 0 <= span[0] < span[1] <= 2**63 - 1
+            ):
+                raise ValueError(f"span={span!r} must be [start, end] with 0 <= start < end")
+            object.__setattr__(self, "span", (int(span[0]), int(span[1])))
+
+    def whole(self) -> JobSpec:
+        """The same job over whole epochs (without a ``span``)."""
+        return replace(self, span=None)
+
+    def _values(self) -> list[Any]:
+        # ``span`` only when set: jobs without it keep the ids (and wire form) they always had.
+        values = [getattr(self, f.name) for f in fields(self) if f.name != "span"]
+        return values if self.span is None else [*values, list(self.span)]
 
     @property
     def job_id(self) -> str:
         """A short stable hash of the canonical spec."""
-        canonical = msgpack.packb([getattr(self, f.name) for f in fields(self)], use_bin_type=True)
+        canonical = msgpack.packb(self._values(), use_bin_type=True)
         return hashlib.blake2b(canonical, digest_size=8).hexdigest()
 
     def to_wire(self) -> dict[str, Any]:
         """The spec as a msgpack-ready map."""
-        return asdict(self)
+        wire = asdict(self)
+        if self.span is None:
+            del wire["span"]
+        else:
+            wire["span"] = list(self.span)
+        return wire
 
     @classmethod
     def from_wire(cls, raw: dict[str, Any]) -> JobSpec:

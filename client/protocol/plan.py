@@ -9,6 +9,13 @@ so every rank gets the same number of batches and only the last one is short.
 
 Because the plan depends only on the spec and the epoch, any server can produce any batch and a
 client's progress is just ``(epoch, k)``.
+
+**Resuming on another number of ranks.** After ``P`` batches per rank of ``W1`` ranks, the samples
+not yet served are one contiguous run of the epoch's order: positions ``[P * B * W1, kept)``, where
+``kept`` is the end of the real (unpadded, not dropped) samples. That run, a *span*, is planned again
+over the new ``W2`` ranks exactly as a whole epoch is (padding wraps to the span's own first samples,
+``drop_last`` cuts the span), so every new rank computes the same re-plan from what a request carries.
+A span of a span is again a span of the epoch's order, so a job may be resized any number of times.
 """
 
 from __future__ import annotations
@@ -19,7 +26,20 @@ import numpy as np
 
 from stoker.client.protocol.rng import mix, splitmix64_array
 
-__all__ = ["batches_per_rank", "batch_sizes", "permutation", "batch_positions", "batch_indices", "sample_seed"]
+__all__ = [
+    "Span",
+    "batches_per_rank",
+    "batch_sizes",
+    "permutation",
+    "batch_positions",
+    "batch_indices",
+    "remaining_span",
+    "span_length",
+    "sample_seed",
+]
+
+Span = tuple[int, int]
+"""``(start, end)``: the positions of an epoch's order that a resumed epoch serves."""
 
 # Domain separators keep the permutation key and the per-sample keys independent streams.
 _PERMUTATION_DOMAIN = 0x5045524D
@@ -75,12 +95,43 @@ def batch_positions(num_samples: int, batch_size: int, world_size: int, drop_las
 
 
 def batch_indices(
-    order: np.ndarray, batch_size: int, world_size: int, drop_last: bool, rank: int, k: int
+    order: np.ndarray, batch_size: int, world_size: int, drop_last: bool, rank: int, k: int, span: Span | None = None
 ) -> np.ndarray:
-    """Dataset indices of batch ``k`` of ``rank``, given the epoch's ``order`` from :func:`permutation`."""
-    positions = batch_positions(len(order), batch_size, world_size, drop_last, rank, k)
-    # Positions past the end wrap to the order's own first samples: DistributedSampler's padding.
-    return order[np.arange(positions.start, positions.stop) % len(order)]
+    """Dataset indices of batch ``k`` of ``rank``, given the epoch's ``order`` from :func:`permutation`.
+
+    With ``span``, the batch is one of the re-plan of that part of the order (a resumed epoch).
+    """
+    start, end = span if span is not None else (0, len(order))
+    positions = batch_positions(end - start, batch_size, world_size, drop_last, rank, k)
+    # Positions past the end wrap to the span's own first samples: DistributedSampler's padding.
+    return order[start + np.arange(positions.start, positions.stop) % (end - start)]
+
+
+def span_length(span: Span | None, num_samples: int) -> int:
+    """Samples a span covers (the whole epoch's ``num_samples`` for ``None``)."""
+    return num_samples if span is None else span[1] - span[0]
+
+
+def remaining_span(
+    num_samples: int, batch_size: int, world_size: int, drop_last: bool, position: int, span: Span | None = None
+) -> Span:
+    """What is left of an epoch (or of its resumed ``span``) after ``position`` batches on each of
+    ``world_size`` ranks: the positions of the order not yet served, without padding or dropped tail.
+
+    Every batch but a rank's last is full, so ``position`` batches per rank served exactly the first
+    ``position * batch_size * world_size`` positions; a position at or past the end leaves nothing.
+    """
+    start, end = span if span is not None else (0, num_samples)
+    length = end - start
+    if not 0 <= start <= end <= num_samples:
+        raise ValueError(f"span={span} must lie in [0, {num_samples}]")
+    if position < 0:
+        raise ValueError(f"{position=} must be >= 0")
+    count = batches_per_rank(length, batch_size, world_size, drop_last)
+    if position >= count:
+        return end, end
+    kept = _samples_per_rank(length, batch_size, world_size, drop_last) * world_size if drop_last else length
+    return start + position * batch_size * world_size, start + kept
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:

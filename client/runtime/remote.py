@@ -6,13 +6,15 @@ import logging
 import math
 import os
 import time
-from collections.abc import Iterator, Sequence
-from typing import Any
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import replace
+from typing import Any, NamedTuple
 
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from stoker.client.protocol.job import JobSpec
+from stoker.client.protocol.plan import Span, batches_per_rank, remaining_span, span_length
 from stoker.client.runtime.buffers import PinnedPool
 from stoker.client.runtime.endpoints import parse_endpoints
 from stoker.client.runtime.session import JobInfo, RawBatch, Session
@@ -26,6 +28,17 @@ log = logging.getLogger(__name__)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 _STATE_VERSION = 1
+_SPAN_STATE_VERSION = 2  # a state inside a resumed epoch: older clients must refuse it, not misread it
+
+
+class _Resize(NamedTuple):
+    """A position saved by ``world_size`` ranks, to re-plan over this client's ranks once the
+    dataset's size is known (the first time the client talks to a server)."""
+
+    epoch: int
+    span: Span | None
+    world_size: int
+    position: int
 
 
 def _distributed_defaults(rank: int | None, world_size: int | None) -> tuple[int, int]:
@@ -102,6 +115,9 @@ class RemoteBatches(IterableDataset):
         self.timeout_s = float(timeout_s)
         self._epoch = 0
         self._position = 0
+        self._span: Span | None = None
+        """The part of the current epoch's order this client's ranks share (a resumed epoch), or ``None``."""
+        self._resize: _Resize | None = None
         self._session: Session | None = None
         self._stream: BatchStream | None = None
         self._owner_pid = os.getpid()
@@ -126,8 +142,10 @@ class RemoteBatches(IterableDataset):
         return self._epoch
 
     def __len__(self) -> int:
-        """Batches per epoch for this rank."""
-        return self._open().batches
+        """Batches of the current epoch for this rank: after :meth:`load_state_dict` of a state saved
+        on another number of ranks, the batches this rank gets of what is left of that epoch."""
+        self._open()
+        return self._batches_in(self._epoch)
 
     def set_epoch(self, epoch: int) -> None:
         """Serve ``epoch`` next. Switching epochs restarts at its first batch; the same epoch keeps
@@ -136,32 +154,103 @@ class RemoteBatches(IterableDataset):
         if not isinstance(epoch, int) or epoch < 0:
             raise ValueError(f"{epoch=} must be an int >= 0")
         if epoch != self._epoch:
-            self._epoch, self._position = epoch, 0
+            self._epoch, self._position, self._span, self._resize = epoch, 0, None, None
 
     def state_dict(self) -> dict[str, Any]:
-        """Progress to checkpoint with the model: the epoch and the next batch to yield."""
-        return {
+        """Progress to checkpoint with the model: the epoch and the next batch to yield (and, in an
+        epoch resumed on another number of ranks, the part of it these ranks share)."""
+        if self._resize is not None:
+            self._open()  # the re-plan needs the dataset's size
+        state: dict[str, Any] = {
             "version": _STATE_VERSION,
             "job": self.spec.to_wire(),
             "rank": self.rank,
             "epoch": self._epoch,
             "next_batch": self._position,
         }
+        if self._span is not None:
+            state.update(version=_SPAN_STATE_VERSION, span=list(self._span))
+        return state
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue from a :meth:`state_dict`: the next iteration yields its remaining batches."""
-        if state.get("version") != _STATE_VERSION:
-            raise ValueError(f"state version {state.get('version')!r} is not {_STATE_VERSION}")
+    def load_state_dict(self, state: Mapping[str, Any] | Sequence[Mapping[str, Any]]) -> None:
+        """Continue from a :meth:`state_dict`: the next iteration yields the rest of its epoch.
+
+        ``state`` may come from any rank of a job that ran on any number of ranks, as long as every
+        other field of the job is the same: in DDP all ranks are at the same step, so one rank's
+        state (rank 0's, saved with the model) describes the whole job. A list of every rank's state
+        is accepted too, and refused if they disagree on the position. Saved on another number of
+        ranks, what the old ranks had left of the epoch is planned again over this client's ranks
+        (each sample exactly once, the same number of batches on every rank); later epochs are
+        planned for this client's ranks.
+        """
+        states = [state] if isinstance(state, Mapping) else list(state)
+        if not states:
+            raise ValueError("no state to load")
+        saved = [self._read_state(one) for one in states]
+        first = saved[0]
+        for one, other in zip(states[1:], saved[1:], strict=True):
+            if other != first:
+                raise ValueError(
+                    f"states disagree on the position: rank {states[0].get('rank')} at {first}, "
+                    f"rank {one.get('rank')} at {other}"
+                )
+        ranks = [one.get("rank") for one in states]
+        for rank in ranks:
+            if ranks.count(rank) > 1:
+                raise ValueError(f"states of rank {rank} twice: pass one state, or one per old rank")
+        if self._stream is not None:  # it may be heading for the same (epoch, k) of another plan
+            self._stream.close()
+            self._stream = None
+        if first.world_size == self.spec.world_size or (first.position == 0 and first.span is None):
+            # Nothing of the epoch was served yet (or the plan is the same): no re-plan needed.
+            self._epoch, self._position, self._span, self._resize = first.epoch, first.position, first.span, None
+        else:
+            self._epoch, self._position, self._span, self._resize = first.epoch, 0, None, first
+            if self._session is not None and self._session.info is not None:
+                self._apply_resize(self._session.info)
+
+    def _read_state(self, state: Mapping[str, Any]) -> _Resize:
+        version = state.get("version")
+        if version not in (_STATE_VERSION, _SPAN_STATE_VERSION):
+            raise ValueError(f"state version {version!r} is not one of {_STATE_VERSION}, {_SPAN_STATE_VERSION}")
         saved = JobSpec.from_wire(dict(state["job"]))
-        if saved != self.spec:
-            diff = {k: (v, getattr(self.spec, k)) for k, v in saved.to_wire().items() if getattr(self.spec, k) != v}
+        ours = replace(self.spec, world_size=saved.world_size)
+        if saved != ours:
+            diff = {k: (v, getattr(ours, k)) for k, v in saved.to_wire().items() if getattr(ours, k) != v}
             raise ValueError(f"state is for another job; differing fields (saved, current): {diff}")
-        if state.get("rank", self.rank) != self.rank:
-            raise ValueError(f"state is for rank {state['rank']}, this client is rank {self.rank}")
         epoch, position = int(state["epoch"]), int(state["next_batch"])
-        if epoch < 0 or position < 0:
-            raise ValueError(f"bad state: epoch={epoch}, next_batch={position}")
-        self._epoch, self._position = epoch, position
+        span = state.get("span")
+        if epoch < 0 or position < 0 or (span is not None and (len(span) != 2 or not 0 <= span[0] < span[1])):
+            raise ValueError(f"bad state: epoch={epoch}, next_batch={position}, span={span}")
+        return _Resize(epoch, None if span is None else (int(span[0]), int(span[1])), saved.world_size, position)
+
+    def _apply_resize(self, info: JobInfo) -> None:
+        """Plan what the saved ranks left of the epoch over this client's ranks (a pure function of
+        the job, the epoch, the saved position and both world sizes: every new rank agrees)."""
+        resize, spec = self._resize, self.spec
+        if resize is None:
+            return
+        self._resize = None
+        span = remaining_span(
+            info.samples, spec.batch_size, resize.world_size, spec.drop_last, resize.position, resize.span
+        )
+        left = span_length(span, info.samples)
+        if batches_per_rank(left, spec.batch_size, spec.world_size, spec.drop_last) == 0:
+            self._epoch, self._position, self._span = resize.epoch + 1, 0, None  # nothing of it is left
+        else:
+            self._epoch, self._position, self._span = resize.epoch, 0, span
+        log.info(
+            "resumed epoch %d saved on %d ranks at batch %d: %d samples left, planned over %d ranks",
+            resize.epoch, resize.world_size, resize.position, left, spec.world_size,
+        )  # fmt: skip
+
+    def _batches_in(self, epoch: int) -> int:
+        """Batches per rank of ``epoch``: of its resumed part, or of the whole epoch."""
+        info = self._open()
+        if epoch == self._epoch and self._span is not None:
+            length = span_length(self._span, info.samples)
+            return batches_per_rank(length, self.spec.batch_size, self.spec.world_size, self.spec.drop_last)
+        return info.batches
 
     def stats(self) -> dict[str, float | int]:
         """Batches, images and bytes received, seconds spent waiting for data and the wait share."""
@@ -203,9 +292,10 @@ class RemoteBatches(IterableDataset):
     # -- iteration -------------------------------------------------------------------------------
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
-        info = self._open()
+        self._open()
         epoch, start = self._epoch, self._position
-        ks = range(start, info.batches)
+        batches = self._batches_in(epoch)
+        ks = range(start, batches)
         worker = get_worker_info()
         sharded = worker is not None and worker.num_workers > 1
         if sharded:
@@ -213,9 +303,9 @@ class RemoteBatches(IterableDataset):
             # round-robin over workers restores the order. Progress is tracked per worker copy.
             ks = ks[worker.id :: worker.num_workers]
         elif not ks:  # resumed from a position at the very end of the epoch: nothing is left of it
-            self._epoch, self._position = epoch + 1, 0
+            self._epoch, self._position, self._span = epoch + 1, 0, None
             return
-        stream = self._stream_for(epoch, list(ks), info.batches, lookahead=not sharded)
+        stream = self._stream_for(epoch, list(ks), lookahead=not sharded)
         for k in ks:
             waited = time.monotonic()
             if not self._started:
@@ -225,7 +315,7 @@ class RemoteBatches(IterableDataset):
             if sharded:
                 self._position = k + 1
             else:
-                self._delivered(stream, epoch, k, info.batches)
+                self._delivered(stream, epoch, k, batches)
             yield out
 
     def _delivered(self, stream: BatchStream, epoch: int, k: int, batches: int) -> None:
@@ -237,12 +327,12 @@ class RemoteBatches(IterableDataset):
         if k + 1 < batches:
             self._epoch, self._position = epoch, k + 1
             return
-        self._epoch, self._position = epoch + 1, 0
+        self._epoch, self._position, self._span = epoch + 1, 0, None
         # Keep one whole epoch planned ahead of the consumer, so epochs flow without a gap.
         if stream.last_item is not None and stream.last_item[0] == epoch + 1:
-            stream.extend([(epoch + 2, j) for j in range(batches)])
+            stream.extend([(epoch + 2, j) for j in range(self._open().batches)])
 
-    def _stream_for(self, epoch: int, ks: list[int], batches: int, lookahead: bool) -> BatchStream:
+    def _stream_for(self, epoch: int, ks: list[int], lookahead: bool) -> BatchStream:
         """The stream already heading for ``(epoch, ks[0])``, or a new one (the old one is dropped)."""
         stream = self._stream
         first = (epoch, ks[0]) if ks else None
@@ -253,9 +343,11 @@ class RemoteBatches(IterableDataset):
         session = self._session
         if session is None:
             raise RuntimeError("not connected")  # unreachable: _open() just connected
+        if self._span is not None:
+            session.resume(epoch, replace(self.spec, span=self._span))
         items = [(epoch, k) for k in ks]
         if lookahead:
-            items += [(epoch + 1, k) for k in range(batches)]
+            items += [(epoch + 1, k) for k in range(self._open().batches)]
         self._stream = BatchStream(session, items, self._open().prefetch)
         return self._stream
 
@@ -297,7 +389,10 @@ class RemoteBatches(IterableDataset):
             except BaseException:
                 self.close()
                 raise
-        return self._session.info  # type: ignore[return-value]
+        info: JobInfo = self._session.info  # type: ignore[assignment]
+        if self._resize is not None:
+            self._apply_resize(info)
+        return info
 
     def _pinned_buffer(self, nbytes: int) -> tuple[memoryview, torch.Tensor]:
         if self._pinned is None:

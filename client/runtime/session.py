@@ -116,6 +116,8 @@ class Session:
         self._join_grace_s = join_grace_s
         self._sources = parse_endpoints(self.endpoints)
         self._job_wire = spec.to_wire()
+        # Epochs resumed on another number of ranks are asked for as their re-planned job (with a span).
+        self._resumed: dict[int, tuple[str, dict[str, Any]]] = {}
         self._links: dict[str, ServerLink] = {}
         self._by_socket: dict[zmq.Socket, ServerLink] = {}
         self._resolved: dict[str, list[str]] = {}
@@ -163,6 +165,16 @@ class Session:
             removed.append(link)
             log.info("server %s removed (no longer in DNS)", endpoint)
         return removed
+
+    def resume(self, epoch: int, spec: JobSpec) -> None:
+        """Ask for ``epoch``'s batches as ``spec`` (the job's re-plan of what is left of that epoch)."""
+        self._resumed = {epoch: (spec.job_id, spec.to_wire())}
+
+    def _job_for(self, epoch: int) -> tuple[str | None, dict[str, Any]]:
+        resumed = self._resumed.get(epoch)
+        if resumed is not None:
+            return resumed
+        return (self.info.job_id if self.info else None), self._job_wire
 
     # -- opening ---------------------------------------------------------------------------------
 
@@ -279,7 +291,7 @@ class Session:
             discard_rest(link.socket, more)
             raise ProtocolError(f"server {link.endpoint} sent an inconsistent BATCH header {shapes}")
         epoch, k = fields["epoch"], fields["k"]
-        ours = info is not None and fields["job_id"] == info.job_id and fields["rank"] == self.rank
+        ours = info is not None and fields["job_id"] == self._job_for(epoch)[0] and fields["rank"] == self.rank
         if not ours or not wants(epoch, k) or arrivals.has_batch(epoch, k):
             discard_rest(link.socket, more)  # e.g. a late duplicate of a batch that was asked again
             return
@@ -295,7 +307,7 @@ class Session:
         """Ask ``link`` for batch ``k`` of ``epoch``; ``False`` if it is not connected."""
         info = self.info
         fields = {
-            "job": self._job_wire,
+            "job": self._job_for(epoch)[1],
             "epoch": epoch,
             "rank": self.rank,
             "k": k,

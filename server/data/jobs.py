@@ -14,7 +14,14 @@ import numpy as np
 
 from stoker.client.protocol.errors import ProtocolError
 from stoker.client.protocol.job import JobSpec
-from stoker.client.protocol.plan import batch_indices, batch_sizes, batches_per_rank, permutation, sample_seed
+from stoker.client.protocol.plan import (
+    batch_indices,
+    batch_sizes,
+    batches_per_rank,
+    permutation,
+    sample_seed,
+    span_length,
+)
 from stoker.client.protocol.rng import mix
 from stoker.client.protocol.wire import ErrorCode
 from stoker.server.data.catalog import Catalog
@@ -99,14 +106,20 @@ class JobRegistry:
             return job
         table, pipeline = self._resolve(spec)
         self._check_limits(spec, pipeline)
-        count = batches_per_rank(len(table), spec.batch_size, spec.world_size, spec.drop_last)
+        if spec.span is not None and spec.span[1] > len(table):
+            raise ProtocolError(
+                f"span={list(spec.span)} reaches past the {len(table)} samples of {spec.dataset!r}",
+                ErrorCode.INVALID_JOB,
+            )
+        planned = span_length(spec.span, len(table))
+        count = batches_per_rank(planned, spec.batch_size, spec.world_size, spec.drop_last)
         if count == 0:
             raise ProtocolError(
                 f"drop_last=True with batch_size * world_size = {spec.batch_size * spec.world_size} "
-                f"> {len(table)} samples in {spec.dataset!r} leaves no batch",
+                f"> {planned} samples {'left of' if spec.span else 'in'} {spec.dataset!r} leaves no batch",
                 ErrorCode.INVALID_JOB,
             )
-        _, last = batch_sizes(len(table), spec.batch_size, spec.world_size, spec.drop_last)
+        _, last = batch_sizes(planned, spec.batch_size, spec.world_size, spec.drop_last)
         job = OpenJob(spec, job_id, table, pipeline, count, last)
         self._jobs[job_id] = job
         while len(self._jobs) > self._max_jobs:
@@ -175,7 +188,8 @@ class JobRegistry:
     def indices(self, job: OpenJob, epoch: int, rank: int, k: int) -> np.ndarray:
         """Dataset indices of batch ``k`` of ``rank`` (before bad-sample replacement)."""
         spec = job.spec
-        return batch_indices(self.order(job, epoch), spec.batch_size, spec.world_size, spec.drop_last, rank, k)
+        order = self.order(job, epoch)
+        return batch_indices(order, spec.batch_size, spec.world_size, spec.drop_last, rank, k, spec.span)
 
     @staticmethod
     def sample_key(job: OpenJob, epoch: int, index: int) -> int:
