@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from stoker.client.protocol.errors import (
+    AuthenticationError,
     BadSampleError,
     InvalidJobError,
     PipelineError,
@@ -36,6 +37,7 @@ __all__ = [
     "BadSampleError",
     "PipelineError",
     "StokerTimeoutError",
+    "AuthenticationError",
 ]
 
 _LAZY = {"RemoteBatches", "IMAGENET_MEAN", "IMAGENET_STD"}

@@ -7,6 +7,7 @@ from "my job spec is wrong" from "the dataset has a bad file" without parsing me
 from __future__ import annotations
 
 __all__ = [
+    "AuthenticationError",
     "StokerError",
     "ProtocolError",
     "ServerError",
@@ -81,3 +82,13 @@ class PipelineError(ServerError):
 
 class StokerTimeoutError(StokerError, TimeoutError):
     """No server answered within ``timeout_s``."""
+
+
+class AuthenticationError(StokerError, PermissionError):
+    """A server refused this client at the CURVE handshake: no keys where the server needs them, the
+    wrong server key, or a client key the server does not authorise. Raised within seconds of
+    connecting (from the socket's handshake events), never as a timeout."""
+
+    def __init__(self, message: str, endpoint: str) -> None:
+        super().__init__(message)
+        self.endpoint = endpoint

@@ -14,9 +14,11 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from stoker.client.protocol.job import JobSpec
+from stoker.client.protocol.keys import load_key_pair, load_public_key
 from stoker.client.protocol.plan import Span, batches_per_rank, remaining_span, span_length
 from stoker.client.runtime.buffers import PinnedPool
 from stoker.client.runtime.endpoints import parse_endpoints
+from stoker.client.runtime.links import ClientKeys
 from stoker.client.runtime.session import JobInfo, RawBatch, Session
 from stoker.client.runtime.stream import BatchStream
 from stoker.client.runtime.tensors import Converter
@@ -54,6 +56,23 @@ def _distributed_defaults(rank: int | None, world_size: int | None) -> tuple[int
     return rank, world_size
 
 
+KeySource = str | os.PathLike[str] | None
+
+
+def _client_keys(server_key: KeySource, client_key: KeySource) -> ClientKeys | None:
+    """CURVE keys from the arguments, else ``STOKER_SERVER_KEY`` / ``STOKER_CLIENT_KEY_FILE``; ``None``
+    when neither names any (a loader on loopback, or one that allows unauthenticated clients)."""
+    server = server_key if server_key is not None else os.environ.get("STOKER_SERVER_KEY") or None
+    client = client_key if client_key is not None else os.environ.get("STOKER_CLIENT_KEY_FILE") or None
+    if server is None and client is None:
+        return None
+    if server is None or client is None:
+        missing = "server_key (STOKER_SERVER_KEY)" if server is None else "client_key (STOKER_CLIENT_KEY_FILE)"
+        raise ValueError(f"CURVE needs both the server's public key and this client's key pair: {missing} is missing")
+    public, secret = load_key_pair(client)
+    return ClientKeys(load_public_key(server), public, secret)
+
+
 class RemoteBatches(IterableDataset):
     """Batches of a dataset declared on stoker servers, delivered on ``device`` in order.
 
@@ -65,6 +84,11 @@ class RemoteBatches(IterableDataset):
     ``float32`` normalised with ``mean``/``std`` or ``uint8`` with ``normalize=False``. With a
     multi-view pipeline (self-supervised multi-crop) ``images`` is a list with one such tensor per
     view, in the order the server's pipeline declares them.
+
+    With ``server_key`` (the server's public key: Z85 text or its ``NAME.key`` file) and
+    ``client_key`` (this client's ``NAME.key_secret`` file), or ``STOKER_SERVER_KEY`` and
+    ``STOKER_CLIENT_KEY_FILE``, every connection is authenticated and encrypted with CURVE; a server
+    that refuses the client raises :class:`~stoker.client.AuthenticationError` within seconds.
     """
 
     def __init__(
@@ -89,8 +113,11 @@ class RemoteBatches(IterableDataset):
         timeout_s: float = 60.0,
         resolve_interval_s: float = 10.0,
         memory_format: torch.memory_format = torch.contiguous_format,
+        server_key: KeySource = None,
+        client_key: KeySource = None,
     ) -> None:
         super().__init__()
+        self._keys = _client_keys(server_key, client_key)
         self.endpoints = [endpoints] if isinstance(endpoints, str) else list(endpoints)
         parse_endpoints(self.endpoints)  # a malformed endpoint is a ValueError now, not a timeout later
         if not resolve_interval_s > 0:
@@ -382,6 +409,7 @@ class RemoteBatches(IterableDataset):
                 progress=self._progress,
                 receive_into=self._pinned_buffer if cuda else None,
                 resolve_interval_s=self.resolve_interval_s,
+                keys=self._keys,
             )
         if self._session.info is None:
             try:

@@ -23,7 +23,7 @@ from stoker.client.protocol.job import JobSpec
 from stoker.client.protocol.wire import Header, Kind, batch_nbytes, decode
 from stoker.client.runtime.endpoints import parse_endpoints
 from stoker.client.runtime.framing import discard_rest, receive_payload
-from stoker.client.runtime.links import ServerLink
+from stoker.client.runtime.links import ClientKeys, ServerLink
 from stoker.client.runtime.replies import is_transient, server_error
 
 __all__ = ["Arrivals", "JobInfo", "RawBatch", "Session", "Wants"]
@@ -97,12 +97,14 @@ class Session:
         client_id: str | None = None,
         resolve_interval_s: float = 10.0,
         join_grace_s: float = 1.0,
+        keys: ClientKeys | None = None,
     ) -> None:
         """``progress`` gives the figures (waited_s, elapsed_s) sent with every request, for the
         server's stall-share view. ``receive_into(n)`` gives a writable view to receive a batch of
         ``n`` bytes into and the object that owns it (a pinned tensor); ``None`` keeps ZeroMQ's frame.
         ``dns+tcp://`` endpoints are resolved again every ``resolve_interval_s``; after the first
-        server describes the job, :meth:`open` waits up to ``join_grace_s`` for the others."""
+        server describes the job, :meth:`open` waits up to ``join_grace_s`` for the others. ``keys``
+        turns on CURVE for every server of the job (the same keys serve every endpoint)."""
         self.endpoints = list(endpoints)
         self.spec = spec
         self.rank = rank
@@ -114,12 +116,14 @@ class Session:
         self._receive_into = receive_into
         self._resolve_interval_s = resolve_interval_s
         self._join_grace_s = join_grace_s
+        self._keys = keys
         self._sources = parse_endpoints(self.endpoints)
         self._job_wire = spec.to_wire()
         # Epochs resumed on another number of ranks are asked for as their re-planned job (with a span).
         self._resumed: dict[int, tuple[str, dict[str, Any]]] = {}
         self._links: dict[str, ServerLink] = {}
         self._by_socket: dict[zmq.Socket, ServerLink] = {}
+        self._by_monitor: dict[zmq.Socket, ServerLink] = {}
         self._resolved: dict[str, list[str]] = {}
         self._resolved_at = float("-inf")
         self._closed = False
@@ -151,16 +155,20 @@ class Session:
                 log.warning("cannot resolve %s: %s", source.raw, exc)
         wanted = {endpoint for endpoints in self._resolved.values() for endpoint in endpoints}
         for endpoint in sorted(wanted - self._links.keys()):
-            link = ServerLink(self._context, endpoint)
+            link = ServerLink(self._context, endpoint, keys=self._keys)
             self._links[endpoint] = link
             self._by_socket[link.socket] = link
+            self._by_monitor[link.monitor] = link
             self._poller.register(link.socket, zmq.POLLIN)
+            self._poller.register(link.monitor, zmq.POLLIN)
             log.info("server %s added", endpoint)
         removed = []
         for endpoint in sorted(self._links.keys() - wanted):
             link = self._links.pop(endpoint)
             self._poller.unregister(link.socket)
+            self._poller.unregister(link.monitor)
             del self._by_socket[link.socket]
+            del self._by_monitor[link.monitor]
             link.close()
             removed.append(link)
             log.info("server %s removed (no longer in DNS)", endpoint)
@@ -243,6 +251,8 @@ class Session:
             link = self._by_socket.get(socket)
             if link is not None:
                 self._read(link, wants, arrivals)
+            elif (watched := self._by_monitor.get(socket)) is not None:
+                watched.check_handshakes()  # raises AuthenticationError on a refusal
         return arrivals
 
     def _read(self, link: ServerLink, wants: Wants, arrivals: Arrivals) -> None:
@@ -329,6 +339,7 @@ class Session:
             link.close()
         self._links.clear()
         self._by_socket.clear()
+        self._by_monitor.clear()
         self._context.term()
 
     def __enter__(self) -> Session:

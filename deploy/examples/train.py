@@ -9,6 +9,9 @@ Configured from the environment (what the compose file and the Kubernetes Job se
 - ``CHECKPOINT``: checkpoint path (default ``/tmp/ckpt.pt``); resumed from when it exists.
 - ``IMAGE_SIZE`` (64), ``BATCH_SIZE`` (16), ``MAX_STEPS`` (stop, checkpointed, after this many steps
   in this run; default: no limit).
+- ``STOKER_SERVER_KEY`` (the loaders' public key: a ``NAME.key`` file or its Z85 text) and
+  ``STOKER_CLIENT_KEY_FILE`` (this trainer's ``NAME.key_secret``), for loaders that require CURVE
+  keys, as every deploy file here sets them up: read by ``RemoteBatches`` itself, not by this script.
 
 SIGTERM (a pod being evicted, ``docker stop``) ends the run after the current step, checkpointed, so a
 restart continues with the next batch: ``state_dict()`` of ``RemoteBatches`` records the position.

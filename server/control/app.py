@@ -8,9 +8,10 @@ import threading
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 
 from stoker.server.control import config, dashboard, health, metrics, status
+from stoker.server.control.security import require_read_token
 from stoker.server.engine import Engine
 from stoker.server.settings import ServerSettings
 from stoker.server.version import VERSION
@@ -73,16 +74,20 @@ def create_app(
             await asyncio.to_thread(startup.join, engine.config.drain_timeout_s)
             await asyncio.to_thread(engine.close)
 
+    # The API's description is no secret, but behind a token everything but the probes is closed.
+    open_docs = settings.http_token is None or settings.http_public_reads
     app = FastAPI(
         title="stoker",
         version=VERSION,
         lifespan=lifespan,
+        **({} if open_docs else {"docs_url": None, "redoc_url": None, "openapi_url": None}),
         description="Control plane of a stoker loader server: health, status, metrics, live config.",
     )
     app.state.engine = engine
     app.state.settings = settings
     app.state.http_url = http_url
     config_router = config.build_router(engine.config.max_workers)
-    for router in (health.router, status.router, metrics.router, config_router, dashboard.router):
-        app.include_router(router)
+    app.include_router(health.router)  # the probes: always open, they tell nothing about the data
+    for router in (status.router, metrics.router, config_router, dashboard.router):
+        app.include_router(router, dependencies=[Depends(require_read_token)])
     return app

@@ -115,6 +115,12 @@ class CacheStatus(BaseModel):
     datasets: list[str] = Field(description="datasets declared cached")
 
 
+class SecurityStatus(BaseModel):
+    curve: bool = Field(description="the data socket authenticates and encrypts with CURVE")
+    authorized_clients: int | None = Field(description="client keys authorised now (None without CURVE)")
+    refused: dict[str, int] = Field(description="connections refused at the handshake, by reason")
+
+
 class ClientStatus(BaseModel):
     client_id: str
     job_id: str
@@ -169,6 +175,7 @@ class Status(BaseModel):
     pipelines: list[PipelineStatus] = Field(description="declared pipelines with their ops")
     pipeline_errors: list[PipelineErrorStatus] = Field(description="recent post-op failures, newest first")
     cache: CacheStatus
+    security: SecurityStatus
     clients: list[ClientStatus]
     throughput: Throughput = Field(description="all clients, over the last 10 s")
     stall_share: float | None = Field(description="mean of the clients' reported data-stall shares")

@@ -26,6 +26,7 @@ from stoker.client.protocol.wire import ErrorCode, Header, Kind, decode
 from stoker.server import failpoints
 from stoker.server.data.catalog import Catalog
 from stoker.server.data.jobs import JobRegistry, OpenJob
+from stoker.server.engine.access import DataAccess
 from stoker.server.engine.admission import Admission, Verdict
 from stoker.server.engine.decoded import DecodedCache
 from stoker.server.engine.delivery import Delivery
@@ -82,6 +83,8 @@ class Engine:
         self._mailbox = Mailbox()
         self._context: zmq.Context | None = None
         self._transport: Transport | None = None
+        self.access: DataAccess | None = None
+        """CURVE on the data socket, when the server has keys."""
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._drain_deadline = 0.0
@@ -95,7 +98,12 @@ class Engine:
             log.warning("fail points armed (for tests only): %s", sorted(failpoints.armed()))
         self.pool.start()
         self._context = zmq.Context()
-        self._transport = Transport(self._context, self.config.bind, self.config.heartbeat_ms)
+        config = self.config
+        if config.curve_secret_key_file and config.authorized_clients:
+            self.access = DataAccess(config.curve_secret_key_file, config.authorized_clients)
+            self.access.start(self._context)
+        secure = self.access.secure if self.access is not None else None
+        self._transport = Transport(self._context, config.bind, config.heartbeat_ms, secure=secure)
         self.delivery = Delivery(self._transport, self.slots, self.stats)
         self.endpoint = self._transport.endpoint
         self._thread = threading.Thread(target=self._run, name="stoker-engine", daemon=True)
@@ -147,6 +155,9 @@ class Engine:
         poller = zmq.Poller()
         poller.register(transport.socket, zmq.POLLIN)
         poller.register(self._mailbox.fd, zmq.POLLIN)
+        monitor = self.access.monitor if self.access is not None else None
+        if monitor is not None:
+            poller.register(monitor, zmq.POLLIN)
         registered: set[int] = set()
         try:
             while not (self._stopping and self._drained()):
@@ -162,6 +173,8 @@ class Engine:
                 if transport.socket in events:
                     for incoming in transport.receive():
                         self._on_message(incoming)
+                if monitor is not None and monitor in events and self.access is not None:
+                    self.access.on_events()
                 self.production.dispatch(self.config.worker_queue_depth)
                 self._housekeeping()
         except Exception:
@@ -306,6 +319,8 @@ class Engine:
     def _shutdown(self) -> None:
         self._stopping = True
         self.pool.close()
+        if self.access is not None:
+            self.access.close(self._transport.socket if self._transport is not None else None)
         if self._transport is not None:
             self._transport.close()
         if self._context is not None:

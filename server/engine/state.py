@@ -98,6 +98,7 @@ def build_snapshot(engine: Engine) -> dict[str, Any]:
         "jobs": [job_view(job) for job in engine.jobs.open_jobs],
         "pipelines": [pipeline.describe() for pipeline in engine.pipelines.values()],
         "cache": engine.cache.view(),
+        "security": security_view(engine),
         "pipeline_errors": list(reversed(stats.pipeline_errors)),
         "clients": clients,
         "throughput": {"images_per_s": round(images_s, 1), "mb_per_s": round(bytes_s / 1e6, 2)},
@@ -118,6 +119,14 @@ def build_snapshot(engine: Engine) -> dict[str, Any]:
     }
 
 
+def security_view(engine: Engine) -> dict[str, Any]:
+    """Whether the data plane needs CURVE keys, how many clients are authorised and refusals so far."""
+    access = engine.access
+    if access is None:
+        return {"curve": False, "authorized_clients": None, "refused": {}}
+    return {"curve": True, "authorized_clients": access.authorised, "refused": dict(access.refused)}
+
+
 def update_gauges(engine: Engine) -> None:
     """Refresh the Prometheus gauges from the engine's current state."""
     stats, workers = engine.stats, engine.pool.workers
@@ -132,3 +141,7 @@ def update_gauges(engine: Engine) -> None:
     stats.cache_hits.set(cache["hits"])
     stats.cache_misses.set(cache["misses"])
     stats.cache_decodes.set(cache["decodes_per_sample"] or 0.0)
+    if engine.access is not None:
+        stats.authorized_clients.set(engine.access.authorised)
+        for reason, count in engine.access.refused.items():
+            stats.refused_connections.labels(reason).set(count)

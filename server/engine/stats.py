@@ -183,6 +183,15 @@ class EngineStats:
         self.cache_entries = Gauge("stoker_cache_entries", "Samples held decoded", registry=r)
         # Gauges set from the engine's own counts at each housekeeping tick (one source of truth).
         self.cache_hits = Gauge("stoker_cache_hits", "Samples read decoded from the cache", registry=r)
+        self.authorized_clients = Gauge(
+            "stoker_authorized_clients", "Client keys the data socket authorises (CURVE)", registry=r
+        )
+        self.refused_connections = Gauge(
+            "stoker_refused_connections",
+            "Connections refused at the CURVE handshake, by reason (unknown_key, handshake)",
+            ["reason"],
+            registry=r,
+        )
         self.cache_misses = Gauge("stoker_cache_misses", "Samples of cached datasets decoded", registry=r)
         self.cache_decodes = Gauge(
             "stoker_cache_decodes_per_sample", "Mean decodes per sample of the cached datasets", registry=r

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,8 +45,17 @@ class Incoming:
 class Transport:
     """The ROUTER socket bound to ``bind``; ``endpoint`` is where it actually listens."""
 
-    def __init__(self, context: zmq.Context, bind: str, heartbeat_ms: int = 2000) -> None:
+    def __init__(
+        self,
+        context: zmq.Context,
+        bind: str,
+        heartbeat_ms: int = 2000,
+        secure: Callable[[zmq.Socket], None] | None = None,
+    ) -> None:
+        """``secure`` configures the socket's security (CURVE) before it binds."""
         self.socket = context.socket(zmq.ROUTER)
+        if secure is not None:
+            secure(self.socket)
         # Unknown or vanished peers raise EHOSTUNREACH instead of silently swallowing a batch.
         self.socket.setsockopt(zmq.ROUTER_MANDATORY, 1)
         # Flow control is the client's credit window (its requests), capped by the engine; a
@@ -60,7 +69,7 @@ class Transport:
             self.socket.setsockopt(zmq.IPV6, 1)
         self.socket.bind(bind)
         self.endpoint: str = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
-        log.info("data socket bound to %s", self.endpoint)
+        log.info("data socket bound to %s%s", self.endpoint, " (CURVE)" if secure is not None else "")
 
     def receive(self, limit: int = 256) -> Iterator[Incoming]:
         """Up to ``limit`` waiting messages, without blocking."""

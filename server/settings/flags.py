@@ -28,7 +28,9 @@ def _scalar(annotation: Any) -> Any:
 def _flag_options(info: FieldInfo) -> dict[str, Any]:
     annotation = _scalar(info.annotation)
     options: dict[str, Any] = {}
-    if typing.get_origin(annotation) is Literal:
+    if annotation is bool:
+        options.update(action="store_const", const=True)  # a switch: absent leaves the setting as it is
+    elif typing.get_origin(annotation) is Literal:
         options["choices"] = list(typing.get_args(annotation))
     elif annotation is ByteSize:
         pass  # text such as 8GiB: the model parses the units
@@ -37,7 +39,7 @@ def _flag_options(info: FieldInfo) -> dict[str, Any]:
     elif annotation not in (str, SecretStr):
         raise TypeError(f"no command-line form for a setting of type {annotation!r}")
     help_text = info.description or ""
-    if info.default_factory is None and info.default is not None:
+    if info.default_factory is None and info.default is not None and annotation is not bool:
         help_text += f" (default {info.default})"
     options["help"] = help_text
     return options
@@ -49,9 +51,12 @@ def add_setting_flags(parser: argparse.ArgumentParser, model: type[BaseModel], s
         if name in skip:
             continue
         options = _flag_options(info)
-        if "choices" not in options:
+        if "choices" not in options and "action" not in options:
             options["metavar"] = name.upper()
-        parser.add_argument(f"--{name.replace('_', '-')}", dest=_DEST_PREFIX + name, **options)
+        extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
+        # A field may name its flag where the field name reads badly as one (curve_secret_key_file).
+        flag = str(extra.get("flag") or f"--{name.replace('_', '-')}")
+        parser.add_argument(flag, dest=_DEST_PREFIX + name, **options)
 
 
 def given_settings(args: argparse.Namespace) -> dict[str, Any]:

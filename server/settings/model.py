@@ -52,6 +52,17 @@ class EngineSettings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     bind: str = Field("tcp://*:5555", description="ZeroMQ data endpoint: tcp://HOST:PORT (port 0 picks one) or ipc://")
+    curve_secret_key_file: str | None = Field(
+        None,
+        description="the server's CURVE secret certificate (stoker keys generate): authenticated, encrypted data",
+        json_schema_extra={"flag": "--curve-secret-key"},
+    )
+    authorized_clients: str | None = Field(
+        None, description="folder of authorised clients' public certificates (*.key), re-read when it changes"
+    )
+    allow_unauthenticated: bool = Field(
+        False, description="serve the data socket off loopback without CURVE keys (whoever reaches it reads the data)"
+    )
     workers: int = Field(
         default_factory=usable_cores,
         ge=1,
@@ -190,8 +201,19 @@ class ServerSettings(EngineSettings):
     """Every option of ``stoker serve``: the engine's, plus the HTTP side, logging and the catalog."""
 
     http: str = Field("127.0.0.1:8080", description="HOST:PORT of the HTTP side (port 0 picks one)")
-    http_token: SecretStr | None = Field(None, description="bearer token required by PATCH /config")
+    http_token: SecretStr | None = Field(
+        None, description="bearer token every HTTP endpoint but the probes requires (PATCH /config always)"
+    )
     http_token_file: str | None = Field(None, description="read the bearer token from this file (a mounted secret)")
+    http_public_reads: bool = Field(
+        False, description="let GET endpoints answer without the token (probes /healthz and /readyz always do)"
+    )
+    http_tls_cert_file: str | None = Field(
+        None, description="serve HTTPS with this certificate (PEM)", json_schema_extra={"flag": "--http-tls-cert"}
+    )
+    http_tls_key_file: str | None = Field(
+        None, description="the TLS certificate's private key (PEM)", json_schema_extra={"flag": "--http-tls-key"}
+    )
     log_level: LogLevel = Field("INFO", description="level of the server's log", json_schema_extra=LIVE)
     ready_file: str | None = Field(None, description="write the bound endpoints here as JSON once serving")
     index_dir: str = Field(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -35,6 +36,17 @@ def build_parser() -> argparse.ArgumentParser:
     status = commands.add_parser("status", help="print a summary of a server's /status")
     status.add_argument("url", nargs="?", default="http://127.0.0.1:8080", help="the server's HTTP address")
     status.add_argument("--json", action="store_true", help="print the raw JSON")
+    status.add_argument(
+        "--token-file", help="file holding the bearer token (default: $STOKER_HTTP_TOKEN, or none on loopback)"
+    )
+    keys = commands.add_parser("keys", help="CURVE keys for the data plane")
+    key_commands = keys.add_subparsers(dest="keys_command", required=True)
+    generate = key_commands.add_parser(
+        "generate", help="write a key pair: DIR/NAME.key (public, to share) and DIR/NAME.key_secret (keep it)"
+    )
+    generate.add_argument("folder", metavar="DIR")
+    generate.add_argument("--name", default="stoker", help="file name of the pair (default: stoker)")
+    generate.add_argument("--force", action="store_true", help="replace an existing pair")
     return parser
 
 
@@ -90,6 +102,11 @@ def _add_bench(bench: argparse.ArgumentParser) -> None:
         const="4GiB",
         metavar="BYTES",
         help="add row (e): stoker with its decoded-sample cache (budget BYTES, default 4GiB), from epoch 2",
+    )
+    bench.add_argument(
+        "--curve",
+        action="store_true",
+        help="add row (f): stoker with CURVE on the data plane, and the wire path with CURVE (the security's cost)",
     )
     bench.add_argument(
         "--reads-in-flight", type=int, help="stoker workers' reads in flight on object storage (server default 16)"
@@ -176,6 +193,7 @@ def _bench(args: argparse.Namespace) -> int:
             config_file=args.config.resolve() if args.config else None,
             server_args=("--reads-in-flight", str(args.reads_in_flight)) if args.reads_in_flight else (),
             cache_bytes=args.cache,
+            curve=args.curve,
         )
     except ValueError as exc:
         print(f"stoker bench: {exc}", file=sys.stderr)
@@ -190,12 +208,29 @@ def _status(args: argparse.Namespace) -> int:
 
     from stoker.server.tools.status import fetch_status, format_status
 
+    token = os.environ.get("STOKER_HTTP_TOKEN") or None
     try:
-        status = fetch_status(args.url)
+        if args.token_file:
+            token = Path(args.token_file).read_text().strip()
+        status = fetch_status(args.url, token=token)
     except OSError as exc:
         print(f"stoker status: {exc}", file=sys.stderr)
         return 1
     print(json.dumps(status, indent=2) if args.json else format_status(status))
+    return 0
+
+
+def _keys(args: argparse.Namespace) -> int:
+    # Only pyzmq: a trainer with the client alone (pip install stoker) makes its own key pair.
+    from stoker.client.protocol.keys import generate
+
+    try:
+        public, secret = generate(args.folder, args.name, overwrite=args.force)
+    except (OSError, ValueError) as exc:
+        print(f"stoker keys generate: {exc}", file=sys.stderr)
+        return 1
+    print(f"public key (give it to the other side): {public}")
+    print(f"secret key (keep it, mode 0600):       {secret}")
     return 0
 
 
@@ -211,6 +246,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _status(args)
         if args.command == "bench":
             return _bench(args)
+        if args.command == "keys":
+            return _keys(args)
     except ImportError as exc:
         print(f"stoker {args.command}: {exc}. The server side needs: pip install 'stoker[server]'", file=sys.stderr)
         return 2

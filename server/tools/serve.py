@@ -11,9 +11,10 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from stoker.client.protocol.keys import load_key_pair
 from stoker.server.data.catalog import Catalog
 from stoker.server.engine import Engine
-from stoker.server.settings import ServerSettings, is_loopback, parse_http
+from stoker.server.settings import ServerSettings, bind_host, is_loopback, parse_http
 
 __all__ = ["serve", "build_engine", "bind_http", "ServeError", "configure_logging"]
 
@@ -53,14 +54,47 @@ def _announce(settings: ServerSettings, http_url: str) -> Callable[[Engine], Non
     return on_ready
 
 
-def build_engine(settings: ServerSettings) -> Engine:
-    """Check what must hold before serving, load the catalog and build (not start) the engine."""
+def check_security(settings: ServerSettings) -> None:
+    """Refuse what would expose the data or the control plane to the network by accident."""
     host, _ = parse_http(settings.http)
     if not is_loopback(host) and settings.http_token is None:
         raise ServeError(
-            f"refusing to serve HTTP on non-loopback {settings.http} without a token: "
-            "set --http-token or STOKER_HTTP_TOKEN (PATCH /config would be open to the network)"
+            f"refusing to serve HTTP on non-loopback {settings.http} without a token: set --http-token-file "
+            "or STOKER_HTTP_TOKEN (status, metrics and PATCH /config would be open to the network)"
         )
+    if (settings.http_tls_cert_file is None) != (settings.http_tls_key_file is None):
+        raise ServeError("HTTPS needs both --http-tls-cert and --http-tls-key")
+    for path in (settings.http_tls_cert_file, settings.http_tls_key_file):
+        if path is not None and not os.access(path, os.R_OK):
+            raise ServeError(f"cannot read the TLS file {path!r}")
+    curve, folder = settings.curve_secret_key_file, settings.authorized_clients
+    if (curve is None) != (folder is None):
+        raise ServeError(
+            "CURVE needs both --curve-secret-key FILE (the server's secret certificate) and "
+            "--authorized-clients DIR (the clients' public certificates)"
+        )
+    if curve is not None and folder is not None:
+        if not Path(folder).is_dir():
+            raise ServeError(f"--authorized-clients {folder!r} is not a folder")
+        try:
+            load_key_pair(curve)
+        except ValueError as exc:
+            raise ServeError(f"--curve-secret-key: {exc}") from None
+        return
+    data_host = bind_host(settings.bind)
+    if data_host is not None and not is_loopback(data_host) and not settings.allow_unauthenticated:
+        raise ServeError(
+            f"refusing to serve the data socket on non-loopback {settings.bind} without CURVE keys: anyone who "
+            "reaches it could read every declared dataset. Give --curve-secret-key and --authorized-clients "
+            "(stoker keys generate DIR makes keys), or say --allow-unauthenticated"
+        )
+    if data_host is not None and not is_loopback(data_host):
+        log.warning("serving %s without authentication or encryption (--allow-unauthenticated)", settings.bind)
+
+
+def build_engine(settings: ServerSettings) -> Engine:
+    """Check what must hold before serving, load the catalog and build (not start) the engine."""
+    check_security(settings)
     if not settings.datasets:
         raise ServeError("no dataset declared: use --dataset NAME=PATH or [datasets.NAME] in --config")
     try:
@@ -88,7 +122,8 @@ def serve(settings: ServerSettings) -> int:
     engine = build_engine(settings)
     sock = bind_http(settings.http)
     bound_host, bound_port = sock.getsockname()[:2]
-    http_url = f"http://{'[' + bound_host + ']' if ':' in bound_host else bound_host}:{bound_port}"
+    scheme = "https" if settings.http_tls_cert_file else "http"
+    http_url = f"{scheme}://{'[' + bound_host + ']' if ':' in bound_host else bound_host}:{bound_port}"
     # Said at once: /healthz answers while workers start and datasets are listed, before the ready file.
     log.info("HTTP listening on %s", http_url)
     failure: list[str] = []
@@ -106,6 +141,8 @@ def serve(settings: ServerSettings) -> int:
         access_log=False,
         timeout_graceful_shutdown=5,
         lifespan="on",
+        ssl_certfile=settings.http_tls_cert_file,
+        ssl_keyfile=settings.http_tls_key_file,
     )
     server = uvicorn.Server(config)
     received: list[int] = []

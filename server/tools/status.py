@@ -10,11 +10,14 @@ from typing import Any
 __all__ = ["fetch_status", "format_status"]
 
 
-def fetch_status(url: str, timeout_s: float = 10.0) -> dict[str, Any]:
-    """GET ``URL/status``; raise ``OSError`` with a readable message when it fails."""
+def fetch_status(url: str, timeout_s: float = 10.0, token: str | None = None) -> dict[str, Any]:
+    """GET ``URL/status`` (with the bearer ``token``); raise ``OSError`` with a readable message when it fails."""
     base = url if "://" in url else f"http://{url}"
+    request = urllib.request.Request(base.rstrip("/") + "/status")
+    if token:
+        request.add_header("Authorization", f"Bearer {token}")
     try:
-        with urllib.request.urlopen(base.rstrip("/") + "/status", timeout=timeout_s) as response:
+        with urllib.request.urlopen(request, timeout=timeout_s) as response:
             return json.load(response)
     except urllib.error.HTTPError as exc:
         raise OSError(f"{base}/status answered {exc.code}: {exc.read().decode(errors='replace')[:200]}") from None

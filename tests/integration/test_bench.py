@@ -61,10 +61,14 @@ def test_bench_table_output() -> None:
         "1",
         "--batch-size",
         "8",
+        "--curve",
         timeout_s=300,
     )
     assert result.returncode == 0, result.stderr
     for needle in (
+        "(f) stoker, CURVE on",
+        "wire path with CURVE",
+        "(f) / (d) =",
         "(a) DataLoader seed recipe",
         "(b) DataLoader, stoker's work",
         "(c) decode, 1 core",

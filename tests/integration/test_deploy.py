@@ -6,6 +6,11 @@ hadolint, the systemd unit with ``systemd-analyze verify`` when the machine has 
 ``stoker serve`` command line in them parses with the real CLI and makes valid settings, ports and
 probe paths agree (and the probes answer on a real server), env vars are ones the code reads. The
 example trainer runs end to end against a real server, checkpoints and resumes.
+
+Security wiring: every loader starts with CURVE keys and authorised clients and a token for HTTP
+(never ``--allow-unauthenticated``), from files mounted read-only; the trainers get their own keys
+and only theirs; compose generates the keys before anything starts (its script is run here); the
+NetworkPolicy lets only trainers reach the data port; Prometheus scrapes with the token.
 """
 
 from __future__ import annotations
@@ -22,8 +27,9 @@ import signal
 import subprocess
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import pytest
 import yaml
@@ -39,6 +45,11 @@ K8S = DEPLOY / "kubernetes"
 UNIT = DEPLOY / "systemd" / "stoker.service"
 UNIT_CONFIG = DEPLOY / "systemd" / "stoker.toml"
 TRAIN = DEPLOY / "examples" / "train.py"
+PROMETHEUS = DEPLOY / "prometheus" / "scrape-stoker.yaml"
+DEPLOY_README = DEPLOY / "README.md"
+CLIENT_SOURCES = ROOT / "client"
+# Where containers find their keys and token (Secret volumes, compose volumes, docker run -v).
+CONTAINER_SECRETS = "/run/secrets/stoker"
 
 DATA_PORT = 5555
 HTTP_PORT = 8080
@@ -110,6 +121,38 @@ def loader_container() -> dict[str, Any]:
     return container
 
 
+def trainer_container() -> dict[str, Any]:
+    (container,) = k8s_object("Job")["spec"]["template"]["spec"]["containers"]
+    return container
+
+
+def container_env(container: dict[str, Any]) -> dict[str, str]:
+    """A container's plain ``value`` env entries (``valueFrom`` ones left out)."""
+    return {e["name"]: e["value"] for e in container.get("env", []) if "value" in e}
+
+
+def flag_or_env(argv: list[str], env: dict[str, str], flag: str, name: str) -> str | None:
+    """A setting given as ``flag VALUE`` on the command line, else as env var ``name``."""
+    if flag in argv:
+        return argv[argv.index(flag) + 1]
+    return env.get(name)
+
+
+def under(path: str, folder: str) -> bool:
+    """Whether ``path`` is ``folder`` or lies in it."""
+    return path == folder or path.startswith(folder.rstrip("/") + "/")
+
+
+def secret_behind(pod: dict[str, Any], container: dict[str, Any], path: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The Secret volume source and the mount that ``path`` lies under (the deepest such mount)."""
+    mounts = [m for m in container["volumeMounts"] if under(path, m["mountPath"])]
+    assert mounts, f"{path} is on no volume of {container['name']}"
+    mount = max(mounts, key=lambda m: len(m["mountPath"]))
+    (volume,) = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+    assert "secret" in volume, f"{path} is on volume {volume['name']}, not a Secret"
+    return volume["secret"], mount
+
+
 def configmap_toml() -> str:
     return k8s_object("ConfigMap", "stoker-config")["data"]["stoker.toml"]
 
@@ -131,10 +174,39 @@ def unit_entries() -> dict[str, list[str]]:
     return entries
 
 
+def unit_environment() -> dict[str, str]:
+    """The unit's ``Environment=NAME=VALUE`` lines (one assignment each, unquoted)."""
+    return dict(entry.split("=", 1) for entry in unit_entries().get("Service.Environment", []))
+
+
 def env_default(value: str) -> str:
     """The default of a compose ``${NAME:-default}`` value (the value itself otherwise)."""
     match = re.fullmatch(r"\$\{\w+:-(.*)\}", value)
     return match.group(1) if match else value
+
+
+def compose_env(service: str) -> dict[str, str]:
+    """A compose service's environment, ``${NAME:-default}`` values at their defaults."""
+    return {k: env_default(str(v)) for k, v in compose()["services"][service].get("environment", {}).items()}
+
+
+def compose_mounts(service: str) -> list[tuple[str, str, bool]]:
+    """``(source, target, read_only)`` of each of a compose service's volumes, short or long form."""
+    mounts = []
+    for volume in compose()["services"][service].get("volumes", []):
+        if isinstance(volume, dict):
+            mounts.append((volume["source"], volume["target"], bool(volume.get("read_only", False))))
+        else:
+            source, target, *mode = volume.split(":")
+            mounts.append((source, target, "ro" in ",".join(mode).split(",")))
+    return mounts
+
+
+def compose_volume_of(service: str, path: str) -> tuple[str, str, bool]:
+    """The ``(source, target, read_only)`` mount of ``service`` that ``path`` lies in."""
+    found = [m for m in compose_mounts(service) if under(path, m[1])]
+    assert found, f"compose {service}: {path} is on no volume"
+    return max(found, key=lambda m: len(m[1]))
 
 
 def seconds(text: str | int | float) -> float:
@@ -177,21 +249,69 @@ def endpoint_host_port(endpoint: str) -> tuple[str, str, int]:
     return match.group(1), match.group(2), int(match.group(3))
 
 
-def serve_command_lines(configmap_file: Path) -> dict[str, tuple[list[str], Path | None]]:
-    """Every ``stoker serve`` argument list in the deploy files, with the file in this repository
-    that is mounted where its ``--config`` points (``configmap_file``: the ConfigMap's TOML)."""
+class ServeLine(NamedTuple):
+    """A ``stoker serve`` invocation in a deploy file."""
+
+    argv: list[str]
+    config: Path | None
+    """The file in this repository that is mounted where its ``--config`` points."""
+    env: dict[str, str]
+    """The environment the deploy file gives it (what the operator adds at run time aside)."""
+
+
+def serve_command_lines(configmap_file: Path) -> dict[str, ServeLine]:
+    """Every ``stoker serve`` argument list in the deploy files, with its config file
+    (``configmap_file``: the ConfigMap's TOML) and environment."""
     loader = dockerfile_stages()["loader"]
     (entrypoint,) = instructions(loader, "ENTRYPOINT")
     assert exec_form(entrypoint) == ["stoker", "serve"]
     (cmd,) = instructions(loader, "CMD")
     exec_start = shlex.split(unit_entries()["Service.ExecStart"][0])
     assert exec_start[:2] == ["/opt/stoker/.venv/bin/stoker", "serve"], exec_start
+    pod = loader_container()
     return {
-        "Dockerfile CMD": (exec_form(cmd), None),
-        "compose loader command": (compose()["services"]["loader"]["command"], None),
-        "Kubernetes loader args": (loader_container()["args"], configmap_file),
-        "systemd ExecStart": (exec_start[2:], UNIT_CONFIG),
+        "Dockerfile CMD": ServeLine(exec_form(cmd), None, {}),
+        "compose loader command": ServeLine(compose()["services"]["loader"]["command"], None, compose_env("loader")),
+        "Kubernetes loader args": ServeLine(pod["args"], configmap_file, container_env(pod)),
+        "systemd ExecStart": ServeLine(exec_start[2:], UNIT_CONFIG, unit_environment()),
     }
+
+
+@pytest.fixture
+def mounted(tmp_path: Path) -> Callable[[str], str]:
+    """Stand-ins, made here, for the files the deploy files mount or load for stoker: CURVE
+    certificates in ZeroMQ's format (what ``stoker keys generate`` writes) for the loaders
+    (``stoker``) and a trainer (``trainer``), the trainer's public one authorised, and a token.
+    Returns a function that rewrites a path of the deploy files to the local file in its place."""
+    zmq_auth = pytest.importorskip("zmq.auth")
+    root = tmp_path / "mounted"
+    server, client, authorized, token, credentials = (
+        root / name for name in ("server", "client", "authorized-clients", "http-token", "credentials")
+    )
+    for folder in (server, client, authorized, token, credentials):
+        folder.mkdir(parents=True)
+    zmq_auth.create_certificates(server, "stoker")
+    zmq_auth.create_certificates(client, "trainer")
+    shutil.copy(server / "stoker.key", client / "stoker.key")
+    shutil.copy(client / "trainer.key", authorized / "trainer.key")
+    (token / "token").write_text("t" * 64)
+    shutil.copy(server / "stoker.key_secret", credentials / "stoker.key_secret")
+    shutil.copy(token / "token", credentials / "http_token")
+    places = {
+        f"{CONTAINER_SECRETS}/server": server,  # Secret or compose volume, docker run -v
+        f"{CONTAINER_SECRETS}/client": client,
+        f"{CONTAINER_SECRETS}/authorized-clients": authorized,
+        f"{CONTAINER_SECRETS}/http-token": token,
+        "/etc/stoker/authorized_clients": authorized,  # systemd
+        "%d": credentials,  # systemd's credentials directory (LoadCredential=)
+    }
+
+    def local(value: str) -> str:
+        for where, here in places.items():
+            value = value.replace(where, str(here))
+        return value
+
+    return local
 
 
 def parse_serve(where: str, argv: list[str]) -> Any:
@@ -316,7 +436,7 @@ def test_compose_loader_scales_and_trainer_finds_it_by_name() -> None:
     assert [int(p) for p in loader.get("expose", [])] == [DATA_PORT]
     probe = " ".join(loader["healthcheck"]["test"])
     assert f"http://127.0.0.1:{HTTP_PORT}/healthz" in probe
-    (volume,) = loader["volumes"]
+    (volume,) = [v for v in loader["volumes"] if isinstance(v, dict) and v["target"] == "/data"]
     assert volume["target"] == "/data" and volume["read_only"] is True
     assert volume["source"].startswith("${STOKER_DATA:-")
     assert (ROOT / env_default(volume["source"])).resolve() == DEMO_DATA.resolve()
@@ -325,7 +445,7 @@ def test_compose_loader_scales_and_trainer_finds_it_by_name() -> None:
     assert int(env["STOKER_MAX_SHM_MB"]) < memory_mib(loader["shm_size"]), "shm budget over /dev/shm's size"
     drain_s = ServerSettings.model_fields["drain_timeout_s"].default
     assert seconds(loader["stop_grace_period"]) > drain_s + UVICORN_GRACE_S + WORKER_STOP_MARGIN_S
-    assert trainer["depends_on"] == {"loader": {"condition": "service_healthy"}}
+    assert trainer["depends_on"]["loader"] == {"condition": "service_healthy"}
     scheme, host, port = endpoint_host_port(trainer["environment"]["STOKER_ENDPOINTS"])
     assert (scheme, host, port) == ("dns+tcp", "loader", DATA_PORT)
 
@@ -377,6 +497,7 @@ def test_kubernetes_manifests_validate_against_the_api_schema() -> None:
         "HorizontalPodAutoscaler",
         "Secret",
         "Job",
+        "NetworkPolicy",
     } <= kinds
     for path, doc in docs:
         try:
@@ -399,7 +520,9 @@ def test_kustomization_lists_every_manifest() -> None:
     assert listed == present
 
 
-def test_kubernetes_loader_pods_are_wired_to_config_secret_data_and_probes(tmp_path: Path) -> None:
+def test_kubernetes_loader_pods_are_wired_to_config_secret_data_and_probes(
+    tmp_path: Path, mounted: Callable[[str], str]
+) -> None:
     deployment = k8s_object("Deployment", "stoker-loader")
     pod = deployment["spec"]["template"]["spec"]
     labels = deployment["spec"]["template"]["metadata"]["labels"]
@@ -425,12 +548,15 @@ def test_kubernetes_loader_pods_are_wired_to_config_secret_data_and_probes(tmp_p
     )
     data = volumes[mounts["/data"]["name"]]["persistentVolumeClaim"]
     assert data == {"claimName": "stoker-data", "readOnly": True} and mounts["/data"]["readOnly"] is True
-    (token,) = [e for e in container["env"] if e["name"] == "STOKER_HTTP_TOKEN"]
-    ref = token["valueFrom"]["secretKeyRef"]
-    assert ref["key"] in k8s_object("Secret", ref["name"])["stringData"]
+    # The token is a file on a Secret volume (not an env value every worker process inherits).
+    env = container_env(container)
+    token_file = env["STOKER_HTTP_TOKEN_FILE"]
+    secret, mount = secret_behind(pod, container, token_file)
+    assert mount["readOnly"] is True
+    assert Path(token_file).name in k8s_object("Secret", secret["secretName"])["stringData"]
     config = tmp_path / "stoker.toml"
-    config.write_text(configmap_toml())
-    settings = load_settings(config, env={"STOKER_HTTP_TOKEN": "x"})
+    config.write_text(mounted(configmap_toml()))
+    settings = load_settings(config, env={name: mounted(value) for name, value in env.items()})
     shm = volumes[mounts["/dev/shm"]["name"]]["emptyDir"]
     assert shm["medium"] == "Memory" and settings.max_shm_mb < memory_mib(shm["sizeLimit"])
     assert settings.workers <= float(container["resources"]["limits"]["cpu"]), "more workers than CPUs"
@@ -471,7 +597,9 @@ def test_kubernetes_services_budget_autoscaler_and_trainer_point_at_the_loaders(
 # -- systemd ----------------------------------------------------------------------------------
 
 
-def test_systemd_unit_runs_stoker_unprivileged_with_a_bounded_stop() -> None:
+def test_systemd_unit_runs_stoker_unprivileged_with_a_bounded_stop(
+    tmp_path: Path, mounted: Callable[[str], str]
+) -> None:
     unit = unit_entries()
     service = {k.split(".", 1)[1]: v[-1] for k, v in unit.items() if k.startswith("Service.")}
     assert service["User"] not in ("root", "0")
@@ -481,7 +609,9 @@ def test_systemd_unit_runs_stoker_unprivileged_with_a_bounded_stop() -> None:
         assert service[option] == "yes", option
     assert service["ProtectSystem"] in ("strict", "full", "yes")
     assert int(service["LimitNOFILE"]) >= 4096
-    settings = load_settings(UNIT_CONFIG, env={})
+    config = tmp_path / "stoker.toml"
+    config.write_text(mounted(UNIT_CONFIG.read_text()))
+    settings = load_settings(config, env={name: mounted(value) for name, value in unit_environment().items()})
     assert seconds(service["TimeoutStopSec"]) > settings.drain_timeout_s + UVICORN_GRACE_S + WORKER_STOP_MARGIN_S
     assert unit["Install.WantedBy"] == ["multi-user.target"]
 
@@ -512,21 +642,36 @@ def test_systemd_unit_passes_systemd_analyze_verify(tmp_path: Path) -> None:
 # -- consistency with the product -------------------------------------------------------------
 
 
-def test_every_serve_command_line_is_accepted_and_listens_on_the_agreed_ports(tmp_path: Path) -> None:
+def test_every_serve_command_line_is_accepted_and_listens_on_the_agreed_ports(
+    tmp_path: Path, mounted: Callable[[str], str]
+) -> None:
     configmap = tmp_path / "stoker.toml"
     configmap.write_text(configmap_toml())
     lines = serve_command_lines(configmap)
     assert len(lines) == 4
-    for where, (argv, mounted) in lines.items():
-        args = parse_serve(where, argv)
+    for number, (where, line) in enumerate(lines.items()):
+        args = parse_serve(where, line.argv)
+        config = None
         if args.config is not None:
-            assert str(args.config) == "/etc/stoker/stoker.toml" and mounted is not None, where
-        settings = settings_from(args, mounted if args.config is not None else None, env={"STOKER_HTTP_TOKEN": "x"})
+            assert str(args.config) == "/etc/stoker/stoker.toml" and line.config is not None, where
+            config = tmp_path / f"mounted-{number}.toml"
+            config.write_text(mounted(line.config.read_text()))
+        env = {name: mounted(value) for name, value in line.env.items()}
+        if not {"STOKER_HTTP_TOKEN", "STOKER_HTTP_TOKEN_FILE"} & set(env):
+            env["STOKER_HTTP_TOKEN"] = "x"  # given at run time (docker run -e STOKER_HTTP_TOKEN=...)
+        # With the key files where the deploy file mounts them: stand-ins, see `mounted`.
+        settings = settings_from(parse_serve(where, [mounted(a) for a in line.argv]), config, env=env)
         assert settings.bind == f"tcp://*:{DATA_PORT}", where
         host, port = parse_http(settings.http)
         assert port == HTTP_PORT and not is_loopback(host), f"{where}: {settings.http}"
         assert settings.datasets, f"{where}: no dataset declared"
         assert all(d.path.startswith("/data") for d in settings.datasets.values()), where
+        # Secure as shipped: CURVE on the data socket with an authorised-clients folder, a token
+        # for HTTP, nothing opted out.
+        assert settings.curve_secret_key_file and Path(settings.curve_secret_key_file).is_file(), where
+        assert settings.authorized_clients and Path(settings.authorized_clients).is_dir(), where
+        assert settings.http_token is not None, where
+        assert not settings.allow_unauthenticated and not settings.http_public_reads, where
 
 
 def test_env_vars_set_for_loaders_are_settings_and_for_trainers_are_read_by_train_py() -> None:
@@ -551,7 +696,13 @@ def test_env_vars_set_for_loaders_are_settings_and_for_trainers_are_read_by_trai
     source = TRAIN.read_text()
     read = set(re.findall(r"""(?:environ\.get|_env_int)\(\s*["'](\w+)["']""", source))
     assert {"STOKER_ENDPOINTS", "STOKER_DATASET", "EPOCHS", "CHECKPOINT"} <= read
-    assert trainer_vars <= read, f"not read by train.py: {sorted(trainer_vars - read)}"
+    # RemoteBatches reads its keys from the environment itself; train.py passes nothing.
+    library = set()
+    for path in CLIENT_SOURCES.rglob("*.py"):
+        library |= set(re.findall(r"""["'](STOKER_[A-Z][A-Z0-9_]*)["']""", path.read_text()))
+    assert {"STOKER_SERVER_KEY", "STOKER_CLIENT_KEY_FILE"} <= library, "the client library names its key variables"
+    unread = trainer_vars - read - library
+    assert not unread, f"read neither by train.py nor by the client library: {sorted(unread)}"
 
 
 @pytest.mark.slow  # a real server
@@ -570,6 +721,196 @@ def test_probe_paths_used_by_the_deploy_files_answer_on_a_real_server(cluster) -
     for path in sorted(paths):
         status, body = http_json(server.http + path)
         assert status == 200, f"{path}: {status} {body}"
+
+
+# -- security wiring --------------------------------------------------------------------------
+
+
+def test_no_deploy_file_turns_authentication_off() -> None:
+    files = [COMPOSE, *(p for p in DEPLOY.rglob("*") if p.is_file() and p.suffix != ".md")]
+    for path in files:
+        match = re.search(r"allow[-_]unauthenticated", path.read_text(), re.I)
+        assert match is None, f"{path.relative_to(ROOT)} uses {match.group(0)}: the opt-out is the operator's call"
+
+
+def test_kubernetes_loaders_and_trainers_mount_their_own_keys_read_only() -> None:
+    loader_pod = k8s_object("Deployment", "stoker-loader")["spec"]["template"]["spec"]
+    loader = loader_container()
+    env = container_env(loader)
+    server_key = flag_or_env(loader["args"], env, "--curve-secret-key", "STOKER_CURVE_SECRET_KEY_FILE")
+    clients = flag_or_env(loader["args"], env, "--authorized-clients", "STOKER_AUTHORIZED_CLIENTS")
+    assert server_key and server_key.endswith(".key_secret"), f"the server's secret certificate: {server_key}"
+    assert clients, "no authorised-clients folder"
+    _, clients_mount = secret_behind(loader_pod, loader, clients)
+    # The whole Secret as the folder, without subPath: the kubelet then updates the files in place
+    # when the Secret changes, and the server re-reads them (add or revoke without a restart).
+    assert clients_mount["mountPath"].rstrip("/") == clients.rstrip("/"), "mount the Secret as the folder itself"
+    assert "subPath" not in clients_mount, "a subPath mount never sees the Secret's updates"
+    loader_paths = [server_key, clients, env["STOKER_HTTP_TOKEN_FILE"]]
+
+    job_pod = k8s_object("Job")["spec"]["template"]["spec"]
+    trainer = trainer_container()
+    trainer_env = container_env(trainer)
+    server_public, client_secret = trainer_env["STOKER_SERVER_KEY"], trainer_env["STOKER_CLIENT_KEY_FILE"]
+    assert server_public.endswith(".key") and client_secret.endswith(".key_secret")
+
+    def secrets(pod: dict[str, Any], container: dict[str, Any], paths: list[str]) -> set[str]:
+        names = set()
+        for path in paths:
+            secret, mount = secret_behind(pod, container, path)
+            assert mount["readOnly"] is True, f"{container['name']}: {mount['mountPath']} is writable"
+            assert secret.get("defaultMode", 0o644) & 0o007 == 0, f"{secret['secretName']}: readable by others"
+            names.add(secret["secretName"])
+        return names
+
+    loader_secrets = secrets(loader_pod, loader, loader_paths)
+    trainer_secrets = secrets(job_pod, trainer, [server_public, client_secret])
+    assert not loader_secrets & trainer_secrets, "loaders and trainers share no Secret (neither sees the other's key)"
+    # Each Secret is in the kustomization, or deploy/README.md says how to create it from real keys.
+    defined = {doc["metadata"]["name"] for _, doc in k8s_documents() if doc["kind"] == "Secret"}
+    readme = DEPLOY_README.read_text()
+    for name in sorted((loader_secrets | trainer_secrets) - defined):
+        assert f"kubectl create secret generic {name} " in readme, f"Secret {name}: nowhere made"
+
+
+def test_kubernetes_network_policy_lets_only_trainers_reach_the_data_port() -> None:
+    policy = k8s_object("NetworkPolicy")
+    assert policy["apiVersion"] == "networking.k8s.io/v1"
+    loader_labels = k8s_object("Deployment", "stoker-loader")["spec"]["template"]["metadata"]["labels"]
+    trainer_labels = k8s_object("Job")["spec"]["template"]["metadata"]["labels"]
+    spec = policy["spec"]
+    selector = spec["podSelector"]
+    assert selector["matchLabels"] and selector["matchLabels"].items() <= loader_labels.items()
+    assert "matchExpressions" not in selector and "Ingress" in spec["policyTypes"]
+    named = {p["name"]: p["containerPort"] for p in loader_container()["ports"]}
+    sources: dict[int, list[dict[str, Any]]] = {}
+    for rule in spec["ingress"]:
+        assert rule.get("ports"), f"a rule without ports opens every port: {rule}"
+        assert rule.get("from"), f"a rule without sources lets anyone in: {rule}"
+        for port in rule["ports"]:
+            assert port.get("protocol", "TCP") == "TCP" and "endPort" not in port, port
+            sources.setdefault(named.get(port["port"], port["port"]), []).extend(rule["from"])
+    assert set(sources) == {DATA_PORT, HTTP_PORT}, f"ports let through: {sorted(sources)}"
+    for peer in sources[DATA_PORT]:
+        # Pods of this namespace with the trainer labels: no namespace-wide, IP or empty selector.
+        assert set(peer) == {"podSelector"} and set(peer["podSelector"]) == {"matchLabels"}, peer
+        labels = peer["podSelector"]["matchLabels"]
+        assert labels and labels.items() <= trainer_labels.items(), f"the example trainer is not let in: {labels}"
+        assert not labels.items() <= loader_labels.items(), "loader pods are not clients"
+    for peer in sources[HTTP_PORT]:
+        assert "ipBlock" not in peer, peer
+        assert all(s.get("matchLabels") or s.get("matchExpressions") for s in peer.values()), f"too wide: {peer}"
+
+
+def test_prometheus_scrapes_with_the_token_and_pods_invite_no_anonymous_scrape() -> None:
+    jobs = yaml.safe_load(PROMETHEUS.read_text())["scrape_configs"]
+    for job in jobs:
+        auth = job["authorization"]
+        assert auth.get("type", "Bearer") == "Bearer" and auth["credentials_file"], job["job_name"]
+        assert "credentials" not in auth, "the token belongs in a file, not in prometheus.yml"
+        assert job.get("metrics_path", "/metrics") == "/metrics"
+    (discovered,) = [job for job in jobs if "kubernetes_sd_configs" in job]
+    template = k8s_object("Deployment", "stoker-loader")["spec"]["template"]
+    trainer_labels = k8s_object("Job")["spec"]["template"]["metadata"]["labels"]
+
+    def kept(labels: dict[str, str], port: str) -> bool:
+        for rule in discovered["relabel_configs"]:
+            if rule.get("action") != "keep":
+                continue
+            values = []
+            for source in rule["source_labels"]:
+                if source == "__meta_kubernetes_pod_container_port_name":
+                    values.append(port)
+                else:
+                    prefix = "__meta_kubernetes_pod_label_"
+                    assert source.startswith(prefix), source
+                    by_meta = {re.sub(r"\W", "_", k): v for k, v in labels.items()}
+                    values.append(by_meta.get(source[len(prefix) :], ""))
+            if not re.fullmatch(rule.get("regex", "(.*)"), rule.get("separator", ";").join(values)):
+                return False
+        return True
+
+    assert kept(template["metadata"]["labels"], "http")
+    assert not kept(template["metadata"]["labels"], "data") and not kept(trainer_labels, "http")
+    annotations = template["metadata"].get("annotations", {})
+    assert not any(key.startswith("prometheus.io/") for key in annotations), "annotation scrapes send no token"
+
+
+def test_compose_generates_keys_first_and_gives_each_side_only_its_own() -> None:
+    services = compose()["services"]
+    keys = services["keys"]
+    assert "stoker keys generate" in " ".join(keys["command"])
+    assert keys.get("network_mode") == "none" and "ports" not in keys
+    for name in ("loader", "trainer"):
+        assert services[name]["depends_on"]["keys"] == {"condition": "service_completed_successfully"}, name
+    written = {source for source, _, _ in compose_mounts("keys")}
+    argv, env = services["loader"]["command"], compose_env("loader")
+    server_key = flag_or_env(argv, env, "--curve-secret-key", "STOKER_CURVE_SECRET_KEY_FILE")
+    clients = flag_or_env(argv, env, "--authorized-clients", "STOKER_AUTHORIZED_CLIENTS")
+    trainer_env = compose_env("trainer")
+    paths = {
+        "loader": [server_key, clients],
+        "trainer": [trainer_env["STOKER_SERVER_KEY"], trainer_env["STOKER_CLIENT_KEY_FILE"]],
+    }
+    volumes = {}
+    for name, wanted in paths.items():
+        assert all(wanted), f"{name}: {wanted}"
+        for path in wanted:
+            source, _, read_only = compose_volume_of(name, path)
+            assert source in written and read_only, f"{name}: {path} is not on a read-only volume of the keys"
+        volumes[name] = {source for source, _, _ in compose_mounts(name)} & written
+    assert not volumes["loader"] & volumes["trainer"], "the loader must not see the trainer's secret key, nor back"
+
+
+def test_compose_key_generation_writes_matching_keys_once(tmp_path: Path) -> None:
+    zmq_auth = pytest.importorskip("zmq.auth")
+    stoker = Path(sys.executable).parent / "stoker"
+    if not stoker.exists() or not Path("/bin/sh").exists():
+        pytest.skip("needs this environment's stoker console script and /bin/sh")
+    keys = compose()["services"]["keys"]
+    entrypoint, command = keys["entrypoint"], keys["command"]
+    assert entrypoint[0] == "/bin/sh" and len(command) == 1, "a shell script"
+    # The keys service's volumes, as folders here.
+    here = {target: tmp_path / source for source, target, _ in compose_mounts("keys")}
+    for folder in here.values():
+        folder.mkdir()
+    root = tmp_path / "root"
+    root.mkdir()
+
+    # The script's paths point into those volumes: link them into a stand-in for the container root.
+    for target, folder in here.items():
+        inside = root / target.lstrip("/")
+        inside.parent.mkdir(parents=True, exist_ok=True)
+        inside.symlink_to(folder)
+    script = command[0].replace(CONTAINER_SECRETS, str(root / CONTAINER_SECRETS.lstrip("/")))
+    env = {**os.environ, "PATH": f"{stoker.parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+
+    def run() -> dict[Path, bytes]:
+        result = run_tool(*entrypoint, script, env=env)
+        assert result.returncode == 0, f"the keys service fails: {result.stdout}{result.stderr}"
+        return {path: path.read_bytes() for path in tmp_path.rglob("*") if path.is_file() and root not in path.parents}
+
+    first = run()
+    services = compose()["services"]
+    argv, trainer_env = services["loader"]["command"], compose_env("trainer")
+    server_key = argv[argv.index("--curve-secret-key") + 1]
+    clients = argv[argv.index("--authorized-clients") + 1]
+
+    def mapped(path: str, service: str) -> Path:
+        # A path as `service` sees it, located in the volume the keys service wrote.
+        source, target, _ = compose_volume_of(service, path)
+        return tmp_path / source / Path(path).relative_to(target)
+
+    server_public, server_secret = zmq_auth.load_certificate(mapped(server_key, "loader"))
+    client_public, client_secret = zmq_auth.load_certificate(mapped(trainer_env["STOKER_CLIENT_KEY_FILE"], "trainer"))
+    assert server_secret and client_secret and server_public != client_public
+    assert zmq_auth.load_certificate(mapped(trainer_env["STOKER_SERVER_KEY"], "trainer")) == (server_public, None)
+    authorized = {zmq_auth.load_certificate(p)[0] for p in mapped(clients, "loader").glob("*.key")}
+    assert authorized == {client_public}
+    for path in (mapped(server_key, "loader"), mapped(trainer_env["STOKER_CLIENT_KEY_FILE"], "trainer")):
+        assert path.stat().st_mode & 0o077 == 0, f"{path.name} is readable by others"
+    # Run again (every `docker compose up` does): the keys stay, so running containers keep matching.
+    assert run() == first, "a second run changed the keys"
 
 
 # -- the example trainer ----------------------------------------------------------------------

@@ -122,7 +122,9 @@ def test_non_loopback_http_needs_a_token(cluster) -> None:
     assert http_json(server.http + "/config", "PATCH", {"max_prefetch": 3}, token="wrong")[0] == 401
     code, body = http_json(server.http + "/config", "PATCH", {"max_prefetch": 3}, token="s3cret")
     assert code == 200 and body["max_prefetch"] == 3
-    assert http_json(server.http + "/status")[0] == 200  # read-only endpoints stay open
+    assert http_json(server.http + "/status")[0] == 401  # with a token, reads need it too
+    assert http_json(server.http + "/status", token="s3cret")[0] == 200
+    assert http_json(server.http + "/healthz")[0] == 200  # the probes never do
 
 
 def test_token_from_environment_and_non_loopback_bind(cluster) -> None:

@@ -33,6 +33,7 @@ def settings() -> ServerSettings:
             "max_workers": 3,
             "max_shm_mb": 64,
             "http_token": TOKEN,
+            "http_public_reads": True,  # reads as on a trusted network; changes still need the token
             "datasets": {"demo": {"path": str(DEMO_DATA)}},
         },
     )

@@ -106,6 +106,8 @@ CONTRACT_FLAGS = (
     "--bind", "--http", "--http-token", "--http-token-file", "--max-shm-mb", "--workers", "--max-workers",
     "--max-prefetch", "--on-error", "--cache-batches", "--client-timeout-s", "--drain-timeout-s",
     "--task-timeout-s", "--heartbeat-ms", "--log-level", "--ready-file",
+    "--curve-secret-key", "--authorized-clients", "--allow-unauthenticated", "--http-public-reads",
+    "--http-tls-cert", "--http-tls-key",
 )  # fmt: skip
 
 
@@ -123,21 +125,29 @@ def sample_text(name: str) -> str:
     return {"bind": "tcp://127.0.0.1:0", "http": "127.0.0.1:0"}.get(name, f"/tmp/{name}")
 
 
+def flag_of(name: str) -> str:
+    """The ``stoker serve`` flag of setting ``name``: ``--name-with-dashes`` unless it names its own."""
+    extra = ServerSettings.model_fields[name].json_schema_extra
+    return str((extra or {}).get("flag") or f"--{name.replace('_', '-')}")  # type: ignore[union-attr]
+
+
 def test_every_setting_has_a_flag_and_an_environment_variable_from_its_one_declaration() -> None:
     from stoker.server.settings import given_settings
     from stoker.server.settings.sources import from_environment
     from stoker.server.tools.cli import build_parser
 
     scalars = [name for name in ServerSettings.model_fields if name not in ("datasets", "pipelines")]
+    switches = {name for name in scalars if ServerSettings.model_fields[name].annotation is bool}
     argv = ["serve"]
     for name in scalars:
-        argv += [f"--{name.replace('_', '-')}", sample_text(name)]
+        argv += [flag_of(name)] if name in switches else [flag_of(name), sample_text(name)]
     given = given_settings(build_parser().parse_args(argv))
     assert set(given) == set(scalars)
-    assert {name: str(value) for name, value in given.items()} == {name: sample_text(name) for name in scalars}
+    expected = {name: "True" if name in switches else sample_text(name) for name in scalars}
+    assert {name: str(value) for name, value in given.items()} == expected
     env = {f"STOKER_{name.upper()}": sample_text(name) for name in scalars}
     assert from_environment(env) == {name: sample_text(name) for name in scalars}
-    flags = {f"--{name.replace('_', '-')}" for name in scalars}
+    flags = {flag_of(name) for name in scalars}
     assert set(CONTRACT_FLAGS) <= flags
 
 

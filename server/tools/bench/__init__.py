@@ -7,6 +7,8 @@ Rows, run one after another and repeated (interleaved, so drift hits all alike):
 - (c) ``decode_1core``: the fastest decoder here on one core: the per-core limit
 - (d) ``stoker``: a real server and client over loopback (uint8 out)
 - (e) ``stoker_cached`` (``--cache``): the same with the decoded-sample cache, from its second epoch
+- (f) ``stoker_curve`` (``--curve``): (d) with CURVE authentication and encryption on the data plane
+  (and the wire path measured with CURVE too)
 
 plus the wire path alone (GB/s). Reported: images/s (median and range), MB/s, CPU-seconds per
 1,000 images (the whole process tree), (d)/(a), (d)/(b) and (d) / (cores x (c)). Each row is
@@ -15,6 +17,7 @@ reported by its median run (:mod:`stoker.server.tools.measure`).
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from collections.abc import Callable
 from contextlib import AbstractContextManager
@@ -23,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from stoker.server.imaging.pipelines import Pipeline
+from stoker.server.tools.bench.keys import BenchKeys
 from stoker.server.tools.bench.report import dump_json, format_table, ratios
 from stoker.server.tools.measure import Run, Series, Stream, timed_window
 
@@ -55,6 +59,8 @@ class BenchConfig:
     cache_bytes: str | None = None
     """Also run stoker with its decoded-sample cache of this budget (e.g. ``4GiB``), timed from its
     second epoch on: row (e)."""
+    curve: bool = False
+    """Also run stoker with CURVE on its data socket (row (f)) and the wire path with CURVE."""
 
     def __post_init__(self) -> None:
         if not self.folder and not _dataset_path(self.data):
@@ -111,7 +117,7 @@ def _dataset_path(data: str) -> bool:
     return data.startswith("s3://") or "{" in data or Path(data).is_file()
 
 
-def _loaders(config: BenchConfig, workers: int) -> dict[str, tuple[str, Factory | None]]:
+def _loaders(config: BenchConfig, workers: int, keys: BenchKeys | None = None) -> dict[str, tuple[str, Factory | None]]:
     """Each row: its label and how to open its stream (``None``: the decode row, measured apart)."""
     from stoker.server.tools.bench.loaders import seed_recipe, stoker_stream, strong_recipe
 
@@ -137,6 +143,12 @@ def _loaders(config: BenchConfig, workers: int) -> dict[str, tuple[str, Factory 
             "(e) stoker, decoded cache, epochs 2+",
             lambda: stoker_stream(data, size, batch, workers, name, server_args=cached_args),
         )
+    if keys is not None:
+        curve_args = [*server_args, *keys.serve_args]
+        rows["stoker_curve"] = (
+            "(f) stoker, CURVE on",
+            lambda: stoker_stream(data, size, batch, workers, name, server_args=curve_args, client_keys=keys.client),
+        )
     if config.poll_status_ms:
         poll = config.poll_status_ms
         rows["stoker_polled"] = (
@@ -160,7 +172,6 @@ def _decode_run(row: Series, files: list[Path], seconds: float) -> dict[str, flo
 def run_bench(config: BenchConfig, progress: bool = True) -> dict[str, Any]:
     """Run every row ``repeats`` times, interleaved; return the results as a JSON-ready dict."""
     from stoker.server.settings.host import usable_cores
-    from stoker.server.tools.bench.wire_rate import wire_rate
 
     workers = config.workers or usable_cores()
     config = replace(config, workers=workers)  # the report shows the count used
@@ -168,9 +179,20 @@ def run_bench(config: BenchConfig, progress: bool = True) -> dict[str, Any]:
     files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in (".jpg", ".jpeg")) if folder else []
     if folder is not None and not files:
         raise ValueError(f"no JPEG files under {config.data}")
-    loaders = _loaders(config, workers)
+    with contextlib.ExitStack() as stack:
+        keys = stack.enter_context(BenchKeys.made()) if config.curve else None
+        return _run_rows(config, workers, files, keys, progress)
+
+
+def _run_rows(
+    config: BenchConfig, workers: int, files: list[Path], keys: BenchKeys | None, progress: bool
+) -> dict[str, Any]:
+    from stoker.server.settings.host import usable_cores
+    from stoker.server.tools.bench.wire_rate import wire_rate
+
+    loaders = _loaders(config, workers, keys)
     rows = {key: Series(label) for key, (label, _) in loaders.items()}
-    bar = _Progress(config.repeats * len(rows) + 1, progress)
+    bar = _Progress(config.repeats * len(rows) + 1 + (keys is not None), progress)
     rates: dict[str, float] = {}
     for repeat in range(config.repeats):
         for key, (label, factory) in loaders.items():
@@ -184,6 +206,10 @@ def run_bench(config: BenchConfig, progress: bool = True) -> dict[str, Any]:
                 rows[key].runs.append(timed_window(stream, seconds=config.seconds, warmup_batches=warmup))
     bar.step("wire path, 256 x 224 x 224 x 3 batches")
     gb_per_s = wire_rate(min(config.seconds, 5.0))
+    curve_gb_per_s = None
+    if keys is not None:
+        bar.step("wire path with CURVE")
+        curve_gb_per_s = wire_rate(min(config.seconds, 5.0), keys=keys)
     bar.finish()
     cores = min(usable_cores(), workers)
     return {
@@ -192,4 +218,5 @@ def run_bench(config: BenchConfig, progress: bool = True) -> dict[str, Any]:
         "decoders_1core_images_per_s": rates,
         "ratios": ratios(rows, cores),
         "wire_gb_per_s": gb_per_s,
+        "wire_curve_gb_per_s": curve_gb_per_s,
     }

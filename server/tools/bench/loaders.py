@@ -156,6 +156,7 @@ def stoker_stream(
     poll_status_ms: float = 0.0,
     prefetch: int = 4,
     server_args: Sequence[str] = (),
+    client_keys: dict[str, str] | None = None,
 ) -> Iterator[Stream]:
     """A real server (child process, given ``server_args`` too) and a CPU client of uint8 batches;
     optionally a thread polling ``/status``."""
@@ -182,6 +183,7 @@ def stoker_stream(
             memory_format=torch.channels_last,
             prefetch=prefetch,
             timeout_s=120,
+            **(client_keys or {}),
         ) as stream:
             if poller is not None:
                 poller.start()

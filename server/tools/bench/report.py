@@ -25,6 +25,9 @@ def ratios(rows: dict[str, Series], cores: int) -> dict[str, float | None]:
         e = rows["stoker_cached"].median().images_per_s
         out["cached_vs_stoker"] = e / d if d else None
         out["cached_vs_strong"] = e / b if b else None
+    if "stoker_curve" in rows:
+        f = rows["stoker_curve"].median().images_per_s
+        out["curve_vs_stoker"] = f / d if d else None
     if "stoker_polled" in rows:
         polled = rows["stoker_polled"].median().images_per_s
         out["status_polling_overhead"] = 1 - polled / d if d else None
@@ -68,6 +71,12 @@ def format_table(result: dict[str, Any]) -> str:
     lines.append(
         f"wire path alone (256 x 224 x 224 x 3 uint8 batches over loopback): {result['wire_gb_per_s']:.2f} GB/s"
     )
+    if result.get("wire_curve_gb_per_s") is not None:
+        plain, curve = result["wire_gb_per_s"], result["wire_curve_gb_per_s"]
+        lines.append(
+            f"wire path with CURVE: {curve:.2f} GB/s ({100 * (1 - curve / plain):.0f}% less)    "
+            f"(f) / (d) = {show(ratios.get('curve_vs_stoker'))}"
+        )
     if ratios.get("cached_vs_stoker") is not None:
         lines.append(
             f"(e) / (d) = {show(ratios['cached_vs_stoker'])}    (e) / (b) = {show(ratios.get('cached_vs_strong'))}"

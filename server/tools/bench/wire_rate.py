@@ -8,8 +8,11 @@ import time
 
 import zmq
 
+from stoker.client.protocol.keys import load_key_pair, load_public_key
 from stoker.client.protocol.wire import Kind, decode, encode
+from stoker.server.engine.access import DataAccess
 from stoker.server.engine.transport import Transport
+from stoker.server.tools.bench.keys import BenchKeys
 from stoker.server.workers.slots import SlotPool
 
 __all__ = ["wire_rate"]
@@ -18,7 +21,7 @@ __all__ = ["wire_rate"]
 class _Sender:
     """A thread answering every request with the same batch, sent from one shared-memory slot."""
 
-    def __init__(self, shape: tuple[int, int, int, int]) -> None:
+    def __init__(self, shape: tuple[int, int, int, int], keys: BenchKeys | None = None) -> None:
         self.shape = shape
         self.nbytes = shape[0] * shape[1] * shape[2] * shape[3]
         # Its own context, as a server is its own process in real use: it gets its own I/O thread.
@@ -29,7 +32,11 @@ class _Sender:
             raise RuntimeError("cannot allocate a shared-memory slot for the wire benchmark")
         self.slot = slot
         slot.view(self.nbytes)[:] = b"\x7f" * self.nbytes
-        self.transport = Transport(self.context, "tcp://127.0.0.1:0")
+        self.access = DataAccess(str(keys.server_secret), str(keys.authorized)) if keys is not None else None
+        if self.access is not None:
+            self.access.start(self.context)
+        secure = self.access.secure if self.access is not None else None
+        self.transport = Transport(self.context, "tcp://127.0.0.1:0", secure=secure)
         fields = {"job_id": "wire", "epoch": 0, "rank": 0, "k": 0, "dtype": "uint8", "shape": list(shape)}
         self.header = encode(Kind.BATCH, {**fields, "labels": [0] * shape[0], "indices": [0] * shape[0]})
         self._stop = threading.Event()
@@ -53,17 +60,28 @@ class _Sender:
         """Stop the thread, then close the socket and wait for ZeroMQ to let go of the slot."""
         self._stop.set()
         self._thread.join(5)
+        if self.access is not None:
+            self.access.close(self.transport.socket)
         self.transport.close()
         self.context.term()  # waits until ZeroMQ has let go of the slot it was sending from
         self.slots.release(self.slot)
         self.slots.close()
 
 
-def wire_rate(seconds: float, shape: tuple[int, int, int, int] = (256, 224, 224, 3), window: int = 4) -> float:
-    """GB/s of batches of ``shape`` moved by the transport with ``window`` requests in flight."""
-    sender = _Sender(shape)
+def wire_rate(
+    seconds: float,
+    shape: tuple[int, int, int, int] = (256, 224, 224, 3),
+    window: int = 4,
+    keys: BenchKeys | None = None,
+) -> float:
+    """GB/s of batches of ``shape`` moved by the transport with ``window`` requests in flight (with
+    CURVE authentication and encryption when given ``keys``)."""
+    sender = _Sender(shape, keys)
     context = zmq.Context()
     client = context.socket(zmq.DEALER)
+    if keys is not None:
+        client.curve_serverkey = load_public_key(keys.server_public)
+        client.curve_publickey, client.curve_secretkey = load_key_pair(keys.client_secret)
     client.setsockopt(zmq.LINGER, 0)
     client.setsockopt(zmq.RCVTIMEO, 30_000)  # a stuck sender fails the benchmark instead of hanging it
     client.connect(sender.transport.endpoint)
