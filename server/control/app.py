@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 from fastapi import Depends, FastAPI
+from fastapi.responses import JSONResponse
 
 from stoker.server.control import config, dashboard, health, metrics, status
 from stoker.server.control.security import require_read_token
@@ -74,7 +75,7 @@ def create_app(
             await asyncio.to_thread(startup.join, engine.config.drain_timeout_s)
             await asyncio.to_thread(engine.close)
 
-    # The API's description is no secret, but behind a token everything but the probes is closed.
+    # Behind a token everything but the probes is closed: the schema needs it, the browser docs are off.
     open_docs = settings.http_token is None or settings.http_public_reads
     app = FastAPI(
         title="stoker",
@@ -86,6 +87,12 @@ def create_app(
     app.state.engine = engine
     app.state.settings = settings
     app.state.http_url = http_url
+    if not open_docs:
+        # The schema stays readable with the token (clients and fuzzers generate from it).
+        @app.get("/openapi.json", include_in_schema=False, dependencies=[Depends(require_read_token)])
+        async def openapi_schema() -> JSONResponse:
+            return JSONResponse(app.openapi())
+
     config_router = config.build_router(engine.config.max_workers)
     app.include_router(health.router)  # the probes: always open, they tell nothing about the data
     for router in (status.router, metrics.router, config_router, dashboard.router):

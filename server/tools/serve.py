@@ -94,7 +94,6 @@ def check_security(settings: ServerSettings) -> None:
 
 def build_engine(settings: ServerSettings) -> Engine:
     """Check what must hold before serving, load the catalog and build (not start) the engine."""
-    check_security(settings)
     if not settings.datasets:
         raise ServeError("no dataset declared: use --dataset NAME=PATH or [datasets.NAME] in --config")
     try:
@@ -109,6 +108,7 @@ def build_engine(settings: ServerSettings) -> Engine:
             decl.check()  # what needs no listing fails now; the listing runs once the server answers
     except (ValueError, OSError) as exc:
         raise ServeError(str(exc)) from None
+    check_security(settings)  # after the configuration's own errors, which a user fixes first
     catalog = Catalog(decls=decls, index_dir=settings.index_dir)
     return Engine(settings.engine_config(), catalog, pipelines)
 

@@ -13,7 +13,7 @@ import torch
 
 from stoker.client import PipelineError
 from stoker.client.protocol.wire import ErrorCode
-from tests.helpers import ROOT, Cluster, fetch_epoch, http_json, metrics, open_client, run_cli
+from tests.helpers import ROOT, Cluster, fetch_epoch, http_json, metrics, open_client, run_cli, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -129,7 +129,18 @@ def test_a_multi_view_pipeline_yields_one_tensor_per_view_decoding_each_sample_o
     one, two = servers
     before = metrics(one.http)
     first = fetch_epoch(one.data, pipeline="dino", **OPTIONS)
-    after = metrics(one.http)
+
+    # The client ran ahead into the next epoch: read the counters once those tasks are in too (the
+    # engine counts a task's stages one after another, and /metrics may read between two of them).
+    def counted(values: dict[str, float], stage: str) -> float:
+        key = f"stoker_stage_seconds_count|stage={stage}"
+        return values[key] - before.get(key, 0.0)
+
+    def settled() -> dict[str, float] | None:
+        values = metrics(one.http)
+        return values if counted(values, "geometry") == 5 * counted(values, "decode") else None
+
+    after = wait_until(settled, what="each decoded sample's five views counted")
     assert same_epochs(first, fetch_epoch(two.data, pipeline="dino", **OPTIONS))
     for views, labels, indices in first:
         assert isinstance(views, list) and [tuple(v.shape[1:]) for v in views] == [(3, 48, 48)] * 2 + [(3, 24, 24)] * 3
@@ -140,12 +151,8 @@ def test_a_multi_view_pipeline_yields_one_tensor_per_view_decoding_each_sample_o
         views, _, _ = next(iter(batches))
         assert all(v.dtype == torch.float32 and v.is_contiguous() for v in views)
 
-    def rendered(stage: str) -> float:
-        key = f"stoker_stage_seconds_count|stage={stage}"
-        return after[key] - before.get(key, 0.0)
-
-    assert rendered("decode") >= 48, "the epoch (and perhaps some of the next) was decoded"
-    assert rendered("geometry") == 5 * rendered("decode"), "each sample decoded once for its five views"
+    assert counted(after, "decode") >= 48, "the epoch (and perhaps some of the next) was decoded"
+    assert counted(after, "geometry") == 5 * counted(after, "decode"), "each sample decoded once for its five views"
 
 
 def test_status_lists_pipelines_with_their_ops_and_times_each_op(servers) -> None:
@@ -199,10 +206,28 @@ def test_a_post_op_that_changes_the_size_is_a_pipeline_error(servers) -> None:
         ('{op = "plugin", call = "os.system(1)"}', "must be 'module:attribute'"),
     ],
 )
-def test_impossible_post_ops_are_refused_at_start_naming_the_op(tmp_path: Path, ops: str, needle: str) -> None:
+def test_impossible_post_ops_are_refused_at_start_naming_the_op(
+    tmp_path: Path, ops: str, needle: str, monkeypatch
+) -> None:
+    """The checks ``stoker serve`` runs before serving, here in-process (one process start each would
+    cost seconds of imports); the next test shows the command itself exiting 2 with the message."""
+    from stoker.server.settings import load_settings
+    from stoker.server.tools.serve import ServeError, build_engine
+
+    monkeypatch.syspath_prepend(str(PLUGINS))
     config = tmp_path / "bad.toml"
     config.write_text(f'[pipelines.bad]\nops = [{{op = "resize"}}, {ops}]\n')
+    settings = load_settings(config, env={}, overrides={"datasets": {"demo": {"path": "server/demo-data"}}})
+    with pytest.raises(ServeError) as info:
+        build_engine(settings)
+    assert "pipeline 'bad'" in str(info.value) and needle in str(info.value)
+
+
+def test_stoker_serve_exits_2_naming_an_impossible_post_op(tmp_path: Path) -> None:
+    config = tmp_path / "bad.toml"
+    posterize = '{op = "plugin", call = "stoker_test_plugins:Posterize", kwargs = {bits = 12}}'
+    config.write_text(f'[pipelines.bad]\nops = [{{op = "resize"}}, {posterize}]\n')
     env = {"PYTHONPATH": str(PLUGINS)}
     result = run_cli("serve", "--config", str(config), "--dataset", "demo=server/demo-data", timeout_s=120, env=env)
     assert result.returncode == 2, result.stderr
-    assert "pipeline 'bad'" in result.stderr and needle in result.stderr, result.stderr
+    assert "pipeline 'bad'" in result.stderr and "bits=12" in result.stderr, result.stderr
