@@ -10,6 +10,7 @@ generators from ``post_ops_key(view_key(key, v))``.
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -98,10 +99,18 @@ def orient(pixels: torch.Tensor, orientation: int) -> torch.Tensor:
 
 
 def _resize(pixels: np.ndarray, height: int, width: int) -> torch.Tensor:
-    """``pixels`` (H x W x 3) resized to ``height x width``, as an H x W x 3 tensor."""
-    tensor = torch.from_numpy(np.ascontiguousarray(pixels))
+    """``pixels`` (H x W x 3) resized to ``height x width``, as an H x W x 3 tensor.
+
+    ``pixels`` may be a read-only view of the decoded-sample cache: what is returned never aliases
+    it, so no post-op (an operator's plugin may work in place) can change a cached sample.
+    """
+    pixels = np.ascontiguousarray(pixels)
     if pixels.shape[0] == height and pixels.shape[1] == width:
-        return tensor
+        return torch.from_numpy(pixels if pixels.flags.writeable else pixels.copy())
+    with warnings.catch_warnings():
+        # interpolate only reads its input: a tensor over read-only memory is safe here.
+        warnings.filterwarnings("ignore", "The given NumPy array is not writable", UserWarning)
+        tensor = torch.from_numpy(pixels)
     # Viewed as NCHW with a batch stride of H*W*3 (not 0 or 3) the tensor is unambiguously
     # channels_last, so interpolate keeps that layout and takes torch's vectorised uint8
     # antialiased path, as torchvision's tensor Resize does; the output is H x W x 3 already.
