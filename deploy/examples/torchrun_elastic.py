@@ -16,8 +16,9 @@ Configured from the environment:
 - ``STOKER_ENDPOINTS`` (comma-separated, default ``tcp://127.0.0.1:5555``), ``STOKER_DATASET`` (``data``)
 - ``CHECKPOINT`` (``/tmp/elastic.pt``), ``CHECKPOINT_EVERY`` (steps, default 10), ``EPOCHS`` (1)
 - ``IMAGE_SIZE`` (64), ``BATCH_SIZE`` (8), ``MAX_STEPS`` (stop after this many steps in this run; 0: no limit)
-- ``SEEN_LOG``: a folder; each rank appends ``{"step", "epoch", "indices"}`` per step to
-  ``rank-N.jsonl`` there (what the tests check exactly-once with)
+- ``SEEN_LOG``: a folder; each rank appends ``{"step", "epoch", "indices"}`` to ``rank-N.jsonl``
+  there as each step starts (what the tests check exactly-once with: a step up to the checkpoint's
+  is in every rank's log, since rank 0 saves only after every rank took part in that step)
 """
 
 from __future__ import annotations
@@ -100,13 +101,13 @@ def main() -> None:
             for epoch in range(batches.epoch, epochs):
                 batches.set_epoch(epoch)
                 for images, labels, indices in batches:
+                    step, run_steps = step + 1, run_steps + 1
+                    if log is not None:  # before the step: a step in a checkpoint is always in every log
+                        log.write(json.dumps({"step": step, "epoch": epoch, "indices": indices.tolist()}) + "\n")
+                        log.flush()
                     optimizer.zero_grad(set_to_none=True)
                     nn.functional.cross_entropy(model(images), labels).backward()
                     optimizer.step()
-                    step, run_steps = step + 1, run_steps + 1
-                    if log is not None:
-                        log.write(json.dumps({"step": step, "epoch": epoch, "indices": indices.tolist()}) + "\n")
-                        log.flush()
                     if step % every == 0 and rank == 0:
                         save(checkpoint, step, model.module, optimizer, batches)
                     if max_steps and run_steps >= max_steps:
