@@ -78,8 +78,16 @@ class Production:
     # -- wanting and abandoning ------------------------------------------------------------------
 
     def want(self, job: OpenJob, key: BatchKey, identity: bytes, now: float, policy: BadSamplePolicy) -> None:
-        """``identity`` waits for batch ``key``: join its work, or plan it."""
+        """``identity`` waits for batch ``key``: join its work, or plan it.
+
+        A batch that already failed but still has tasks out is not joined: its failure answers those
+        who asked before, and a new ask gets a fresh attempt under today's policy (the operator may
+        have switched ``on_error`` to ``skip`` meanwhile, or the fault may have passed).
+        """
         work = self._works.get(key)
+        if work is not None and work.failure is not None:
+            work.waiters.pop(identity, None)
+            work = None
         if work is None:
             work = self._works[key] = self.planner.plan(job, key, policy)
             if work.failure is None:

@@ -384,4 +384,5 @@ def test_reads_in_flight_hide_the_relay_delay(s3_env: dict[str, str], s3_server:
             results = [future.result(FUTURE_TIMEOUT_S) for future in futures]
             elapsed = time.monotonic() - started
     assert results == [shard[start : start + length] for start, length in ranges]
-    assert delay_s <= elapsed < reads * delay_s / 2, f"{reads} reads took {elapsed:.2f} s"
+    # One at a time they would take reads x delay (2.4 s); overlapped, a few delays even on a loaded machine.
+    assert delay_s <= elapsed < reads * delay_s * 0.75, f"{reads} reads took {elapsed:.2f} s"
