@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 import msgpack
@@ -65,10 +65,6 @@ class JobSpec:
             ):
                 raise ValueError(f"span={span!r} must be [start, end] with 0 <= start < end")
             object.__setattr__(self, "span", (int(span[0]), int(span[1])))
-
-    def whole(self) -> JobSpec:
-        """The same job over whole epochs (without a ``span``)."""
-        return replace(self, span=None)
 
     def _values(self) -> list[Any]:
         # ``span`` only when set: jobs without it keep the ids (and wire form) they always had.

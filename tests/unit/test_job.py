@@ -44,3 +44,16 @@ def test_from_wire_refuses_unknown_and_bad_fields() -> None:
         JobSpec.from_wire({"pipeline": "train"})
     assert info.value.code == ErrorCode.INVALID_JOB
     assert JobSpec.from_wire(JobSpec("d").to_wire()) == JobSpec("d")
+
+
+def test_a_span_is_part_of_the_job_only_when_given() -> None:
+    from dataclasses import replace
+
+    spec = JobSpec("demo")
+    spanned = replace(spec, span=(3, 10))
+    assert "span" not in spec.to_wire(), "jobs without a span keep their wire form and id"
+    assert spanned.to_wire()["span"] == [3, 10] and spanned.job_id != spec.job_id
+    assert JobSpec.from_wire(spanned.to_wire()) == spanned
+    for bad in ((5, 5), (-1, 3), (3,), (1, True)):
+        with pytest.raises(ValueError, match="span"):
+            replace(spec, span=bad)
