@@ -142,6 +142,20 @@ def fetch_epochs(
         return [list(batches) for _ in range(count)]
 
 
+def interrupted_epoch(
+    endpoints: str | Sequence[str], dataset: str = "demo", *, stop_after: int, **overrides: Any
+) -> list[Batch]:
+    """One epoch as a restarted trainer sees it: ``stop_after`` batches from one client, its
+    ``state_dict()``, then the rest from a fresh client that loaded it."""
+    with open_client(endpoints, dataset, **overrides) as first:
+        iterator = iter(first)
+        taken = [next(iterator) for _ in range(stop_after)]
+        state = first.state_dict()
+    with open_client(endpoints, dataset, **overrides) as resumed:
+        resumed.load_state_dict(state)
+        return taken + list(resumed)
+
+
 class BackgroundClient(threading.Thread):
     """A client streaming epochs in a thread of its own while the test does something to the servers.
 

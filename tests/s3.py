@@ -1,5 +1,5 @@
-"""S3 test parts: a real moto S3 server in a subprocess, bucket setup over plain HTTP, and a TCP relay
-that delays every request, to stand in for a store that is some milliseconds away.
+"""S3 test parts: a real moto S3 server in a subprocess and bucket setup over plain HTTP; the TCP relay
+that delays every request (a store some milliseconds away) is :class:`tests.relay.DelayRelay`.
 
 The moto server binds port 0 in its own process and prints the endpoint it got; the parent reads that
 line with a bounded wait. Nothing here mocks a storage client: code under test speaks real HTTP.
@@ -7,15 +7,12 @@ line with a bounded wait. Nothing here mocks a storage client: code under test s
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import http.client
 import http.server
 import logging
 import os
 import selectors
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -25,6 +22,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import quote, urlsplit
+
+from tests.relay import DelayRelay
 
 __all__ = [
     "AWS_VARIABLES",
@@ -210,163 +209,6 @@ def put_objects(endpoint: str, bucket: str, objects: Iterable[tuple[str, bytes]]
         futures = [pool.submit(_request, endpoint, "PUT", f"/{bucket}/{quote(key)}", data) for key, data in objects]
         for future in futures:
             future.result(HTTP_TIMEOUT_S * 3)
-
-
-class DelayRelay:
-    """A TCP relay on loopback (port 0) in front of ``host:port`` that holds every chunk going towards
-    the server for ``delay_s`` before forwarding it: each request arrives ``delay_s`` late, as if the
-    store were that far away. Chunks keep their order and are delayed once each (a pipeline, not a
-    queue), and answers come back undelayed. ``endpoint`` is the relay's URL."""
-
-    def __init__(self, host: str, port: int, delay_s: float, timeout_s: float = START_TIMEOUT_S) -> None:
-        self.target = (host, port)
-        self.delay_s = delay_s
-        self.connections = 0
-        self.port = 0
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._stop: asyncio.Event | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
-        self._ready = threading.Event()
-        self._failure: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name="delay-relay", daemon=True)
-        self._thread.start()
-        if not self._ready.wait(timeout_s):
-            raise TimeoutError(f"delay relay did not start within {timeout_s} s")
-        if self._failure is not None:
-            raise RuntimeError("delay relay failed to start") from self._failure
-
-    @classmethod
-    def to(cls, endpoint: str, delay_s: float) -> DelayRelay:
-        """A relay in front of the HTTP ``endpoint`` (``http://host:port``)."""
-        parts = urlsplit(endpoint)
-        return cls(parts.hostname or "127.0.0.1", parts.port or 80, delay_s)
-
-    @property
-    def endpoint(self) -> str:
-        """``http://127.0.0.1:PORT``, the relay's address."""
-        return f"http://127.0.0.1:{self.port}"
-
-    def _run(self) -> None:
-        try:
-            asyncio.run(self._main())
-        except BaseException as exc:  # reported to the constructor, or logged if it comes later
-            self._failure = exc
-            if self._ready.is_set():
-                log.exception("delay relay stopped with an error")
-            self._ready.set()
-
-    async def _main(self) -> None:
-        self._loop = asyncio.get_running_loop()
-        self._stop = asyncio.Event()
-        server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        self.port = server.sockets[0].getsockname()[1]
-        self._ready.set()
-        try:
-            await self._stop.wait()
-        finally:
-            server.close()
-            # A connection accepted while closing starts its task late: cancel until none is left, so
-            # no transport outlives the loop (asyncio warns about each one it finds unclosed).
-            await asyncio.sleep(0)
-            while self._tasks:
-                for task in list(self._tasks):
-                    task.cancel()
-                await asyncio.gather(*self._tasks, return_exceptions=True)
-                await asyncio.sleep(0)
-            await server.wait_closed()
-
-    async def _serve(self, client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        if task is not None:
-            self._tasks.add(task)
-        self.connections += 1
-        upstream_writer: asyncio.StreamWriter | None = None
-        try:
-            # Connect a socket we own: a connection cancelled half-way is closed here, not leaked.
-            upstream = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            upstream.setblocking(False)
-            try:
-                await asyncio.wait_for(asyncio.get_running_loop().sock_connect(upstream, self.target), HTTP_TIMEOUT_S)
-                upstream_reader, upstream_writer = await asyncio.open_connection(sock=upstream)
-            finally:
-                if upstream_writer is None:
-                    upstream.close()
-            directions = [
-                asyncio.ensure_future(self._forward_delayed(client_reader, upstream_writer)),
-                asyncio.ensure_future(self._forward(upstream_reader, client_writer)),
-            ]
-            try:
-                await asyncio.wait(directions, return_when=asyncio.FIRST_EXCEPTION)
-            finally:
-                for direction in directions:
-                    direction.cancel()
-                # Either side going away (a reset, a refused upstream) just ends this connection.
-                await asyncio.gather(*directions, return_exceptions=True)
-        except (TimeoutError, OSError):
-            pass  # the server could not be reached: the client sees its connection close
-        except asyncio.CancelledError:
-            # Only close() cancels; ending quietly spares asyncio's stream callback (3.11) a traceback.
-            pass
-        finally:
-            for writer in (client_writer, upstream_writer):
-                if writer is not None:
-                    writer.close()
-                    with contextlib.suppress(OSError, asyncio.CancelledError):
-                        await writer.wait_closed()
-            if task is not None:
-                self._tasks.discard(task)
-
-    async def _forward_delayed(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        loop = asyncio.get_running_loop()
-        pending: asyncio.Queue[tuple[float, bytes]] = asyncio.Queue()
-
-        async def send() -> None:
-            while True:
-                due, chunk = await pending.get()
-                await asyncio.sleep(max(0.0, due - loop.time()))
-                if not chunk:
-                    if writer.can_write_eof():
-                        writer.write_eof()
-                    return
-                writer.write(chunk)
-                await writer.drain()
-
-        sender = asyncio.ensure_future(send())
-        try:
-            while True:
-                chunk = await reader.read(65536)
-                pending.put_nowait((loop.time() + self.delay_s, chunk))
-                if not chunk:
-                    break
-            await sender
-        finally:
-            sender.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await sender
-
-    @staticmethod
-    async def _forward(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        while chunk := await reader.read(65536):
-            writer.write(chunk)
-            await writer.drain()
-        if writer.can_write_eof():
-            writer.write_eof()
-
-    def close(self, timeout_s: float = 10.0) -> None:
-        """Stop relaying, close every connection, and join the thread."""
-        loop, stop = self._loop, self._stop
-        if loop is not None and stop is not None and not loop.is_closed():
-            with contextlib.suppress(RuntimeError):  # the loop already ended
-                loop.call_soon_threadsafe(stop.set)
-        self._thread.join(timeout_s)
-        if self._thread.is_alive():
-            raise TimeoutError(f"delay relay did not stop within {timeout_s} s")
-
-    def __enter__(self) -> DelayRelay:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ import zmq.auth
 from stoker.client import AuthenticationError
 from stoker.client.protocol.keys import generate
 from tests.helpers import fetch_epoch, http_json, metrics, run_cli, wait_until
-from tests.relay import CaptureRelay
+from tests.relay import DelayRelay
 
 pytestmark = pytest.mark.slow
 
@@ -124,8 +124,8 @@ def first_sample_bytes(batches) -> list[bytes]:
 def test_with_curve_the_wire_carries_no_pixel_bytes(cluster, keys: Keys, curve: bool) -> None:
     server = cluster.start(*(keys.serve_args if curve else ()))
     options = keys.client() if curve else {}
-    with CaptureRelay.to(server.data) as relay:
-        batches = fetch_epoch(relay.endpoint, **options)
+    with DelayRelay.to(server.data, capture=True) as relay:
+        batches = fetch_epoch(relay.tcp_endpoint, **options)
         assert Counter(indices_of(batches)) == Counter(range(48))
         found = [relay.contains(piece) for piece in first_sample_bytes(batches)]
     # Without CURVE an eavesdropper reads the pixels (which shows the check can see them at all).

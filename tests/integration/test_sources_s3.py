@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers import BackgroundClient, fetch_epoch, http_json, open_client
+from tests.helpers import BackgroundClient, fetch_epoch, http_json, interrupted_epoch, open_client
 from tests.integration.test_sources import OPTIONS, PHOTOS, check_against_image_folder, write_shards
 from tests.s3 import DelayRelay, make_bucket
 
@@ -43,15 +43,9 @@ def test_an_image_folder_under_a_prefix(cluster, s3_server, s3_bucket, tmp_path:
     config = config_file(tmp_path, "remote", f"s3://{s3_bucket}/train/")
     server = cluster.start("--config", str(config), env=server_env(s3_server))
     got = check_against_image_folder(server.data, "remote")
-    with open_client(server.data, "remote", **OPTIONS) as first:
-        iterator = iter(first)
-        taken = [next(iterator) for _ in range(2)]
-        state = first.state_dict()
-    with open_client(server.data, "remote", **OPTIONS) as resumed:
-        resumed.load_state_dict(state)
-        rest = list(resumed)
-    assert len(taken) + len(rest) == len(got[0])
-    assert all(torch.equal(a[0], b[0]) for a, b in zip(taken + rest, got[0], strict=True)), "resumed mid-epoch"
+    resumed = interrupted_epoch(server.data, "remote", stop_after=2, **OPTIONS)
+    assert len(resumed) == len(got[0])
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(resumed, got[0], strict=True)), "resumed mid-epoch"
     status = http_json(server.http + "/status")[1]
     assert SECRET not in json.dumps(status) and SECRET not in json.dumps(http_json(server.http + "/config")[1])
     assert SECRET not in cluster.logs()
