@@ -57,7 +57,8 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MotoServer]:
 def s3_env(s3_server: MotoServer, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[dict[str, str]]:
     """This process's AWS settings pointed at ``s3_server`` and nowhere else (no profile, no real
     account); stores made before are forgotten, so they pick the settings up."""
-    from stoker.server.data.stores import clear_stores
+    from stoker.server.data.stores import clear_stores, configure_stores
+    from tests.helpers import DEFAULTS
 
     for name in AWS_VARIABLES:
         monkeypatch.delenv(name, raising=False)
@@ -66,6 +67,7 @@ def s3_env(s3_server: MotoServer, monkeypatch: pytest.MonkeyPatch, tmp_path: Pat
     for name, value in s3_server.env.items():
         monkeypatch.setenv(name, value)
     clear_stores()
+    configure_stores(DEFAULTS.store_config)
     yield dict(s3_server.env)
     clear_stores()
 

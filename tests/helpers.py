@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import queue
@@ -12,14 +13,16 @@ import sys
 import threading
 import time
 import urllib.request
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
+import zmq
 from prometheus_client.parser import text_string_to_metric_families
 
 from stoker.client import RemoteBatches
+from stoker.server.settings import EngineSettings
 from stoker.server.tools.launcher import ServerProcess, start_server
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -39,6 +42,9 @@ CLIENT_OPTIONS: dict[str, Any] = dict(
 )
 
 Batch = tuple[torch.Tensor, ...]
+DEFAULTS = EngineSettings(workers=1)
+"""The settings' defaults: where tests take decode limits and store settings from."""
+LIMITS = DEFAULTS.limits
 
 
 class Cluster:
@@ -117,6 +123,22 @@ def _drop_pairs(args: list[str], flags: set[str]) -> list[str]:
             continue
         out.append(arg)
     return out
+
+
+@contextlib.contextmanager
+def dealer(endpoint: str, timeout_ms: int = 30_000) -> Iterator[zmq.Socket]:
+    """A raw DEALER socket connected to ``endpoint``, for speaking the wire format by hand: every
+    receive fails after ``timeout_ms`` instead of hanging; closed (linger 0) with its context."""
+    context = zmq.Context()
+    socket = context.socket(zmq.DEALER)
+    socket.setsockopt(zmq.LINGER, 0)
+    socket.setsockopt(zmq.RCVTIMEO, timeout_ms)
+    socket.connect(endpoint)
+    try:
+        yield socket
+    finally:
+        socket.close()
+        context.term()
 
 
 def open_client(endpoints: str | Sequence[str], dataset: str = "demo", **overrides: Any) -> RemoteBatches:

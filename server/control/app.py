@@ -39,7 +39,7 @@ class Startup(threading.Thread):
         try:
             self.engine.start()
         except Exception as exc:  # workers that cannot start, a socket that cannot bind
-            log.error("the engine could not start: %s", exc)
+            log.error("the engine could not start: %s", exc, exc_info=True)
             self._fail(f"the engine could not start: {exc}")
             return
         if not self.engine.catalog.load_declared():

@@ -16,9 +16,9 @@ from fastapi import APIRouter, Body, Depends, HTTPException
 from pydantic import BaseModel
 
 from stoker.server.control.deps import get_engine
-from stoker.server.control.models import LiveConfig, patch_model
 from stoker.server.control.security import require_token
 from stoker.server.engine import Engine
+from stoker.server.settings.live import LiveConfig, patch_model
 
 __all__ = ["build_router", "live_config", "log_level"]
 

@@ -9,26 +9,21 @@ from fastapi import APIRouter, Depends, HTTPException, Request
 
 from stoker.server.control.config import log_level
 from stoker.server.control.deps import get_engine
-from stoker.server.control.models import Status
 from stoker.server.engine import Engine
+from stoker.server.engine.state import build_status
+from stoker.server.engine.status_models import Status
 
 router = APIRouter(tags=["status"])
 
 
-async def engine_snapshot(engine: Engine) -> dict:
-    """The engine's snapshot, built on its own thread (503 when it is not running)."""
-    if engine.stopped.is_set() or not engine.started.is_set():
-        raise HTTPException(503, "engine not running")
-    try:
-        return await asyncio.wait_for(asyncio.wrap_future(engine.call(engine.snapshot)), timeout=5.0)
-    except (RuntimeError, TimeoutError) as exc:
-        raise HTTPException(503, f"engine not answering: {exc}") from None
-
-
 @router.get("/status", response_model=Status, responses={503: {"description": "the engine is not running"}})
 async def status(request: Request, engine: Annotated[Engine, Depends(get_engine)]) -> Status:
-    """Version, uptime, endpoints, pool, datasets, jobs, clients, stage times, errors and bad samples."""
-    snapshot = await engine_snapshot(engine)
-    snapshot["endpoints"]["http"] = request.app.state.http_url
-    snapshot["config"]["log_level"] = log_level()
-    return Status.model_validate(snapshot)
+    """Version, uptime, endpoints, pool, datasets, jobs, clients, stage times, errors and bad samples:
+    built on the engine's own thread (503 when it is not running)."""
+    if engine.stopped.is_set() or not engine.started.is_set():
+        raise HTTPException(503, "engine not running")
+    built = engine.call(build_status, engine, request.app.state.http_url, log_level())
+    try:
+        return await asyncio.wait_for(asyncio.wrap_future(built), timeout=5.0)
+    except (RuntimeError, TimeoutError) as exc:
+        raise HTTPException(503, f"engine not answering: {exc}") from None

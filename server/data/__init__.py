@@ -1,6 +1,7 @@
-"""Datasets declared by the operator (the catalog) and the jobs opened on them."""
+"""Datasets declared by the operator: the catalog, how each source is listed into a sample table, and
+where a sample's bytes are (locators, object stores). Nothing here knows about pipelines or images:
+``imaging`` reads what ``data`` locates, never the other way round."""
 
 from stoker.server.data.catalog import Catalog
-from stoker.server.data.jobs import JobRegistry, OpenJob
 
-__all__ = ["Catalog", "JobRegistry", "OpenJob"]
+__all__ = ["Catalog"]

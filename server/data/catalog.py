@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import logging
 import time
+import traceback
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any
 
 from stoker.server.data.declarations import IMAGE_EXTENSIONS, DatasetDecl
 from stoker.server.data.index_cache import IndexCache
@@ -21,6 +21,7 @@ from stoker.server.data.table import SampleTable
 __all__ = ["Catalog", "DatasetDecl", "DatasetEntry", "SampleTable", "IMAGE_EXTENSIONS", "load_dataset"]
 
 log = logging.getLogger(__name__)
+_TRACEBACK_CHARS = 4000
 
 
 @dataclass(eq=False)
@@ -35,23 +36,10 @@ class DatasetEntry:
     """Samples listed so far."""
     table: SampleTable | None = None
     error: str | None = None
+    traceback: str | None = None
+    """The last frames of a failed listing, the operator's own code (a plugin) included."""
     from_cache: bool = False
     seconds: float = 0.0
-
-    def view(self) -> dict[str, Any]:
-        """JSON-ready, for ``/status``."""
-        table = self.table
-        return {
-            "name": self.decl.name,
-            "state": self.state,
-            "samples": len(table) if table is not None else self.listed,
-            "classes": len(table.classes) if table is not None else 0,
-            "fingerprint": table.fingerprint if table is not None else "",
-            "source": self.decl.resolved().kind,
-            "from_cache": self.from_cache,
-            "seconds": round(self.seconds, 3),
-            "error": self.error,
-        }
 
 
 def load_dataset(
@@ -116,8 +104,9 @@ class Catalog(Mapping[str, SampleTable]):
             table = load_dataset(entry.decl, progress, self.cache)
         except Exception as exc:  # whatever stops a listing (a store, a plugin) fails that dataset, with why
             reason = str(exc) if isinstance(exc, (ValueError, OSError)) else f"{type(exc).__name__}: {exc}"
+            entry.traceback = "".join(traceback.format_exception(exc))[-_TRACEBACK_CHARS:]
             entry.error, entry.state = reason, "failed"
-            log.error("dataset %r cannot be served: %s", entry.decl.name, reason)
+            log.error("dataset %r cannot be served: %s", entry.decl.name, reason, exc_info=exc)
             return False
         entry.seconds = time.monotonic() - started
         entry.from_cache = getattr(table, "from_cache", False)

@@ -31,9 +31,9 @@ def list_with_plugin(name: str, call: str, kwargs: dict[str, Any], progress: Pro
     try:
         listing = _import(call)(**kwargs)
     except (ImportError, AttributeError, TypeError) as exc:
-        raise ValueError(f"{where}: {type(exc).__name__}: {exc}") from None
+        raise ValueError(f"{where}: {type(exc).__name__}: {exc}") from exc
     except Exception as exc:  # the operator's code may fail in any way: say so, with its words
-        raise ValueError(f"{where} raised {type(exc).__name__}: {exc}") from None
+        raise ValueError(f"{where} raised {type(exc).__name__}: {exc}") from exc
     builder = TableBuilder(name, [""])
     try:
         for count, (locator, label) in enumerate(listing, 1):
@@ -48,6 +48,6 @@ def list_with_plugin(name: str, call: str, kwargs: dict[str, Any], progress: Pro
             raise ValueError("returned no samples")
         return builder.build()
     except ValueError as exc:
-        raise ValueError(f"{where}: {exc}") from None
+        raise ValueError(f"{where}: {exc}") from exc
     except Exception as exc:  # an iterator of the plugin's own failing half-way
-        raise ValueError(f"{where} raised {type(exc).__name__} while listing: {exc}") from None
+        raise ValueError(f"{where} raised {type(exc).__name__} while listing: {exc}") from exc

@@ -29,9 +29,9 @@ import logging
 import os
 import re
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from typing import Any
 
 import obstore
@@ -39,12 +39,15 @@ from obstore.exceptions import BaseError as ObstoreError
 from obstore.exceptions import InvalidPathError
 
 from stoker.server.data.locators import ObjectMissing, StoreUnavailable
+from stoker.server.data.store_access import connection_settings, failure_reason, redact
+from stoker.server.data.store_config import StoreConfig
 
 __all__ = [
     "ObjectInfo",
     "ObjectStore",
     "StoreConfig",
     "clear_stores",
+    "configure_stores",
     "parse_s3_url",
     "read_object",
     "store_for",
@@ -54,11 +57,6 @@ log = logging.getLogger(__name__)
 
 # S3's rules, plus upper case and '_' that some S3-compatible stores (and old buckets) allow.
 _BUCKET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{1,61}[A-Za-z0-9]")
-_ACCESS_KEY_ID = re.compile(r"\b(?:AKIA|ASIA|AROA|AIDA)[A-Z0-9]{12,}\b")
-_URL_USERINFO = re.compile(r"(?<=://)[^/@\s]+@")
-_SECRET_VARIABLES = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN")
-# Credentials from a profile are asked for again after this long; botocore refreshes expiring ones.
-_PROFILE_CREDENTIALS_TTL = timedelta(minutes=5)
 _LIST_PAGE = 1000
 _OBSTORE_ERRORS = (ObstoreError, OSError, ValueError)
 
@@ -71,26 +69,6 @@ def parse_s3_url(url: str) -> tuple[str, str]:
     if not _BUCKET_NAME.fullmatch(bucket):
         raise ValueError(f"{url!r}: {bucket!r} is not a bucket name")
     return bucket, key
-
-
-@dataclass(frozen=True)
-class StoreConfig:
-    """How hard to try and how long to wait. Retries back off from ``backoff_s``, doubling with
-    jitter (0.1, then up to 0.2, 0.4 s); no try starts after ``retry_timeout_s``."""
-
-    tries: int = 3
-    backoff_s: float = 0.1
-    connect_timeout_s: float = 5.0
-    request_timeout_s: float = 30.0  # one request, its body included (get, head, a page of a list)
-    read_timeout_s: float = 30.0  # the longest silence inside a stream (open_stream has no overall limit)
-    retry_timeout_s: float = 120.0
-
-    def __post_init__(self) -> None:
-        if self.tries < 1:
-            raise ValueError(f"tries={self.tries} must be >= 1")
-        for name in ("backoff_s", "connect_timeout_s", "request_timeout_s", "read_timeout_s", "retry_timeout_s"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name}={getattr(self, name)!r} must be > 0")
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,7 +88,8 @@ class _Process:
     lock: threading.Lock = field(default_factory=threading.Lock)
     used: bool = False  # a client was made here: obstore's runtime threads live in this process
     forked_after_use: bool = False
-    secrets: set[str] = field(default_factory=set)  # credentials a provider handed out, to blank out
+    config: StoreConfig | None = None
+    """What :func:`store_for` uses unless told otherwise (:func:`configure_stores`)."""
 
 
 _process = _Process()
@@ -118,15 +97,23 @@ _process = _Process()
 
 def _after_fork_in_child() -> None:
     global _process
-    _process = _Process(forked_after_use=_process.used or _process.forked_after_use, secrets=set(_process.secrets))
+    _process = _Process(forked_after_use=_process.used or _process.forked_after_use, config=_process.config)
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
+def configure_stores(config: StoreConfig) -> None:
+    """Set this process's store settings (the server's ``s3_*`` settings; workers set them at start)."""
+    _process.config = config
+
+
 def store_for(bucket: str, config: StoreConfig | None = None) -> ObjectStore:
     """This process's store for ``bucket`` (one per bucket and config, made on first use)."""
-    key = (bucket, config or StoreConfig())
+    chosen = config or _process.config
+    if chosen is None:
+        raise RuntimeError("object storage is not configured in this process: call configure_stores() first")
+    key = (bucket, chosen)
     with _process.lock:
         store = _process.stores.get(key)
         if store is None:
@@ -149,102 +136,15 @@ def read_object(url: str, start: int = 0, length: int = -1) -> bytes:
     return store_for(bucket).get(key, start, length)
 
 
-def _redact(text: str) -> str:
-    secrets = {os.environ.get(name, "") for name in _SECRET_VARIABLES} | _process.secrets
-    for secret in sorted((s for s in secrets if len(s) >= 4), key=len, reverse=True):
-        text = text.replace(secret, "***")
-    return _URL_USERINFO.sub("***@", _ACCESS_KEY_ID.sub("***", text))
-
-
-def _reason(exc: BaseException) -> str:
-    """obstore's message cut to what helps: the request, the status, S3's error code and message."""
-    text = str(exc).split("\n\nDebug source:", 1)[0]
-    code = re.search(r"<Code>([^<]{1,100})</Code>", text)
-    message = re.search(r"<Message>([^<]{1,300})</Message>", text)
-    text = re.sub(r"\s+", " ", text.split("<?xml", 1)[0]).strip().rstrip(":")
-    if code:
-        text += f" ({code.group(1)}{': ' + message.group(1) if message else ''})"
-    return _redact(text)[:600]
-
-
-def _settings() -> tuple[dict[str, Any], str]:
-    """obstore's keyword arguments for endpoint, region and credentials, and where the credentials
-    come from (for the log: never the credentials themselves)."""
-    env = os.environ
-    kwargs: dict[str, Any] = {}
-    endpoint = env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL")
-    region = env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION")
-    if env.get("AWS_ACCESS_KEY_ID"):
-        source = "environment"  # obstore reads the keys and token itself
-    elif _profiles_configured(env):
-        provider, profile_region, profile_endpoint, source = _profile()
-        if provider is not None:
-            kwargs["credential_provider"] = provider
-        region = region or profile_region
-        endpoint = endpoint or profile_endpoint
-    else:
-        source = "obstore's chain (web identity, container or instance role)"
-    if endpoint:
-        kwargs["endpoint"] = endpoint
-    if region:
-        kwargs["region"] = region
-    return kwargs, source
-
-
-def _profiles_configured(env: Mapping[str, str]) -> bool:
-    if env.get("AWS_PROFILE") or env.get("AWS_DEFAULT_PROFILE"):
-        return True
-    files = (env.get("AWS_CONFIG_FILE", "~/.aws/config"), env.get("AWS_SHARED_CREDENTIALS_FILE", "~/.aws/credentials"))
-    return any(os.path.isfile(os.path.expanduser(path)) for path in files)
-
-
-def _profile() -> tuple[_ProfileCredentials | None, str | None, str | None, str]:
-    """botocore's view of the active profile: credentials, region and endpoint_url."""
-    import botocore.exceptions  # only here: ~250 ms and ~20 MB that most deployments never need
-    import botocore.session
-
-    try:
-        session = botocore.session.Session()
-        name = session.profile or "default"
-        credentials = session.get_credentials()
-        config = session.get_scoped_config()
-    except botocore.exceptions.BotoCoreError as exc:
-        raise StoreUnavailable(f"AWS configuration: {_redact(str(exc))}") from None
-    region, endpoint = config.get("region"), config.get("endpoint_url")
-    if credentials is None:
-        return None, region, endpoint, f"profile {name!r} has none; obstore's chain"
-    return _ProfileCredentials(credentials), region, endpoint, f"profile {name!r} (botocore: {credentials.method})"
-
-
-class _ProfileCredentials:
-    """obstore's credential callback over botocore credentials (which refresh themselves)."""
-
-    def __init__(self, credentials: Any) -> None:
-        self._credentials = credentials
-
-    def __call__(self) -> dict[str, Any]:
-        frozen = self._credentials.get_frozen_credentials()
-        _process.secrets.update(s for s in (frozen.access_key, frozen.secret_key, frozen.token) if s)
-        return {
-            "access_key_id": frozen.access_key,
-            "secret_access_key": frozen.secret_key,
-            "token": frozen.token,
-            "expires_at": datetime.now(UTC) + _PROFILE_CREDENTIALS_TTL,
-        }
-
-    def __repr__(self) -> str:
-        return "_ProfileCredentials(<hidden>)"
-
-
 class ObjectStore:
     """One bucket. Thread-safe: many reads may be in flight at once. Its HTTP clients are made on
     first use, in the process that uses them; :func:`store_for` hands out one per process."""
 
-    def __init__(self, bucket: str, config: StoreConfig | None = None) -> None:
+    def __init__(self, bucket: str, config: StoreConfig) -> None:
         if not _BUCKET_NAME.fullmatch(bucket):
             raise ValueError(f"{bucket!r} is not a bucket name")
         self.bucket = bucket
-        self.config = config or StoreConfig()
+        self.config = config
         self._lock = threading.Lock()
         self._clients: dict[bool, Any] = {}  # streaming? -> obstore S3Store
         self._endpoint = "default"
@@ -273,8 +173,8 @@ class ObjectStore:
         # default: with a worker process per core, cores squared threads. Two carry a worker's reads,
         # which wait on the network; TOKIO_WORKER_THREADS set by the operator still wins.
         os.environ.setdefault("TOKIO_WORKER_THREADS", "2")
-        kwargs, source = _settings()
-        self._endpoint = _redact(kwargs.get("endpoint", "AWS"))
+        kwargs, source = connection_settings()
+        self._endpoint = redact(kwargs.get("endpoint", "AWS"))
         options: dict[str, Any] = {"connect_timeout": timedelta(seconds=config.connect_timeout_s)}
         if streaming:  # a shard may take minutes: bound the silences, not the whole
             options["timeout"] = timedelta(days=1)
@@ -295,7 +195,7 @@ class ObjectStore:
         try:
             client = S3Store(self.bucket, client_options=options, retry_config=retry, **kwargs)
         except _OBSTORE_ERRORS as exc:
-            raise StoreUnavailable(f"{self.url('')}: cannot configure the store: {_reason(exc)}") from None
+            raise StoreUnavailable(f"{self.url('')}: cannot configure the store: {failure_reason(exc)}") from None
         _process.used = True
         log.debug(
             "store s3://%s: endpoint %s, region %s, credentials from %s%s",
@@ -305,7 +205,7 @@ class ObjectStore:
 
     def _failure(self, exc: BaseException, key: str, action: str) -> Exception:
         """The exception to raise for obstore's ``exc``: missing object or unavailable store."""
-        url, reason, text = self.url(key), _reason(exc), str(exc)
+        url, reason, text = self.url(key), failure_reason(exc), str(exc)
         if isinstance(exc, FileNotFoundError):
             if "NoSuchBucket" in text or ("NoSuchKey" not in text and not self._bucket_exists()):
                 return StoreUnavailable(f"{url}: bucket {self.bucket!r} does not exist or cannot be listed: {reason}")
@@ -347,7 +247,7 @@ class ObjectStore:
                     yield ObjectInfo(key, meta["size"], _unquote(meta.get("e_tag")))
         except (InvalidPathError, ValueError) as exc:
             # keys (or a prefix) with empty, '.' or '..' segments: obstore cannot address them
-            raise ValueError(f"list {self.url(prefix)}: {_reason(exc)}") from None
+            raise ValueError(f"list {self.url(prefix)}: {failure_reason(exc)}") from None
         except _OBSTORE_ERRORS as exc:
             raise self._failure(exc, prefix, "list") from None
 

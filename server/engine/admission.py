@@ -36,8 +36,15 @@ class Verdict(Enum):
 class Admission:
     """Every connected client's :class:`Peer` record and flow-control window."""
 
-    def __init__(self) -> None:
+    def __init__(self, window: int) -> None:
+        self.window = window
+        """Most batches one client may have in flight (the live ``max_prefetch``): the one place it
+        bounds anything."""
         self._peers: dict[bytes, Peer] = {}
+
+    def granted(self, asked: int | None) -> int:
+        """The prefetch a ``HELLO`` asking for ``asked`` batches (``None``: as many as allowed) gets."""
+        return max(1, min(asked or self.window, self.window))
 
     # -- who is here -----------------------------------------------------------------------------
 
@@ -88,20 +95,14 @@ class Admission:
         if request.elapsed_s is not None:
             stats.elapsed_s = request.elapsed_s
 
-    @staticmethod
-    def full(peer: Peer, window: int) -> bool:
-        """Whether the client's window is full."""
-        return len(peer.inflight) >= window
-
-    @staticmethod
-    def decide(peer: Peer, key: BatchKey, window: int) -> Verdict:
+    def decide(self, peer: Peer, key: BatchKey) -> Verdict:
         """Admit, park, refuse or ignore a request for ``key``; parking happens here."""
         if key in peer.inflight or key in peer.deferred:
             return Verdict.DUPLICATE
-        if len(peer.inflight) < window:
+        if len(peer.inflight) < self.window:
             peer.inflight.add(key)
             return Verdict.ADMIT
-        if len(peer.deferred) >= window:
+        if len(peer.deferred) >= self.window:
             return Verdict.BUSY
         peer.deferred.append(key)
         return Verdict.DEFER
@@ -112,7 +113,7 @@ class Admission:
         if peer is not None:
             peer.inflight.discard(key)
 
-    def delivered(self, send: PendingSend, now: float, window: int) -> list[BatchKey]:
+    def delivered(self, send: PendingSend, now: float) -> list[BatchKey]:
         """A send completed: count it, free its place, and return the parked keys that now fit."""
         peer = self._peers.get(send.identity)
         if peer is None:
@@ -124,7 +125,7 @@ class Admission:
         stats.bytes += send.nbytes
         stats.throughput.add(now, send.images, send.nbytes)
         admitted = []
-        while peer.deferred and len(peer.inflight) < window:
+        while peer.deferred and len(peer.inflight) < self.window:
             key = peer.deferred.popleft()
             peer.inflight.add(key)
             admitted.append(key)

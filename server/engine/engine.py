@@ -1,13 +1,22 @@
 """The engine: one thread that ties the data socket, the planner and the worker pool together.
 
-A ``REQUEST`` is read (:mod:`.requests`), admitted into its client's window (:mod:`.admission`),
-produced by the workers (:mod:`.production`) and sent, zero-copy, to every client waiting for it
-(:mod:`.delivery`). The engine keeps no client progress: a restarted server answers the next request
-as if nothing happened.
+The chain, all of it visible in this file::
 
-Only the engine thread touches the socket, the pool and the parts above. Other threads (the HTTP
-side) talk to it through :meth:`Engine.call`, which runs a function on the engine thread, and read
-it through :func:`~stoker.server.engine.state.build_snapshot` run that way.
+    _on_message -> _on_request: read it (requests.read_request), then Admission.decide:
+        ADMIT -> _produce: from Delivery's batch cache at once, or Production.want
+                 (which may finish the batch then and there: planning found it cannot be made)
+        DEFER -> parked in the client's window, produced once a send completes (_reap)
+        BUSY  -> an ERROR with retry_after_s
+    loop turn -> Production.on_event (worker results) / Production.dispatch (tasks to workers)
+    every batch Production finishes -> _finish -> Delivery.complete (zero-copy send) or Delivery.fail
+    Delivery.reap (sends the kernel took) -> Admission.delivered -> parked requests -> _produce
+
+The engine keeps no client progress: a restarted server answers the next request as if nothing
+happened. Only the engine thread touches the socket, the pool and the parts above. Other threads
+run functions on it through :meth:`Engine.call` (the ``/status`` snapshot, live changes) and read
+:attr:`Engine.vitals`, an immutable record the loop replaces at every turn (the probes). If the loop
+itself raises, the engine shuts down, its vitals say why, and ``on_crash`` tells the process, which
+must exit (a live process without an engine would be a zombie its orchestrator never restarts).
 """
 
 from __future__ import annotations
@@ -24,24 +33,26 @@ import zmq
 from stoker.client.protocol.errors import ProtocolError
 from stoker.client.protocol.wire import ErrorCode, Header, Kind, decode
 from stoker.server import failpoints
+from stoker.server.cache import DecodedCache, open_cache
 from stoker.server.data.catalog import Catalog
-from stoker.server.data.jobs import JobRegistry, OpenJob
+from stoker.server.data.stores import configure_stores
 from stoker.server.engine.access import DataAccess
 from stoker.server.engine.admission import Admission, Verdict
-from stoker.server.engine.decoded import DecodedCache
 from stoker.server.engine.delivery import Delivery
+from stoker.server.engine.jobs import JobRegistry, OpenJob
 from stoker.server.engine.mailbox import Mailbox
 from stoker.server.engine.production import Production
 from stoker.server.engine.records import BatchKey, BatchWork, Peer, Task
 from stoker.server.engine.requests import header_where, job_info, read_hello, read_request
 from stoker.server.engine.standins import BadSamplePolicy, BatchPlanner
-from stoker.server.engine.state import build_snapshot, update_gauges
+from stoker.server.engine.state import update_gauges
 from stoker.server.engine.stats import BadSamples, EngineStats
-from stoker.server.engine.transport import Incoming, Transport
+from stoker.server.engine.transport import DataPlane, Incoming
+from stoker.server.engine.vitals import Vitals
 from stoker.server.imaging.pipelines import Pipeline
 from stoker.server.settings.model import EngineSettings
-from stoker.server.workers.arena import Arena
-from stoker.server.workers.pool import CONTEXT, WorkerPool
+from stoker.server.workers.messages import WorkerSetup
+from stoker.server.workers.pool import CONTEXT, RestartBackoff, WorkerPool
 from stoker.server.workers.slots import SlotPool, fit_budget
 
 __all__ = ["Engine"]
@@ -66,23 +77,25 @@ class Engine:
         self.bad = BadSamples()
         self.cache = decoded_cache(config, catalog, self.shm_budget)
         arena = self.cache.arena.handle if self.cache.arena is not None else None
-        self.pool: WorkerPool[Task] = WorkerPool(
-            config.workers, config.limits, config.worker_start_timeout_s, config.reads_in_flight, arena
-        )
+        configure_stores(config.store_config)  # this process lists datasets on object storage
+        setup = WorkerSetup(config.limits, config.reads_in_flight, config.store_config, arena)
+        backoff = RestartBackoff(config.worker_restart_backoff_s, config.worker_restart_backoff_max_s)
+        self.pool: WorkerPool[Task] = WorkerPool(config.workers, setup, config.worker_start_timeout_s, backoff)
         self.slots = SlotPool(self.shm_budget)
-        self.admission = Admission()
+        self.admission = Admission(config.max_prefetch)
         planner = BatchPlanner(self.jobs, self.bad, self.stats)
-        self.production = Production(
-            self.pool, self.slots, self.jobs, planner, self.stats, self._on_finished, self.cache
-        )
+        self.production = Production(self.pool, self.slots, self.jobs, planner, self.stats, self.cache)
         self.delivery: Delivery | None = None
         """Exists once started (it needs the bound socket)."""
         self.endpoint = ""
         self.started = threading.Event()
         self.stopped = threading.Event()
+        self.vitals = Vitals()
+        """Read by other threads without the mailbox (see :mod:`.vitals`); replaced, never changed."""
+        self.on_crash: Callable[[str], None] | None = None
+        """Called (on the dying engine thread) with the reason, once a crashed engine has shut down."""
         self._mailbox = Mailbox()
-        self._context: zmq.Context | None = None
-        self._transport: Transport | None = None
+        self._plane: DataPlane | None = None
         self.access: DataAccess | None = None
         """CURVE on the data socket, when the server has keys."""
         self._thread: threading.Thread | None = None
@@ -97,15 +110,14 @@ class Engine:
         if failpoints.armed():
             log.warning("fail points armed (for tests only): %s", sorted(failpoints.armed()))
         self.pool.start()
-        self._context = zmq.Context()
         config = self.config
-        if config.curve_secret_key_file and config.authorized_clients:
-            self.access = DataAccess(config.curve_secret_key_file, config.authorized_clients)
-            self.access.start(self._context)
-        secure = self.access.secure if self.access is not None else None
-        self._transport = Transport(self._context, config.bind, config.heartbeat_ms, secure=secure)
-        self.delivery = Delivery(self._transport, self.slots, self.stats)
-        self.endpoint = self._transport.endpoint
+        plane = self._plane = DataPlane(
+            config.bind, config.heartbeat_ms, config.curve_secret_key_file, config.authorized_clients
+        )
+        self.access = plane.access
+        self.delivery = Delivery(plane.transport, self.slots, self.stats)
+        self.endpoint = plane.transport.endpoint
+        self.vitals = Vitals("serving", time.monotonic())
         self._thread = threading.Thread(target=self._run, name="stoker-engine", daemon=True)
         self._thread.start()
         self.started.set()
@@ -113,7 +125,7 @@ class Engine:
     @property
     def ready(self) -> bool:
         """Serving: workers up, socket bound, loop running, not draining."""
-        return self.started.is_set() and not self._stopping and not self.stopped.is_set()
+        return self.vitals.phase == "serving"
 
     @property
     def inflight_batches(self) -> int:
@@ -125,11 +137,12 @@ class Engine:
         if self._thread is None:
             self.pool.close()
             self.slots.close()
-            self._close_arena()
+            self.cache.close()
             self._mailbox.close()
             return
         drain = self.config.drain_timeout_s if timeout_s is None else timeout_s
-        self._mailbox.submit(self._begin_drain, (drain,))
+        if not self.stopped.is_set():
+            self._mailbox.submit(self._begin_drain, (drain,))
         self._thread.join(drain + 30.0)
         if self._thread.is_alive():
             log.error("engine thread did not stop within %.1f s", drain + 30.0)
@@ -149,38 +162,39 @@ class Engine:
     # -- the loop --------------------------------------------------------------------------------
 
     def _run(self) -> None:
-        transport = self._transport
-        if transport is None:
+        plane = self._plane
+        if plane is None:
             raise RuntimeError("start() first")
-        poller = zmq.Poller()
-        poller.register(transport.socket, zmq.POLLIN)
-        poller.register(self._mailbox.fd, zmq.POLLIN)
-        monitor = self.access.monitor if self.access is not None else None
-        if monitor is not None:
-            poller.register(monitor, zmq.POLLIN)
+        poller = plane.poller(self._mailbox.fd)
         registered: set[int] = set()
+        crash: str | None = None
         try:
             while not (self._stopping and self._drained()):
-                registered = _follow(poller, registered, set(self.pool.fds()))
-                delivery = self.delivery
-                events = dict(poller.poll(5 if delivery and delivery.sending else 50))
-                if self._mailbox.fd in events:
-                    self._mailbox.run_pending()
-                for fd in registered & events.keys():
-                    for event in self.pool.handle(fd):
-                        self.production.on_event(event, self._policy())
-                self._reap()
-                if transport.socket in events:
-                    for incoming in transport.receive():
-                        self._on_message(incoming)
-                if monitor is not None and monitor in events and self.access is not None:
-                    self.access.on_events()
-                self.production.dispatch(self.config.worker_queue_depth)
-                self._housekeeping()
-        except Exception:
+                registered = self._turn(plane, poller, registered)
+        except Exception as exc:
             log.exception("engine loop crashed")
+            crash = f"the engine loop crashed: {type(exc).__name__}: {exc}"
         finally:
-            self._shutdown()
+            self._shutdown(crash)
+
+    def _turn(self, plane: DataPlane, poller: zmq.Poller, registered: set[int]) -> set[int]:
+        """One turn of the loop: wait for something to do, do it, beat."""
+        failpoints.check("engine.loop")
+        registered = _follow(poller, registered, set(self.pool.fds()))
+        delivery = self.delivery
+        events = dict(poller.poll(5 if delivery and delivery.sending else 50))
+        if self._mailbox.fd in events:
+            self._mailbox.run_pending()
+        for fd in registered & events.keys():
+            for event in self.pool.handle(fd):
+                self._finish(self.production.on_event(event, self._policy()))
+        self._reap()
+        for incoming in plane.on_events(events):
+            self._on_message(incoming)
+        self._finish(self.production.dispatch(self.config.worker_queue_depth))
+        self._housekeeping()
+        self.vitals = Vitals("draining" if self._stopping else "serving", time.monotonic(), None, self.pool.problem)
+        return registered
 
     def _policy(self) -> BadSamplePolicy:
         return BadSamplePolicy(self.config.on_error, self.config.max_replacements)
@@ -221,27 +235,26 @@ class Engine:
         stats = peer.stats
         stats.client_id, stats.job_id = hello.client, hello.job.job_id
         stats.rank, stats.world_size = hello.rank, hello.job.spec.world_size
-        maximum = self.config.max_prefetch
-        granted = max(1, min(hello.prefetch or maximum, maximum))
-        if self._transport is not None:
-            self._transport.send(identity, Kind.JOB_INFO, job_info(hello.job, granted))
+        if self._plane is not None:
+            granted = self.admission.granted(hello.prefetch)
+            self._plane.transport.send(identity, Kind.JOB_INFO, job_info(hello.job, granted))
 
     def _on_request(self, identity: bytes, peer: Peer, header: Header) -> None:
         request = read_request(header, self.jobs)
         failpoints.check("engine.request")
         self.admission.note(peer, request)
-        maximum = self.config.max_prefetch
-        verdict = Admission.decide(peer, request.key, maximum)
+        verdict = self.admission.decide(peer, request.key)
         if verdict in (Verdict.DEFER, Verdict.BUSY):
             self._reap()  # a send may have completed since the loop last looked: parked keys move up
             if verdict is Verdict.BUSY:
-                verdict = Admission.decide(peer, request.key, maximum)
+                verdict = self.admission.decide(peer, request.key)
         if verdict is Verdict.ADMIT:
             self._produce(identity, request.job, request.key)
         elif verdict is Verdict.BUSY:
+            window = self.admission.window
             retry_after_s = min(1.0, max(0.01, self.stats.latency.mean_s()))
-            message = f"more than max_prefetch={maximum} batches in flight; wait for some"
-            self._error(identity, ErrorCode.BUSY, message, header, retry_after_s=retry_after_s, prefetch=maximum)
+            message = f"more than max_prefetch={window} batches in flight; wait for some"
+            self._error(identity, ErrorCode.BUSY, message, header, retry_after_s=retry_after_s, prefetch=window)
 
     def _produce(self, identity: bytes, job: OpenJob, key: BatchKey) -> None:
         """``key`` is in the client's window: send it from the cache, or have it produced."""
@@ -252,28 +265,29 @@ class Engine:
             if not delivery.send(identity, key, cached, now):
                 self.admission.release(identity, key)
             return
-        self.production.want(job, key, identity, now, self._policy())
+        self._finish(self.production.want(job, key, identity, now, self._policy()))
 
-    def _on_finished(self, work: BatchWork) -> None:
-        """A batch left production: send it (or its error) to whoever still waits."""
+    def _finish(self, works: list[BatchWork]) -> None:
+        """Batches that left production: send each (or its error) to whoever still waits."""
         delivery = self.delivery
-        if delivery is None:
-            raise RuntimeError("a batch finished before the engine started")  # unreachable: no requests yet
-        recipients = {identity: at for identity, at in work.waiters.items() if self.admission.get(identity)}
-        if work.failure is not None:
-            delivery.fail(work, recipients)
-            unsent = list(recipients)
-        else:
-            unsent = delivery.complete(work, recipients, self.config.cache_batches)
-        for identity in unsent:
-            self.admission.release(identity, work.key)
+        for work in works:
+            if delivery is None:
+                raise RuntimeError("a batch finished before the engine started")  # unreachable: no requests yet
+            recipients = {identity: at for identity, at in work.waiters.items() if self.admission.get(identity)}
+            if work.failure is not None:
+                delivery.fail(work, recipients)
+                unsent = list(recipients)
+            else:
+                unsent = delivery.complete(work, recipients, self.config.cache_batches)
+            for identity in unsent:
+                self.admission.release(identity, work.key)
 
     def _reap(self) -> None:
         if self.delivery is None:
             return
         now = time.monotonic()
         for send in self.delivery.reap(now):
-            for key in self.admission.delivered(send, now, self.config.max_prefetch):
+            for key in self.admission.delivered(send, now):
                 job = self.jobs.get(key[0])
                 if job is None:
                     self.admission.release(send.identity, key)
@@ -293,6 +307,7 @@ class Engine:
             return
         self._last_housekeeping = now
         self.pool.kill_stuck(self.config.task_timeout_s)
+        self.pool.respawn_due(now)
         # A silent client's queued batches are dropped and its slots freed once sends finish.
         for identity in self.admission.silent(now, self.config.client_timeout_s):
             self._forget(identity)
@@ -306,7 +321,7 @@ class Engine:
         self._stopping = True
         self._drain_deadline = time.monotonic() + timeout_s
         # Batches no worker has started are answered at once, so clients can go elsewhere.
-        self.production.drain()
+        self._finish(self.production.drain())
         self.admission.clear_deferred()
 
     def _drained(self) -> bool:
@@ -316,42 +331,35 @@ class Engine:
             return True
         return self.inflight_batches == 0
 
-    def _shutdown(self) -> None:
+    def _shutdown(self, crash: str | None = None) -> None:
         self._stopping = True
+        self.vitals = Vitals("crashed", self.vitals.beat, crash) if crash else Vitals("stopped", self.vitals.beat)
         self.pool.close()
-        if self.access is not None:
-            self.access.close(self._transport.socket if self._transport is not None else None)
-        if self._transport is not None:
-            self._transport.close()
-        if self._context is not None:
-            self._context.term()
+        if self._plane is not None:
+            self._plane.close()
         if self.delivery is not None:
             self.delivery.close()
         self.slots.close()
-        self._close_arena()
+        self.cache.close()
         self.stopped.set()
         self._mailbox.close()
-        log.info("engine stopped")
+        if crash is None:
+            log.info("engine stopped")
+        elif self.on_crash is not None:
+            self.on_crash(crash)
 
     # -- operator API (run on the engine thread through call()) ----------------------------------
-
-    def _close_arena(self) -> None:
-        if self.cache.arena is not None:
-            self.cache.arena.close()
 
     def reconfigure(self, **changes: Any) -> EngineSettings:
         """Apply live changes (``EngineSettings.live_fields``); return the new config."""
         new = self.config.with_changes(**changes)
         if new.workers != self.config.workers:
             self.pool.resize(new.workers)
+        self.admission.window = new.max_prefetch
         self.config = new
         if self.delivery is not None:
             self.delivery.trim_cache(new.cache_batches)
         return new
-
-    def snapshot(self) -> dict[str, Any]:
-        """Everything ``/status`` shows, built on the engine thread (call it through :meth:`call`)."""
-        return build_snapshot(self)
 
 
 def _follow(poller: zmq.Poller, registered: set[int], fds: set[int]) -> set[int]:
@@ -364,12 +372,9 @@ def _follow(poller: zmq.Poller, registered: set[int], fds: set[int]) -> set[int]
 
 
 def decoded_cache(config: EngineSettings, catalog: Catalog, slots_budget: int) -> DecodedCache:
-    """The decoded-sample cache of the datasets declared cached: its arena sized to ``cache_bytes``,
-    cut to what the shared-memory mount holds beside the batch slots (none when the budget is 0)."""
-    cached = {e.decl.name: e.decl.cache_min_side for e in catalog.entries if e.decl.cache}
-    if not cached or not config.cache_bytes:
-        return DecodedCache(None, cached)
-    budget = fit_budget(int(config.cache_bytes) + slots_budget) - slots_budget
-    if budget < int(config.cache_bytes):
-        log.warning("decoded-sample cache cut to %d MiB to fit the shared-memory mount", max(budget, 0) // 2**20)
-    return DecodedCache(Arena(max(budget, 2**20), CONTEXT), cached) if budget > 0 else DecodedCache(None, cached)
+    """The decoded-sample cache of the datasets declared cached, its arena sized to ``cache_bytes`` and
+    cut to what the shared-memory mount holds beside the batch slots."""
+    budget = int(config.cache_bytes)
+    fits = min(budget, fit_budget(budget + slots_budget) - slots_budget) if budget else 0
+    cached = [entry.decl.name for entry in catalog.entries if entry.decl.cache]
+    return open_cache(cached, budget, fits, CONTEXT)

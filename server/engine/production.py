@@ -4,7 +4,7 @@ A wanted batch is planned (known bad samples already replaced), waits for a shar
 cut into tasks of a few rows and handed to workers. Results fill the rows; a bad sample gets its
 stand-in as a new task at the head of the line; a sample that kills workers is quarantined; a dead
 worker's tasks are redone first. When a batch is finished (every row written, or given up) it leaves
-production through ``on_finished``.
+production: every public method returns the batches it finished, for the engine to deliver.
 """
 
 from __future__ import annotations
@@ -14,16 +14,15 @@ import logging
 import math
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 
 from stoker.client.protocol.wire import ErrorCode
-from stoker.server.data.jobs import JobRegistry, OpenJob
-from stoker.server.engine.decoded import DecodedCache
+from stoker.server.cache import DecodedCache
+from stoker.server.engine.jobs import JobRegistry, OpenJob
 from stoker.server.engine.records import BatchKey, BatchWork, Task
-from stoker.server.engine.specs import SpecMaker
 from stoker.server.engine.standins import BadSamplePolicy, BatchPlanner
 from stoker.server.engine.stats import EngineStats
-from stoker.server.workers.messages import Outcome, SampleResult
+from stoker.server.workers.messages import Outcome, SampleResult, SampleSpec, TaskMessage
 from stoker.server.workers.pool import PoolEvent, TaskDone, WorkerDied, WorkerPool
 from stoker.server.workers.slots import SlotPool
 
@@ -51,7 +50,6 @@ class Production:
         jobs: JobRegistry,
         planner: BatchPlanner,
         stats: EngineStats,
-        on_finished: Callable[[BatchWork], None],
         cache: DecodedCache,
     ) -> None:
         self.pool = pool
@@ -59,9 +57,7 @@ class Production:
         self.jobs = jobs
         self.planner = planner
         self.stats = stats
-        self.on_finished = on_finished
         self.cache = cache
-        self._specs = SpecMaker(jobs, cache)
         self._works: dict[BatchKey, BatchWork] = {}
         self._queue: deque[BatchWork] = deque()
         """Planned batches waiting for a slot."""
@@ -69,6 +65,8 @@ class Production:
         """Tasks waiting for a worker."""
         self._kills: dict[tuple[str, int], int] = {}
         self._task_ids = itertools.count()
+        self._finished: list[BatchWork] = []
+        """Batches that left production since a public method last returned."""
 
     @property
     def in_progress(self) -> int:
@@ -77,8 +75,11 @@ class Production:
 
     # -- wanting and abandoning ------------------------------------------------------------------
 
-    def want(self, job: OpenJob, key: BatchKey, identity: bytes, now: float, policy: BadSamplePolicy) -> None:
-        """``identity`` waits for batch ``key``: join its work, or plan it.
+    def want(
+        self, job: OpenJob, key: BatchKey, identity: bytes, now: float, policy: BadSamplePolicy
+    ) -> list[BatchWork]:
+        """``identity`` waits for batch ``key``: join its work, or plan it. Returns the batch at once when
+        planning already finished it (it failed: a known bad sample under ``on_error = "raise"``).
 
         A batch that already failed but still has tasks out is not joined: its failure answers those
         who asked before, and a new ask gets a fresh attempt under today's policy (the operator may
@@ -94,6 +95,7 @@ class Production:
                 self._queue.append(work)
         work.waiters.setdefault(identity, now)
         self._settle(work)
+        return self._take_finished()
 
     def abandon(self, identity: bytes, keys: Iterable[BatchKey]) -> None:
         """``identity`` no longer waits for ``keys``; drop queued batches nobody wants any more."""
@@ -107,31 +109,38 @@ class Production:
                 self._queue.remove(work)
                 del self._works[key]
 
-    def drain(self) -> None:
+    def drain(self) -> list[BatchWork]:
         """Fail every batch no worker has started, so its waiters can go elsewhere at once."""
         while self._queue:
             work = self._queue.popleft()
             work.fail(ErrorCode.SHUTTING_DOWN, "server is shutting down")
             self._settle(work)
+        return self._take_finished()
+
+    def _take_finished(self) -> list[BatchWork]:
+        finished, self._finished = self._finished, []
+        return finished
 
     # -- dispatch --------------------------------------------------------------------------------
 
-    def dispatch(self, queue_depth: int) -> None:
-        """Give queued batches slots, cut them into tasks and hand tasks to idle workers."""
+    def dispatch(self, queue_depth: int) -> list[BatchWork]:
+        """Give queued batches slots, cut them into tasks and hand tasks to idle workers; returns the
+        batches that finished meanwhile (failed ones whose last queued task was dropped)."""
         self._cut(len(self.pool.workers) * queue_depth)
         while self._ready:
             available = self.pool.available(queue_depth)
             if not available:
-                return
+                break
             for worker in available:
                 task = self._next_task()
                 if task is None:
-                    return
-                message = self._specs.message(task)
+                    return self._take_finished()
+                message = self._message(task)
                 if message is None:  # every row waits for another task's decode
                     task.work.tasks.discard(task)
                     continue
                 self.pool.submit(worker, task, message)
+        return self._take_finished()
 
     def _cut(self, capacity: int) -> None:
         workers = max(1, len(self.pool.workers))
@@ -166,24 +175,50 @@ class Production:
             self._settle(task.work)
         return None
 
-    def _release_claims(self, task: Task) -> None:
-        """``task`` is done with its cache claims: rows parked on them go on, reading the arena."""
-        for sample in task.claims.values():
-            for work, row in self.cache.settle(sample, task):
-                if work.failure is None and row in work.pending:
-                    self._enqueue(work, [(row, int(work.indices[row]))], first=True)
-        task.claims.clear()
+    def _message(self, task: Task) -> TaskMessage | None:
+        """The task's message: each sample's locator and RNG key, and on a cached dataset its part in
+        the decoded-sample cache. Rows whose sample another task is decoding are parked (left out);
+        ``None`` when none is left."""
+        work = task.work
+        if work.slot is None:
+            raise RuntimeError("a task of a batch without a slot")  # unreachable: tasks are cut after acquire
+        job, epoch = work.job, work.key[1]
+        table = job.table
+        cached = self.cache.serves(table.name)
+        specs, kept = [], []
+        for row, index in task.samples:
+            part = None
+            if cached:
+                part = self.cache.part(task, (table.name, index), len(table), (work, row))
+                if part is None:
+                    continue
+            specs.append(SampleSpec(row, table.locator(index), self.jobs.sample_key(job, epoch, index), part))
+            kept.append((row, index))
+        task.samples = kept
+        if not specs:
+            return None
+        pipeline, size = job.pipeline, job.spec.image_size
+        return TaskMessage(
+            task.task_id, work.slot.name, len(work.originals), size, pipeline, tuple(specs), job.min_side
+        )
+
+    def _release_claims(self, task: Task, index: int | None = None) -> None:
+        """``task`` is done with its cache claims (on sample ``index``, or all): rows parked behind them
+        go on, now reading the arena."""
+        sample = None if index is None else (task.work.job.table.name, index)
+        for work, row in self.cache.release(task, sample):
+            if work.failure is None and row in work.pending:
+                self._enqueue(work, [(row, int(work.indices[row]))], first=True)
 
     # -- results ---------------------------------------------------------------------------------
 
-    def on_event(self, event: PoolEvent, policy: BadSamplePolicy) -> None:
-        """Apply what the pool reports."""
+    def on_event(self, event: PoolEvent, policy: BadSamplePolicy) -> list[BatchWork]:
+        """Apply what the pool reports; returns the batches it finished."""
         if isinstance(event, TaskDone):
             self._on_task_done(event, policy)
         elif isinstance(event, WorkerDied):
             self._on_worker_died(event, policy)
-        else:
-            log.error("worker %d failed to start: %s\n%s", event.worker.worker_id, event.reason, event.traceback)
+        return self._take_finished()
 
     def _on_task_done(self, event: TaskDone[Task], policy: BadSamplePolicy) -> None:
         task, result = event.task, event.result
@@ -191,15 +226,18 @@ class Production:
         work.tasks.discard(task)
         for stage, total, count in result.stages:
             self.stats.stage(stage, total / count, count)
+        table = work.job.table
+        cached = self.cache.serves(table.name)
+        indices = dict(task.samples)
         for sample in result.samples:
             self.stats.samples_total.labels(_OUTCOME_LABELS[sample.outcome]).inc()
             if work.failure is not None:
                 continue
             if sample.outcome is Outcome.OK:
                 work.pending.discard(sample.row)
-                claimed = task.claims.get(sample.row)
-                if claimed is not None:
-                    self.cache.decoded(claimed, len(work.job.table), sample.stored)
+                if cached and sample.row in indices:
+                    entry = (table.name, indices[sample.row])
+                    self.cache.reported(entry, len(table), sample.decoded, sample.stored, sample.header)
             elif sample.outcome is Outcome.BAD:
                 if self.planner.stand_in(work, sample.row, sample.reason, policy):
                     self._enqueue(work, [(sample.row, int(work.indices[sample.row]))], first=True)
@@ -253,11 +291,7 @@ class Production:
         self._kills[key] = kills = self._kills.get(key, 0) + 1
         if kills >= KILLS_BEFORE_QUARANTINE:
             task.samples.remove((row, index))
-            claimed = task.claims.pop(row, None)
-            if claimed is not None:  # rows waiting on it will meet it as a known bad sample
-                for other, parked in self.cache.settle(claimed, task):
-                    if other.failure is None and parked in other.pending:
-                        self._enqueue(other, [(parked, int(other.indices[parked]))], first=True)
+            self._release_claims(task, index)  # rows waiting on it will meet it as a known bad sample
             work = task.work
             reason = f"quarantined: killed {kills} workers (last exit code {exitcode})"
             if self.planner.stand_in(work, row, reason, policy):
@@ -270,4 +304,4 @@ class Production:
             del self._works[work.key]
         if work.failure is None and work.slot is None:
             return  # planned, never dispatched, and abandoned: nothing to deliver
-        self.on_finished(work)
+        self._finished.append(work)

@@ -13,7 +13,7 @@ import numpy as np
 import zmq
 
 from stoker.client.protocol.wire import ErrorCode
-from stoker.server.data.jobs import OpenJob
+from stoker.server.engine.jobs import OpenJob
 from stoker.server.engine.stats import PeerStats
 from stoker.server.workers.slots import Slot
 
@@ -89,8 +89,6 @@ class Task:
     work: BatchWork
     samples: list[tuple[int, int]]
     """``(row, dataset index)``."""
-    claims: dict[int, tuple[str, int]] = field(default_factory=dict)
-    """Row -> ``(dataset, index)`` this task decodes for the decoded-sample cache."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -9,7 +9,7 @@ from typing import Any
 from stoker.client.protocol.errors import ProtocolError
 from stoker.client.protocol.job import JobSpec
 from stoker.client.protocol.wire import ErrorCode, Header
-from stoker.server.data.jobs import JobRegistry, OpenJob
+from stoker.server.engine.jobs import JobRegistry, OpenJob
 from stoker.server.engine.records import BatchKey
 from stoker.server.version import VERSION
 

@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass
 
 from stoker.client.protocol.wire import ErrorCode
-from stoker.server.data.jobs import JobRegistry, OpenJob, replacement_candidate
+from stoker.server.engine.jobs import JobRegistry, OpenJob, replacement_candidate
 from stoker.server.engine.records import BatchKey, BatchWork
 from stoker.server.engine.stats import BadSample, BadSamples, EngineStats
 

@@ -10,9 +10,10 @@ from __future__ import annotations
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from stoker.server.engine.status_models import PipelineErrorStatus, StageStatus
 
 __all__ = ["Window", "Throughput", "PeerStats", "BadSample", "BadSamples", "EngineStats", "STAGES"]
 
@@ -35,17 +36,15 @@ class Window:
         """Mean of the window in seconds (0 when empty)."""
         return sum(self._values) / len(self._values) if self._values else 0.0
 
-    def summary(self) -> dict[str, float | int]:
-        """``{"mean_ms", "p95_ms", "count"}`` over the window."""
+    def summary(self) -> StageStatus:
+        """Mean, 95th percentile (ms) and count over the window."""
         if not self._values:
-            return {"mean_ms": 0.0, "p95_ms": 0.0, "count": 0}
+            return StageStatus(mean_ms=0.0, p95_ms=0.0, count=0)
         ordered = sorted(self._values)
         p95 = ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))]
-        return {
-            "mean_ms": round(1000 * sum(ordered) / len(ordered), 3),
-            "p95_ms": round(1000 * p95, 3),
-            "count": len(ordered),
-        }
+        return StageStatus(
+            mean_ms=round(1000 * sum(ordered) / len(ordered), 3), p95_ms=round(1000 * p95, 3), count=len(ordered)
+        )
 
 
 class Throughput:
@@ -146,7 +145,7 @@ class EngineStats:
         self.latency = Window()
         self.throughput = Throughput()
         self.errors: dict[str, int] = {}
-        self.pipeline_errors: deque[dict[str, Any]] = deque(maxlen=100)
+        self.pipeline_errors: deque[PipelineErrorStatus] = deque(maxlen=100)
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.images_total = Counter("stoker_images_served", "Images sent to clients", registry=r)
@@ -218,7 +217,9 @@ class EngineStats:
 
     def pipeline_failed(self, pipeline: str, op: str, path: str, reason: str) -> None:
         """A post-op failed on a sample (the batch fails with ``PIPELINE``)."""
-        self.pipeline_errors.append({"pipeline": pipeline, "op": op, "path": path, "reason": reason, "at": time.time()})
+        self.pipeline_errors.append(
+            PipelineErrorStatus(pipeline=pipeline, op=op, path=path, reason=reason, at=time.time())
+        )
         self.pipeline_errors_total.labels(pipeline).inc()
 
     def error(self, code_name: str) -> None:
@@ -226,6 +227,6 @@ class EngineStats:
         self.errors[code_name] = self.errors.get(code_name, 0) + 1
         self.errors_total.labels(code_name).inc()
 
-    def stage_summary(self) -> dict[str, Any]:
+    def stage_summary(self) -> dict[str, StageStatus]:
         """Mean and p95 per stage."""
         return {stage: window.summary() for stage, window in self.stages.items()}

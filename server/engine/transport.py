@@ -18,7 +18,7 @@ import zmq
 
 from stoker.client.protocol.wire import MAX_HEADER_BYTES, Kind, encode, payload_parts
 
-__all__ = ["Incoming", "Transport"]
+__all__ = ["Incoming", "Transport", "DataPlane"]
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ class Transport:
         self,
         context: zmq.Context,
         bind: str,
-        heartbeat_ms: int = 2000,
+        heartbeat_ms: int,
         secure: Callable[[zmq.Socket], None] | None = None,
     ) -> None:
         """``secure`` configures the socket's security (CURVE) before it binds."""
@@ -106,3 +106,44 @@ class Transport:
     def close(self) -> None:
         """Close the socket, dropping anything unsent."""
         self.socket.close(linger=0)
+
+
+class DataPlane:
+    """The data plane's sockets, opened and closed together: a ZeroMQ context, the ROUTER
+    :class:`Transport`, and CURVE on it (:class:`~stoker.server.engine.access.DataAccess`, its
+    handshake monitor included) when the server has keys."""
+
+    def __init__(self, bind: str, heartbeat_ms: int, secret_key_file: str | None, authorized_clients: str | None):
+        from stoker.server.engine.access import DataAccess
+
+        self.context = zmq.Context()
+        self.access: DataAccess | None = None
+        if secret_key_file and authorized_clients:
+            self.access = DataAccess(secret_key_file, authorized_clients)
+            self.access.start(self.context)
+        secure = self.access.secure if self.access is not None else None
+        self.transport = Transport(self.context, bind, heartbeat_ms, secure=secure)
+
+    def poller(self, *fds: int) -> zmq.Poller:
+        """A poller on the data socket, the handshake monitor and ``fds``."""
+        poller = zmq.Poller()
+        poller.register(self.transport.socket, zmq.POLLIN)
+        if self.access is not None and self.access.monitor is not None:
+            poller.register(self.access.monitor, zmq.POLLIN)
+        for fd in fds:
+            poller.register(fd, zmq.POLLIN)
+        return poller
+
+    def on_events(self, events: dict[Any, int]) -> Iterator[Incoming]:
+        """What a poll found on these sockets: handshake events are handled, messages yielded."""
+        if self.access is not None and self.access.monitor is not None and self.access.monitor in events:
+            self.access.on_events()
+        if self.transport.socket in events:
+            yield from self.transport.receive()
+
+    def close(self) -> None:
+        """Close the sockets (dropping what is unsent) and end the context."""
+        if self.access is not None:
+            self.access.close(self.transport.socket)
+        self.transport.close()
+        self.context.term()

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import io
 import math
-import os
 import warnings
 from dataclasses import dataclass
 
@@ -20,7 +19,7 @@ from PIL import Image
 
 from stoker.server.imaging.limits import DecodeLimits
 
-__all__ = ["BadImage", "ImageInfo", "DecodeLimits", "probe", "decode", "read_file", "ALPHA_BACKGROUND"]
+__all__ = ["BadImage", "ImageInfo", "DecodeLimits", "probe", "decode", "ALPHA_BACKGROUND"]
 
 # Transparent pixels are composited onto ImageNet's mean colour, which normalises to about zero.
 ALPHA_BACKGROUND = (124, 116, 104)
@@ -44,21 +43,6 @@ class ImageInfo:
     height: int
     orientation: int
     jpeg: bool
-
-
-def read_file(path: bytes, limits: DecodeLimits) -> bytes:
-    """Read a whole file, refusing empty and oversized ones."""
-    try:
-        with open(path, "rb") as handle:
-            # Check the size first: read(n) would reserve n bytes up front, whatever the file holds.
-            if os.fstat(handle.fileno()).st_size > limits.max_file_bytes:
-                raise BadImage(f"file larger than max_file_bytes={limits.max_file_bytes}")
-            data = handle.read()
-    except OSError as exc:
-        raise BadImage(f"cannot read: {exc.strerror or exc}") from None
-    if not data:
-        raise BadImage("empty file")
-    return data
 
 
 def _jpeg_orientation(data: bytes) -> int:

@@ -10,10 +10,11 @@ __all__ = ["DecodeLimits"]
 
 @dataclass(frozen=True, slots=True)
 class DecodeLimits:
-    """Bounds that keep one hostile or huge file from exhausting a worker."""
+    """Bounds that keep one hostile or huge file from exhausting a worker (from the settings
+    ``max_file_mb``, ``max_image_pixels`` and ``max_decoded_pixels``, where their defaults are declared)."""
 
-    max_file_bytes: int = 256 * 1024 * 1024
-    max_image_pixels: int = 1_000_000_000
+    max_file_bytes: int
+    max_image_pixels: int
     """Refuse images declaring more pixels than this, whatever the reduction."""
-    max_decoded_pixels: int = 50_000_000
+    max_decoded_pixels: int
     """Refuse images that, even reduced, would decode to more pixels than this."""

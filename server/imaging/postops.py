@@ -45,11 +45,11 @@ def build_op(spec: OpSpec) -> Transform:
         try:
             factory = _import_call(spec.call or "")
         except (ImportError, AttributeError) as exc:
-            raise ValueError(f"cannot import {spec.call!r} from the server's environment: {exc}") from None
+            raise ValueError(f"cannot import {spec.call!r} from the server's environment: {exc}") from exc
         try:
             built = factory(**kwargs)
         except Exception as exc:  # the plugin's own validation, whatever its type
-            raise ValueError(f"{spec.call}(**{kwargs}) raised {type(exc).__name__}: {exc}") from None
+            raise ValueError(f"{spec.call}(**{kwargs}) raised {type(exc).__name__}: {exc}") from exc
         if not callable(built):
             raise ValueError(f"{spec.call}(**{kwargs}) returned {type(built).__name__}, not a callable transform")
         return built
@@ -64,7 +64,7 @@ def build_op(spec: OpSpec) -> Transform:
     try:
         return cls(**kwargs)
     except (TypeError, ValueError) as exc:
-        raise ValueError(f"bad arguments {kwargs}: {exc}") from None
+        raise ValueError(f"bad arguments {kwargs}: {exc}") from exc
 
 
 def seed_generators(key: int) -> None:
@@ -135,9 +135,9 @@ def validate_pipelines(pipelines: Iterable[Pipeline]) -> None:
                     seed_generators(0)
                     result = _run([(spec.label, op)], sample, {})
                 except ValueError as exc:
-                    raise ValueError(f"{where}: {exc}") from None
+                    raise ValueError(f"{where}: {exc}") from exc.__cause__
                 except PostOpError as exc:
-                    raise ValueError(f"{where} cannot run on one image: {exc.reason}") from None
+                    raise ValueError(f"{where} cannot run on one image: {exc.reason}") from exc.__cause__
                 if result.dtype != torch.uint8 or result.ndim != 3 or result.shape[0] != 3:
                     shape = "x".join(str(d) for d in result.shape)
                     raise ValueError(f"{where} returns {shape} {result.dtype}; post-ops must return 3 x H x W uint8")

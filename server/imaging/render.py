@@ -9,6 +9,7 @@ generators from ``post_ops_key(view_key(key, v))``.
 
 from __future__ import annotations
 
+import os
 import time
 import warnings
 from collections.abc import Sequence
@@ -19,7 +20,8 @@ import torch
 import torch.nn.functional as F
 
 from stoker.client.protocol.rng import SampleRng, mix
-from stoker.server.imaging.decode import DecodeLimits, ImageInfo, decode, probe, read_file
+from stoker.server.data.locators import Locator
+from stoker.server.imaging.decode import DecodeLimits, ImageInfo, decode, probe
 from stoker.server.imaging.geometry import (
     Box,
     SampleGeometry,
@@ -30,9 +32,13 @@ from stoker.server.imaging.geometry import (
     reduction_for_side,
 )
 from stoker.server.imaging.pipelines import Pipeline, View
+from stoker.server.imaging.reading import read_local
 
 __all__ = [
     "StageTimes",
+    "ViewPlan",
+    "decode_reduction",
+    "plan_views",
     "render_sample",
     "render_bytes",
     "render_pixels",
@@ -125,7 +131,7 @@ Rows = np.ndarray | Sequence[np.ndarray]
 
 
 def render_sample(
-    path: bytes,
+    path: str | bytes | Locator,
     key: int,
     pipeline: Pipeline,
     size: int,
@@ -133,13 +139,15 @@ def render_sample(
     limits: DecodeLimits,
     times: StageTimes,
     post: PostOpsRunner | None = None,
+    min_side: int = 0,
 ) -> None:
-    """Produce one sample into ``out`` (``size x size x 3`` ``uint8`` per view); raises ``BadImage``
-    for the file and ``PostOpError`` for a post-op."""
+    """Produce one sample from a local file into ``out`` (``size x size x 3`` ``uint8`` per view),
+    reading it as a worker does; raises ``BadImage`` for the file and ``PostOpError`` for a post-op."""
     started = time.perf_counter()
-    data = read_file(path, limits)
+    locator = path if isinstance(path, Locator) else Locator(os.fsdecode(path))
+    data = read_local(locator, limits)
     times.add("read", time.perf_counter() - started)
-    render_bytes(data, key, pipeline, size, out, limits, times, post)
+    render_bytes(data, key, pipeline, size, out, limits, times, post, min_side)
 
 
 def render_bytes(
@@ -151,35 +159,42 @@ def render_bytes(
     limits: DecodeLimits,
     times: StageTimes,
     post: PostOpsRunner | None = None,
-    min_side: int | None = None,
-) -> tuple[np.ndarray, ImageInfo]:
-    """Like :func:`render_sample`, from the file's bytes; returns the decoded pixels and header.
-
-    ``min_side`` (a dataset declared cached) fixes the decode's reduction from the image alone: the
-    largest that keeps the shorter side at least ``min_side`` (0: none), whatever the crop.
-    """
-    read_done = time.perf_counter()
+    min_side: int = 0,
+) -> None:
+    """Like :func:`render_sample`, from the file's bytes: probe, plan every view, decode once at
+    :func:`decode_reduction`, render."""
+    started = time.perf_counter()
     info = probe(data, limits)
-    plans = _plans(info, key, pipeline, size)
-    if min_side is not None:
-        reduction = reduction_for_side(info.width, info.height, min_side) if info.jpeg else 1
-    else:
-        # One decode for every view, reduced as far as the most demanding view allows.
-        reduction = min(reduction_for(box, plan.resize, info.orientation) for plan, box in plans)
-    pixels = decode(data, info, reduction, limits)
-    times.add("decode", time.perf_counter() - read_done)
+    plans = plan_views(info, key, pipeline, size)
+    pixels = decode(data, info, decode_reduction(info, plans, min_side), limits)
+    times.add("decode", time.perf_counter() - started)
     render_pixels(pixels, info, key, pipeline, size, out, times, post, plans)
-    return pixels, info
 
 
-def _plans(info: ImageInfo, key: int, pipeline: Pipeline, size: int) -> list[tuple[SampleGeometry, Box]]:
-    """Each view's plan and its box in stored coordinates."""
+ViewPlan = tuple[SampleGeometry, Box]
+"""A view's geometry (upright coordinates) and its source box in stored coordinates."""
+
+
+def plan_views(info: ImageInfo, key: int, pipeline: Pipeline, size: int) -> list[ViewPlan]:
+    """Each view's plan, drawn from the sample's key: needs only the image's header."""
     width, height = oriented_size(info.width, info.height, info.orientation)
     plans = []
     for v, (view, side) in enumerate(zip(pipeline.expanded, pipeline.sizes(size), strict=True)):
         plan = plan_geometry(width, height, side, view, SampleRng(view_key(key, v)))
         plans.append((plan, raw_box(plan.box, info.width, info.height, info.orientation)))
     return plans
+
+
+def decode_reduction(info: ImageInfo, plans: Sequence[ViewPlan], min_side: int = 0) -> int:
+    """The DCT reduction a sample is decoded at: the same on every server, cached or not.
+
+    ``min_side`` > 0 (its dataset's ``cache_min_side``): from the image alone, the largest that keeps
+    its shorter side at least ``min_side``. Otherwise as far as the most demanding view allows (the
+    decoded box stays at least its output size), so one decode serves every view.
+    """
+    if min_side > 0:
+        return reduction_for_side(info.width, info.height, min_side) if info.jpeg else 1
+    return min(reduction_for(box, plan.resize, info.orientation) for plan, box in plans)
 
 
 def render_pixels(
@@ -191,7 +206,7 @@ def render_pixels(
     out: Rows,
     times: StageTimes,
     post: PostOpsRunner | None = None,
-    plans: list[tuple[SampleGeometry, Box]] | None = None,
+    plans: Sequence[ViewPlan] | None = None,
 ) -> None:
     """Every view of a sample from its decoded ``pixels`` (fresh, or read from the cache) into ``out``."""
     started = time.perf_counter()
@@ -199,7 +214,7 @@ def render_pixels(
     views, sizes = pipeline.expanded, pipeline.sizes(size)
     if len(rows) != len(views):
         raise ValueError(f"pipeline {pipeline.name!r} has {len(views)} views, got {len(rows)} rows")
-    plans = plans if plans is not None else _plans(info, key, pipeline, size)
+    plans = plans if plans is not None else plan_views(info, key, pipeline, size)
     declared = [number for number, view in enumerate(pipeline.views) for _ in range(view.count)]
     for v, (view, side, (plan, box), row) in enumerate(zip(views, sizes, plans, rows, strict=True)):
         began = time.perf_counter()
@@ -272,7 +287,7 @@ class PostOpsRunner:
                 times.add(f"op:{pipeline.name}/{label}", spent)
 
 
-def warm_up() -> None:
+def warm_up(limits: DecodeLimits) -> None:
     """Run every pipeline once on a synthetic JPEG, so a worker's first real batch pays no
     one-time costs (torch kernel dispatch set-up, decoder tables, first page faults)."""
     import simplejpeg
@@ -283,4 +298,4 @@ def warm_up() -> None:
     data = simplejpeg.encode_jpeg(gradient, quality=90, colorspace="RGB")
     out = np.empty((224, 224, 3), dtype=np.uint8)
     for key, pipeline in enumerate(BUILTIN_PIPELINES.values()):
-        render_bytes(data, key, pipeline, 224, out, DecodeLimits(), StageTimes())
+        render_bytes(data, key, pipeline, 224, out, limits, StageTimes())

@@ -30,6 +30,8 @@ def _flag_options(info: FieldInfo) -> dict[str, Any]:
     options: dict[str, Any] = {}
     if annotation is bool:
         options.update(action="store_const", const=True)  # a switch: absent leaves the setting as it is
+    elif typing.get_origin(annotation) is list:
+        options["action"] = "append"  # repeatable: --cache a --cache b
     elif typing.get_origin(annotation) is Literal:
         options["choices"] = list(typing.get_args(annotation))
     elif annotation is ByteSize:
@@ -51,8 +53,8 @@ def add_setting_flags(parser: argparse.ArgumentParser, model: type[BaseModel], s
         if name in skip:
             continue
         options = _flag_options(info)
-        if "choices" not in options and "action" not in options:
-            options["metavar"] = name.upper()
+        if "choices" not in options and options.get("action") in (None, "append"):
+            options["metavar"] = str((info.json_schema_extra or {}).get("metavar", name.upper()))  # type: ignore[union-attr]
         extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
         # A field may name its flag where the field name reads badly as one (curve_secret_key_file).
         flag = str(extra.get("flag") or f"--{name.replace('_', '-')}")

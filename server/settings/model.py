@@ -33,6 +33,7 @@ from typing import Any, ClassVar, Literal, Self
 from pydantic import BaseModel, ByteSize, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 from stoker.server.data.declarations import DatasetDecl, Kind
+from stoker.server.data.store_config import StoreConfig
 from stoker.server.imaging.limits import DecodeLimits
 from stoker.server.imaging.pipelines import BUILTIN_PIPELINES, Pipeline, pipeline_from_ops, pipeline_from_views
 from stoker.server.settings.host import default_index_dir, parse_http, usable_cores
@@ -102,6 +103,21 @@ class EngineSettings(BaseModel):
     reads_in_flight: int = Field(
         16, ge=1, le=256, description="reads a worker keeps in flight for a task's samples on object storage"
     )
+    worker_restart_backoff_s: float = Field(
+        0.5, gt=0, le=600, description="wait before replacing a worker that failed to start (doubles per failure)"
+    )
+    worker_restart_backoff_max_s: float = Field(
+        30.0, gt=0, le=3600, description="longest wait before replacing a worker that failed to start"
+    )
+    engine_stall_timeout_s: float = Field(
+        60.0, gt=0, description="/healthz fails when the engine loop has not turned for this long"
+    )
+    s3_tries: int = Field(3, ge=1, le=100, description="object storage: tries per request (retries with backoff)")
+    s3_backoff_s: float = Field(0.1, gt=0, description="object storage: first retry's wait (doubles, with jitter)")
+    s3_connect_timeout_s: float = Field(5.0, gt=0, description="object storage: time to connect")
+    s3_request_timeout_s: float = Field(30.0, gt=0, description="object storage: one request, its body included")
+    s3_read_timeout_s: float = Field(30.0, gt=0, description="object storage: longest silence inside a stream")
+    s3_retry_timeout_s: float = Field(120.0, gt=0, description="object storage: no retry starts after this long")
 
     @model_validator(mode="before")
     @classmethod
@@ -140,6 +156,18 @@ class EngineSettings(BaseModel):
     def limits(self) -> DecodeLimits:
         """What a worker refuses to decode."""
         return DecodeLimits(self.max_file_mb * _MIB, self.max_image_pixels, self.max_decoded_pixels)
+
+    @property
+    def store_config(self) -> StoreConfig:
+        """How hard object storage is tried, and how long it is waited for."""
+        return StoreConfig(
+            tries=self.s3_tries,
+            backoff_s=self.s3_backoff_s,
+            connect_timeout_s=self.s3_connect_timeout_s,
+            request_timeout_s=self.s3_request_timeout_s,
+            read_timeout_s=self.s3_read_timeout_s,
+            retry_timeout_s=self.s3_retry_timeout_s,
+        )
 
     def with_changes(self, **changes: Any) -> Self:
         """A validated copy with live fields changed; raises ``ValueError`` naming any other field."""
@@ -221,6 +249,11 @@ class ServerSettings(EngineSettings):
         description="where manifest and shard indexes are cached (keyed by what they list)",
     )
     datasets: dict[str, DatasetSettings] = Field(default_factory=dict, description="declared datasets by name")
+    cache: list[str] = Field(
+        default_factory=list,
+        description="keep these datasets' decoded images in the decoded-sample cache (as cache = true in their table)",
+        json_schema_extra={"metavar": "NAME"},
+    )
     pipelines: dict[str, PipelineSettings] = Field(default_factory=dict, description="declared pipelines by name")
 
     @model_validator(mode="before")
@@ -237,6 +270,24 @@ class ServerSettings(EngineSettings):
             data = {**data, "http_token": token}
         return data
 
+    @model_validator(mode="before")
+    @classmethod
+    def _mark_cached(cls, data: Any) -> Any:
+        # `cache = ["a"]` (--cache a, STOKER_CACHE=a) is `cache = true` in dataset a's table.
+        if not isinstance(data, dict) or not data.get("cache"):
+            return data
+        names, declared = data["cache"], dict(data.get("datasets") or {})
+        if isinstance(names, str) or not isinstance(names, list):
+            return data  # the field's own validation names the bad value
+        for name in names:
+            if name not in declared:
+                raise ValueError(f"cache: no dataset {name!r} is declared; declared: {sorted(declared)}")
+            table = declared[name]
+            declared[name] = (
+                {**table, "cache": True} if isinstance(table, dict) else table.model_copy(update={"cache": True})
+            )
+        return {**data, "datasets": declared}
+
     @field_validator("http")
     @classmethod
     def _check_http(cls, value: str) -> str:
@@ -251,10 +302,6 @@ class ServerSettings(EngineSettings):
         for name in value:
             JobSpec(dataset=name)  # raises ValueError naming the bad dataset name
         return value
-
-    def cached_datasets(self) -> dict[str, int]:
-        """Datasets declared cached, with their decode rule's shorter side."""
-        return {name: entry.cache_min_side for name, entry in self.datasets.items() if entry.cache}
 
     def engine_config(self) -> EngineSettings:
         """The engine's part of the settings."""

@@ -1,5 +1,6 @@
 """Where settings come from, in increasing precedence: a TOML file, the environment
-(``STOKER_<FIELD>``, JSON for the ``datasets`` and ``pipelines`` tables), the command line."""
+(``STOKER_<FIELD>``, JSON for the ``datasets`` and ``pipelines`` tables, comma-separated names for
+``cache``), the command line."""
 
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ __all__ = ["load_settings", "from_environment", "ENV_PREFIX"]
 
 ENV_PREFIX = "STOKER_"
 _TABLES = ("datasets", "pipelines")
+_LISTS = ("cache",)
+"""Settings holding a list: comma-separated in the environment (``STOKER_CACHE=a,b``)."""
 
 
 def from_environment(env: Mapping[str, str]) -> dict[str, Any]:
@@ -30,6 +33,8 @@ def from_environment(env: Mapping[str, str]) -> dict[str, Any]:
                 out[name] = json.loads(raw)
             except ValueError as exc:
                 raise ValueError(f"{ENV_PREFIX}{name.upper()} must be a JSON object: {exc}") from None
+        elif name in _LISTS:
+            out[name] = [item.strip() for item in raw.split(",") if item.strip()]
         else:
             out[name] = raw
     return out
@@ -44,17 +49,10 @@ def load_settings(
     if config_file is not None:
         with open(config_file, "rb") as handle:
             merged.update(tomllib.load(handle))
-    overrides = dict(overrides or {})
-    cached = overrides.pop("cache_datasets", None) or []
-    for source in (from_environment(os.environ if env is None else env), overrides):
+    for source in (from_environment(os.environ if env is None else env), overrides or {}):
         for key, value in source.items():
             if key == "datasets":
                 merged["datasets"] = {**merged.get("datasets", {}), **value}
             elif value is not None:
                 merged[key] = value
-    for name in cached:  # --cache NAME: a declared dataset, from any source, marked cached
-        declared = merged.get("datasets", {})
-        if name not in declared:
-            raise ValueError(f"--cache {name}: no dataset {name!r} is declared; declared: {sorted(declared)}")
-        declared[name] = {**declared[name], "cache": True}
     return ServerSettings.model_validate(merged)

@@ -60,13 +60,6 @@ def _add_serve(serve: argparse.ArgumentParser) -> None:
         metavar="NAME=PATH",
         help="declare a dataset: an ImageFolder directory or a CSV/TSV file list (repeatable)",
     )
-    serve.add_argument(
-        "--cache",
-        action="append",
-        default=[],
-        metavar="NAME",
-        help="keep dataset NAME's decoded images in the decoded-sample cache (--cache-bytes) (repeatable)",
-    )
     try:
         from stoker.server.settings import ServerSettings, add_setting_flags
     except ImportError:  # a client-only install: `stoker serve` will say what to install
@@ -135,7 +128,6 @@ def _serve(args: argparse.Namespace) -> int:
 
     overrides = given_settings(args)
     overrides["datasets"] = {name: {"path": path} for name, path in args.dataset}
-    overrides["cache_datasets"] = args.cache
     try:
         settings = load_settings(args.config, overrides=overrides)
     except (ValueError, OSError) as exc:
@@ -146,6 +138,8 @@ def _serve(args: argparse.Namespace) -> int:
         return serve(settings)
     except ServeError as exc:
         print(f"stoker serve: {exc}", file=sys.stderr)
+        if exc.origin is not None:
+            print(f"stoker serve: raised by:\n{exc.origin}", file=sys.stderr, end="")
         return 2
 
 

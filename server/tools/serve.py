@@ -8,6 +8,8 @@ import os
 import signal
 import socket
 import sys
+import threading
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 
@@ -23,6 +25,15 @@ log = logging.getLogger(__name__)
 
 class ServeError(Exception):
     """The server cannot start as configured; the message says why."""
+
+    @property
+    def origin(self) -> str | None:
+        """The traceback of what raised first, when that was code other than stoker's checks (an
+        operator's plugin): what an operator needs to fix it. ``None`` for a plain configuration error."""
+        cause = self.__cause__
+        if cause is None or cause.__cause__ is None:
+            return None
+        return "".join(traceback.format_exception(cause.__cause__))
 
 
 def bind_http(address: str) -> socket.socket:
@@ -107,7 +118,7 @@ def build_engine(settings: ServerSettings) -> Engine:
         for decl in decls:
             decl.check()  # what needs no listing fails now; the listing runs once the server answers
     except (ValueError, OSError) as exc:
-        raise ServeError(str(exc)) from None
+        raise ServeError(str(exc)) from exc
     check_security(settings)  # after the configuration's own errors, which a user fixes first
     catalog = Catalog(decls=decls, index_dir=settings.index_dir)
     return Engine(settings.engine_config(), catalog, pipelines)
@@ -127,12 +138,27 @@ def serve(settings: ServerSettings) -> int:
     # Said at once: /healthz answers while workers start and datasets are listed, before the ready file.
     log.info("HTTP listening on %s", http_url)
     failure: list[str] = []
+    crashed: list[str] = []
     server: uvicorn.Server | None = None
+
+    def stop() -> None:
+        if server is not None:
+            server.should_exit = True  # uvicorn stops at its next tick, draining the engine
 
     def on_failed(reason: str) -> None:
         failure.append(reason)
-        if server is not None:
-            server.should_exit = True  # uvicorn stops at its next tick, draining the engine
+        stop()
+
+    def on_crash(reason: str) -> None:
+        # The engine is gone: this process can serve nothing. It says so on /healthz (and /readyz) for
+        # drain_timeout_s, so probes and operators see why, then exits non-zero to be restarted.
+        crashed.append(reason)
+        log.critical("the engine died (%s); exiting in %.1f s", reason, settings.drain_timeout_s)
+        timer = threading.Timer(settings.drain_timeout_s, stop)
+        timer.daemon = True
+        timer.start()
+
+    engine.on_crash = on_crash
 
     app = create_app(engine, settings, http_url=http_url, on_ready=_announce(settings, http_url), on_failed=on_failed)
     config = uvicorn.Config(
@@ -155,6 +181,8 @@ def serve(settings: ServerSettings) -> int:
         log.info("stopped by signal %d", received[0])
     if failure:
         raise ServeError(failure[0])
+    if crashed:
+        return 1
     # uvicorn reports a failed lifespan start-up by not starting.
     return 0 if server.started else 1
 

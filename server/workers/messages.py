@@ -12,11 +12,15 @@ from dataclasses import dataclass
 from enum import IntEnum
 from typing import ClassVar
 
+from stoker.server.cache.arena import ArenaHandle
+from stoker.server.cache.entries import CacheEntry, CachePart, SampleHeader
 from stoker.server.data.locators import Locator
+from stoker.server.data.store_config import StoreConfig
+from stoker.server.imaging.limits import DecodeLimits
 from stoker.server.imaging.pipelines import Pipeline
 
 __all__ = [
-    "CacheEntry",
+    "WorkerSetup",
     "SampleSpec",
     "Message",
     "Outcome",
@@ -64,30 +68,27 @@ class Outcome(IntEnum):
     the sample is not marked bad."""
 
 
-@dataclass(frozen=True, slots=True)
-class CacheEntry:
-    """A decoded sample in the arena: where, its decoded size, and what rendering needs of its header
-    (the stored size, to map crop boxes onto the decoded pixels, and the EXIF orientation)."""
+@dataclass(frozen=True)
+class WorkerSetup:
+    """What a worker is started with (the same for every worker of a pool): what it refuses to decode,
+    how many object reads it keeps in flight, how it talks to object storage, and the decoded-sample
+    arena (``None``: the server runs without one)."""
 
-    offset: int
-    height: int
-    width: int
-    stored_width: int
-    stored_height: int
-    orientation: int
-    jpeg: bool
+    limits: DecodeLimits
+    reads_in_flight: int
+    store: StoreConfig
+    arena: ArenaHandle | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class SampleSpec:
-    """One sample of a task: its row, where its bytes are, its RNG key, and its cache part: an entry
-    to read instead of decoding, or whether to write what it decodes into the arena."""
+    """One sample of a task: its row, where its bytes are, its RNG key, and, on a cached dataset, its
+    part in the decoded-sample cache (entries to read instead of decoding, whether to store)."""
 
     row: int
     locator: Locator
     key: int
-    cached: CacheEntry | None = None
-    store: bool = False
+    cache: CachePart | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,10 +104,10 @@ class TaskMessage:
     """The job's image size (views without a size of their own use it)."""
     pipeline: Pipeline
     samples: tuple[SampleSpec, ...]
-    decode_min_side: int | None = None
-    """For a dataset declared cached: decode every image at the reduction that keeps its shorter side
-    at least this (0: full size), whatever the crop, so a sample's pixels are the same whether they
-    come from the arena or from a fresh decode. ``None``: reduce as far as the crop allows."""
+    decode_min_side: int = 0
+    """The dataset's ``cache_min_side``: > 0 decodes every image at the reduction that keeps its shorter
+    side at least this, whatever the crop; 0 reduces as far as the crop allows (the same rule on every
+    server, cached or not)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,8 +152,12 @@ class SampleResult:
     traceback: str = ""
     op: str = ""
     """For ``PIPELINE``: the op that failed."""
+    decoded: bool = True
+    """Whether the sample was decoded from its bytes (``False``: read from the decoded-sample cache)."""
     stored: CacheEntry | None = None
     """Where the worker wrote the decoded sample in the arena (only once the whole write is done)."""
+    header: SampleHeader | None = None
+    """The image's header, with ``stored``."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -4,6 +4,12 @@ The pool only does process mechanics and reports events; the engine decides what
 worker has its own pipe, so the pool always knows which tasks a worker holds and can hand them back
 when it dies. Workers fork from a forkserver that has already imported torch and the decoders, so a
 replacement is ready in milliseconds and never inherits the server's threads or sockets.
+
+A worker that dies while serving is replaced at once. One that dies before it reported ready (its
+start failed: a broken environment, memory exhausted, a plugin that cannot import) is replaced after
+a capped exponential backoff, so a cause that persists costs a few attempts a minute, not a tight
+loop; after :data:`FAILURES_BEFORE_UNREADY` such failures in a row :attr:`WorkerPool.problem` names
+the reason (readiness and ``/status`` show it), and the first worker that starts clears it.
 """
 
 from __future__ import annotations
@@ -20,12 +26,27 @@ from multiprocessing.process import BaseProcess
 from multiprocessing.sharedctypes import Synchronized
 from typing import Any, Generic, Protocol, TypeVar
 
-from stoker.server.imaging.decode import DecodeLimits
-from stoker.server.workers.arena import ArenaHandle
-from stoker.server.workers.messages import Forget, Message, Ready, StartFailed, Stop, TaskMessage, TaskResult
+from stoker.server.workers.messages import (
+    Forget,
+    Message,
+    Ready,
+    StartFailed,
+    Stop,
+    TaskMessage,
+    TaskResult,
+    WorkerSetup,
+)
 from stoker.server.workers.process import worker_main
 
-__all__ = ["WorkerHandle", "WorkerPool", "TaskDone", "WorkerDied", "WorkerFailed", "PoolEvent"]
+__all__ = [
+    "WorkerHandle",
+    "WorkerPool",
+    "TaskDone",
+    "WorkerDied",
+    "PoolEvent",
+    "RestartBackoff",
+    "FAILURES_BEFORE_UNREADY",
+]
 
 log = logging.getLogger(__name__)
 
@@ -79,16 +100,36 @@ class WorkerDied(Generic[T]):
     position: int
 
 
+PoolEvent = TaskDone[Any] | WorkerDied[Any]
+
+FAILURES_BEFORE_UNREADY = 3
+"""Start failures in a row after which the pool reports a problem (the server is not ready)."""
+
+
 @dataclass(frozen=True, slots=True)
-class WorkerFailed(Generic[T]):
-    """A worker could not start."""
+class RestartBackoff:
+    """How long to wait before replacing a worker that failed to start: ``initial_s`` after the first
+    failure, doubling with each failure in a row, never more than ``max_s``."""
 
-    worker: WorkerHandle[T]
-    reason: str
-    traceback: str = ""
+    initial_s: float
+    max_s: float
+
+    def delay(self, failures: int) -> float:
+        """The wait after ``failures`` start failures in a row (``failures`` >= 1)."""
+        return min(self.max_s, self.initial_s * 2 ** min(failures - 1, 32))
 
 
-PoolEvent = TaskDone[Any] | WorkerDied[Any] | WorkerFailed[Any]
+@dataclass(slots=True)
+class _StartFailures:
+    """Workers that failed to start, in a row, and when the next replacement may start."""
+
+    count: int = 0
+    reason: str = ""
+    """What the worker starting now said of its failure (``StartFailed``), if it said anything."""
+    last_reason: str = ""
+    retry_at: float = 0.0
+    owed: int = 0
+    """Replacements waiting for ``retry_at``."""
 
 
 class WorkerPool(Generic[T]):
@@ -97,19 +138,18 @@ class WorkerPool(Generic[T]):
     def __init__(
         self,
         size: int,
-        limits: DecodeLimits,
-        start_timeout_s: float = 120.0,
-        reads_in_flight: int = 1,
-        arena: ArenaHandle | None = None,
+        setup: WorkerSetup,
+        start_timeout_s: float,
+        backoff: RestartBackoff,
     ) -> None:
         if size < 1:
             raise ValueError(f"{size=} must be >= 1")
         self.target_size = size
-        self.limits = limits
-        self.reads_in_flight = reads_in_flight
-        self.arena = arena
+        self.setup = setup
         self.start_timeout_s = start_timeout_s
+        self.backoff = backoff
         self.restarts = 0
+        self._failures = _StartFailures()
         self.workers: list[WorkerHandle[T]] = []
         self._ids = itertools.count()
         self._by_fd: dict[int, WorkerHandle[T]] = {}
@@ -144,7 +184,7 @@ class WorkerPool(Generic[T]):
         worker_id = next(self._ids)
         process = _context.Process(
             target=worker_main,
-            args=(child, progress, self.limits, self.reads_in_flight, self.arena),
+            args=(child, progress, self.setup),
             name=f"stoker-worker-{worker_id}",
             daemon=True,
         )
@@ -162,7 +202,8 @@ class WorkerPool(Generic[T]):
             raise ValueError(f"{size=} must be >= 1")
         self.target_size = size
         active = [w for w in self.workers if not w.retiring]
-        for _ in range(size - len(active)):
+        owed = self._failures.owed = min(self._failures.owed, max(0, size - len(active)))
+        for _ in range(size - len(active) - owed):
             self._spawn()
         # Retire the least loaded workers first; they stop as soon as they hold no task.
         for worker in sorted(active, key=lambda w: len(w.tasks))[: max(0, len(active) - size)]:
@@ -244,10 +285,15 @@ class WorkerPool(Generic[T]):
             return TaskDone(worker, task, message)
         if kind is Message.READY and isinstance(message, Ready):
             worker.ready = True
+            if self._failures.count:
+                log.info("worker %d started after %d failed starts: recovered", worker.worker_id, self._failures.count)
+            self._failures = _StartFailures(owed=self._failures.owed, retry_at=self._failures.retry_at)
             log.info("worker %d ready (pid %s)", worker.worker_id, message.pid)
             return None
         if kind is Message.START_FAILED and isinstance(message, StartFailed):
-            return WorkerFailed(worker, message.reason, message.traceback)
+            self._failures.reason = message.reason
+            log.error("worker %d failed to start: %s\n%s", worker.worker_id, message.reason, message.traceback)
+            return None
         log.error("worker %d sent an unknown message %r; ignoring it", worker.worker_id, type(message).__name__)
         return None
 
@@ -275,8 +321,45 @@ class WorkerPool(Generic[T]):
             )
         if not worker.retiring:
             self.restarts += 1
-            self._spawn()
+            if worker.ready:
+                self._spawn()
+            else:
+                self._failed_start(worker)
         return WorkerDied(worker, worker.process.exitcode, tasks, position)
+
+    def _failed_start(self, worker: WorkerHandle[T]) -> None:
+        failures = self._failures
+        failures.count += 1
+        failures.last_reason = failures.reason or f"exited with code {worker.process.exitcode} before it was ready"
+        failures.reason = ""  # the next attempt says its own
+        delay = self.backoff.delay(failures.count)
+        failures.retry_at = time.monotonic() + delay
+        failures.owed += 1
+        log.warning(
+            "worker %d failed to start (%d in a row): %s; next try in %.1f s",
+            worker.worker_id, failures.count, failures.last_reason, delay,
+        )  # fmt: skip
+
+    def respawn_due(self, now: float) -> None:
+        """Start the replacements owed for workers that failed to start, once their backoff is over."""
+        failures = self._failures
+        if failures.owed and now >= failures.retry_at:
+            for _ in range(failures.owed):
+                self._spawn()
+            failures.owed = 0
+
+    @property
+    def problem(self) -> str | None:
+        """Why the pool cannot serve as sized: workers failing to start, repeatedly (``None``: fine)."""
+        failures = self._failures
+        if failures.count < FAILURES_BEFORE_UNREADY:
+            return None
+        return f"workers cannot start ({failures.count} failures in a row): {failures.last_reason}"
+
+    @property
+    def start_failures(self) -> int:
+        """Workers that failed to start, in a row (0 once one starts)."""
+        return self._failures.count
 
     def _forget(self, worker: WorkerHandle[T]) -> None:
         self.workers.remove(worker)

@@ -38,14 +38,12 @@ import numpy as np
 
 from stoker.client.protocol.wire import batch_nbytes, view_blocks
 from stoker.server import failpoints
+from stoker.server.cache import CacheEntry, SampleHeader, WorkerCache
 from stoker.server.data.locators import StoreUnavailable
-from stoker.server.imaging.decode import BadImage, ImageInfo
+from stoker.server.imaging.decode import BadImage, ImageInfo, decode, probe
 from stoker.server.imaging.errors import PostOpError
-from stoker.server.imaging.limits import DecodeLimits
 from stoker.server.imaging.reading import Reader
-from stoker.server.workers.arena import ArenaHandle, ArenaView, attach
 from stoker.server.workers.messages import (
-    CacheEntry,
     Message,
     Outcome,
     Ready,
@@ -54,13 +52,14 @@ from stoker.server.workers.messages import (
     StartFailed,
     TaskMessage,
     TaskResult,
+    WorkerSetup,
 )
 from stoker.server.workers.slots import SlotViews
 
 if TYPE_CHECKING:
     from stoker.server.imaging.render import PostOpsRunner
 
-__all__ = ["worker_main", "run_task"]
+__all__ = ["worker_main", "run_task", "render_spec", "WorkerTools"]
 
 log = logging.getLogger(__name__)
 _MAX_TRACEBACK_CHARS = 8000
@@ -80,59 +79,78 @@ def _rows(task: TaskMessage, views: SlotViews) -> list[list[np.ndarray]]:
 
 @dataclass(eq=False)
 class WorkerTools:
-    """What a worker keeps between tasks: its slot mappings, its reader, the decoded-sample arena
-    (when the server has one) and the post-ops built so far."""
+    """What a worker keeps between tasks: its slot mappings, its reader, its side of the decoded-sample
+    cache and the post-ops built so far."""
 
     slots: SlotViews
     reader: Reader
-    arena: ArenaView | None = None
+    cache: WorkerCache
     post: PostOpsRunner | None = None
 
     def close(self) -> None:
         """Unmap and stop the read threads."""
         self.slots.close()
         self.reader.close()
-        if self.arena is not None:
-            self.arena.close()
+        self.cache.close()
 
 
-def _store(tools: WorkerTools, pixels: np.ndarray, info: ImageInfo) -> CacheEntry | None:
-    """Write a decoded sample into the arena; ``None`` once the budget is spent."""
-    arena = tools.arena
-    offset = arena.reserve(pixels.nbytes) if arena is not None else None
-    if arena is None or offset is None:
-        return None
-    arena.write(offset, pixels)
-    height, width = pixels.shape[:2]
-    return CacheEntry(offset, height, width, info.width, info.height, info.orientation, info.jpeg)
+@dataclass(frozen=True, slots=True)
+class _Rendered:
+    """What became of one sample that rendered: decoded or read from the cache, and what it stored."""
+
+    decoded: bool
+    stored: CacheEntry | None = None
+    header: SampleHeader | None = None
 
 
-def _render(task: TaskMessage, spec: SampleSpec, tools: WorkerTools, data: object, out: list, times: Any) -> object:
-    """One sample into its rows: from the arena, or from ``data`` (its bytes, or the error reading
-    them); returns the cache entry it wrote, if any."""
-    from stoker.server.imaging.render import render_bytes, render_pixels  # preloaded by the forkserver
+def render_spec(task: TaskMessage, spec: SampleSpec, tools: WorkerTools, data: object, out: list, times: Any) -> _Rendered:
+    """One sample into its rows, from the arena when it holds the sample at the reduction this sample's
+    views need, else from its bytes (``data``: read ahead, the error reading them, or ``None``: read
+    now); stores what it decoded when the task holds the sample's claim."""
+    from stoker.server.imaging.render import decode_reduction, plan_views, render_pixels  # preloaded
 
     failpoints.check("worker.sample")
-    if spec.cached is not None and tools.arena is not None:
-        entry = spec.cached
-        pixels = tools.arena.read(entry.offset, (entry.height, entry.width, 3))
-        info = ImageInfo(entry.stored_width, entry.stored_height, entry.orientation, entry.jpeg)
-        render_pixels(pixels, info, spec.key, task.pipeline, task.size, out, times, tools.post)
-        return None
+    part, limits = spec.cache, tools.reader.limits
+    probing = 0.0  # the header's read is part of the decode's time
+    if _reads_ahead(spec):
+        data = _bytes(spec, tools, data, times)
+        started = time.perf_counter()
+        info = probe(data, limits)
+        probing = time.perf_counter() - started
+    else:
+        header = part.header  # type: ignore[union-attr]
+        info = ImageInfo(header.width, header.height, header.orientation, header.jpeg)
+    plans = plan_views(info, spec.key, task.pipeline, task.size)
+    reduction = decode_reduction(info, plans, task.decode_min_side)
+    pixels = tools.cache.read(part, reduction)
+    if pixels is not None:
+        render_pixels(pixels, info, spec.key, task.pipeline, task.size, out, times, tools.post, plans)
+        return _Rendered(decoded=False)
+    data = _bytes(spec, tools, data, times)
+    started = time.perf_counter()
+    pixels = decode(data, info, reduction, limits)
+    times.add("decode", probing + time.perf_counter() - started)
+    render_pixels(pixels, info, spec.key, task.pipeline, task.size, out, times, tools.post, plans)
+    stored = tools.cache.store(part, pixels, reduction)
+    header = SampleHeader(info.width, info.height, info.orientation, info.jpeg) if stored is not None else None
+    return _Rendered(decoded=True, stored=stored, header=header)
+
+
+def _reads_ahead(spec: SampleSpec) -> bool:
+    """Whether the sample's bytes are read before it renders: always, unless the arena has its header
+    (then only if its entry turns out to be at another reduction than its views need)."""
+    return spec.cache is None or spec.cache.header is None
+
+
+def _bytes(spec: SampleSpec, tools: WorkerTools, data: object, times: Any) -> bytes:
+    """The sample's bytes: read ahead, or read now (a cached sample whose entry is at another reduction)."""
     if isinstance(data, Exception):
         raise data
-    pixels, info = render_bytes(
-        data,  # type: ignore[arg-type]
-        spec.key,
-        task.pipeline,
-        task.size,
-        out,
-        tools.reader.limits,
-        times,
-        tools.post,
-        task.decode_min_side,
-    )
-    return _store(tools, pixels, info) if spec.store else None
+    if data is None:
+        started = time.perf_counter()
+        data = tools.reader.read(spec.locator)
+        times.add("read", time.perf_counter() - started)
+    return data  # type: ignore[return-value]
 
 
 def run_task(task: TaskMessage, tools: WorkerTools, progress: Synchronized) -> TaskResult:
@@ -142,18 +160,18 @@ def run_task(task: TaskMessage, tools: WorkerTools, progress: Synchronized) -> T
     rows = _rows(task, tools.slots)
     times = StageTimes()
     results: list[SampleResult] = []
-    contents = tools.reader.read_all([spec.locator for spec in task.samples if spec.cached is None])
+    contents = tools.reader.read_all([spec.locator for spec in task.samples if _reads_ahead(spec)])
     for position, spec in enumerate(task.samples):
         progress.value = position
         data: object = None
-        if spec.cached is None:
+        if _reads_ahead(spec):
             waited = time.perf_counter()
             data = next(contents)
             times.add("read", time.perf_counter() - waited)
         row = spec.row
         try:
-            stored = _render(task, spec, tools, data, rows[row], times)
-            results.append(SampleResult(row, Outcome.OK, stored=stored))  # type: ignore[arg-type]
+            done = render_spec(task, spec, tools, data, rows[row], times)
+            results.append(SampleResult(row, Outcome.OK, decoded=done.decoded, stored=done.stored, header=done.header))
         except StoreUnavailable as exc:
             results.append(SampleResult(row, Outcome.UNAVAILABLE, str(exc)))
         except BadImage as exc:
@@ -170,7 +188,7 @@ def run_task(task: TaskMessage, tools: WorkerTools, progress: Synchronized) -> T
     return TaskResult(task.task_id, tuple(results), times.totals())
 
 
-def _initialise(conn: Connection) -> SlotViews:
+def _initialise(setup: WorkerSetup) -> SlotViews:
     # The engine handles SIGINT/SIGTERM for the whole tree; a worker stops when told to.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
@@ -178,23 +196,23 @@ def _initialise(conn: Connection) -> SlotViews:
 
     # One intra-op thread: parallelism comes from the pool, and oversubscribing cores hurts.
     torch.set_num_threads(1)
+    from stoker.server.data.stores import configure_stores
     from stoker.server.imaging.render import warm_up
 
-    warm_up()
-    failpoints.armed()  # an unknown fail point name fails the start, not the first sample
+    configure_stores(setup.store)
+    warm_up(setup.limits)
+    failpoints.check("worker.start")  # an unknown fail point name fails the start, not the first sample
     return SlotViews()
 
 
 def worker_main(
     conn: Connection,
     progress: Synchronized,
-    limits: DecodeLimits,
-    reads_in_flight: int = 1,
-    arena: ArenaHandle | None = None,
+    setup: WorkerSetup,
 ) -> None:
     """Entry point of a worker process; returns when told to stop or when the server is gone."""
     try:
-        tools = WorkerTools(_initialise(conn), Reader(limits, reads_in_flight), attach(arena))
+        tools = WorkerTools(_initialise(setup), Reader(setup.limits, setup.reads_in_flight), WorkerCache(setup.arena))
         conn.send(Ready(os.getpid()))
     except BaseException as exc:  # report any start-up failure, then exit
         conn.send(StartFailed(f"{type(exc).__name__}: {exc}", traceback.format_exc()[-_MAX_TRACEBACK_CHARS:]))

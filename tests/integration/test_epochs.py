@@ -11,7 +11,7 @@ import torch
 from torchvision.datasets import ImageFolder
 
 from stoker.client.protocol.plan import permutation
-from tests.helpers import DEMO_DATA, fetch_epoch, open_client
+from tests.helpers import DEMO_DATA, LIMITS, fetch_epoch, open_client
 
 pytestmark = pytest.mark.slow
 
@@ -201,7 +201,6 @@ def test_breaking_out_and_iterating_again_continues_where_it_stopped(cluster) ->
 
 def test_batches_over_16_mib_arrive_in_several_frames_in_order(cluster) -> None:
     from stoker.client.protocol.plan import sample_seed
-    from stoker.server.imaging.decode import DecodeLimits
     from stoker.server.imaging.pipelines import BUILTIN_PIPELINES
     from stoker.server.imaging.render import StageTimes, render_sample
 
@@ -221,7 +220,7 @@ def test_batches_over_16_mib_arrive_in_several_frames_in_order(cluster) -> None:
             BUILTIN_PIPELINES["train"],
             352,
             expected,
-            DecodeLimits(),
+            LIMITS,
             StageTimes(),
         )
         assert torch.equal(images[row].permute(1, 2, 0), torch.from_numpy(expected)), row

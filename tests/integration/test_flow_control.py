@@ -13,21 +13,23 @@ import zmq
 
 from stoker.client.protocol.job import JobSpec
 from stoker.client.protocol.wire import ErrorCode, Kind, decode, encode
-from tests.helpers import http_json
+from tests.helpers import dealer, http_json
 
 pytestmark = pytest.mark.slow
 
 
 def test_a_client_that_floods_requests_is_capped(cluster) -> None:
     server = cluster.start("--max-prefetch", "3")
-    context = zmq.Context()
-    socket = context.socket(zmq.DEALER)
-    socket.setsockopt(zmq.LINGER, 0)
-    socket.setsockopt(zmq.RCVTIMEO, 30000)
-    socket.connect(server.data)
+    with dealer(server.data) as socket:
+        flood(server.http, socket)
+
+
+def flood(http: str, socket: zmq.Socket) -> None:
+    """Twelve requests at once with every worker held still: 3 admitted, 3 parked, 6 refused; once the
+    workers go on, exactly the six admitted and parked batches arrive."""
     # The workers are held still while the flood arrives, so no batch can finish (and free a place)
     # before the last request is read: which requests are refused no longer depends on timing.
-    workers = [w["pid"] for w in http_json(server.http + "/status")[1]["pool"]["workers"]]
+    workers = [w["pid"] for w in http_json(http + "/status")[1]["pool"]["workers"]]
     for pid in workers:
         os.kill(pid, signal.SIGSTOP)
     try:
@@ -43,7 +45,7 @@ def test_a_client_that_floods_requests_is_capped(cluster) -> None:
             busy.append(header.fields["k"])
             assert header.fields["prefetch"] == 3 and header.fields["retry_after_s"] > 0
         assert sorted(busy) == [6, 7, 8, 9, 10, 11]
-        status = http_json(server.http + "/status")[1]
+        status = http_json(http + "/status")[1]
         assert all(c["inflight"] <= 3 for c in status["clients"])
         for pid in workers:
             os.kill(pid, signal.SIGCONT)
@@ -59,5 +61,3 @@ def test_a_client_that_floods_requests_is_capped(cluster) -> None:
         for pid in workers:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGCONT)
-        socket.close()
-        context.term()

@@ -3,6 +3,7 @@ or a stall for other clients; and a client can never make the server open a path
 
 from __future__ import annotations
 
+import contextlib
 import random
 
 import msgpack
@@ -11,7 +12,7 @@ import zmq
 
 from stoker.client.protocol.job import JobSpec
 from stoker.client.protocol.wire import MAX_HEADER_BYTES, ErrorCode, Kind, decode, encode
-from tests.helpers import Cluster, http_json, metrics, open_client
+from tests.helpers import Cluster, dealer, http_json, metrics, open_client
 
 pytestmark = pytest.mark.slow
 
@@ -29,21 +30,8 @@ def shared_server(tmp_path_factory):
 
 @pytest.fixture
 def raw_socket():
-    context = zmq.Context()
-    sockets: list[zmq.Socket] = []
-
-    def connect(endpoint: str) -> zmq.Socket:
-        socket = context.socket(zmq.DEALER)
-        socket.setsockopt(zmq.LINGER, 0)
-        socket.setsockopt(zmq.RCVTIMEO, 15000)
-        socket.connect(endpoint)
-        sockets.append(socket)
-        return socket
-
-    yield connect
-    for socket in sockets:
-        socket.close()
-    context.term()
+    with contextlib.ExitStack() as stack:
+        yield lambda endpoint: stack.enter_context(dealer(endpoint, timeout_ms=15000))
 
 
 def ask(socket: zmq.Socket, *frames: bytes) -> dict:

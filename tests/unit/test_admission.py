@@ -25,31 +25,40 @@ def finished_send(slot, k: int) -> PendingSend:
 
 
 def test_a_window_admits_then_parks_then_refuses_and_ignores_re_asks() -> None:
-    admission = Admission()
+    admission = Admission(window=2)
     peer = admission.touch(CLIENT, now=1.0)
-    verdicts = [Admission.decide(peer, key(k), window=2) for k in range(5)]
+    verdicts = [admission.decide(peer, key(k)) for k in range(5)]
     assert verdicts == [Verdict.ADMIT, Verdict.ADMIT, Verdict.DEFER, Verdict.DEFER, Verdict.BUSY]
-    assert Admission.decide(peer, key(0), 2) is Verdict.DUPLICATE  # in flight
-    assert Admission.decide(peer, key(3), 2) is Verdict.DUPLICATE  # parked
-    assert Admission.full(peer, 2) and admission.inflight == 2
+    assert admission.decide(peer, key(0)) is Verdict.DUPLICATE  # in flight
+    assert admission.decide(peer, key(3)) is Verdict.DUPLICATE  # parked
+    assert admission.inflight == 2
+
+
+def test_the_window_bounds_the_granted_prefetch_and_follows_a_live_change() -> None:
+    admission = Admission(window=4)
+    assert [admission.granted(asked) for asked in (None, 0, 2, 4, 99)] == [4, 4, 2, 4, 4]
+    admission.window = 1
+    peer = admission.touch(CLIENT, now=1.0)
+    assert [admission.decide(peer, key(k)) for k in range(3)] == [Verdict.ADMIT, Verdict.DEFER, Verdict.BUSY]
+    assert admission.granted(3) == 1
 
 
 def test_a_completed_send_frees_its_place_for_the_oldest_parked_request() -> None:
-    admission = Admission()
+    admission = Admission(window=2)
     peer = admission.touch(CLIENT, now=1.0)
     for k in range(4):
-        Admission.decide(peer, key(k), window=2)
+        admission.decide(peer, key(k))
     with SlotPool(2**20) as slots:
         slot = slots.acquire(100)
         assert slot is not None
-        promoted = admission.delivered(finished_send(slot, 0), now=2.0, window=2)
+        promoted = admission.delivered(finished_send(slot, 0), now=2.0)
     assert promoted == [key(2)]
     assert peer.inflight == {key(1), key(2)} and list(peer.deferred) == [key(3)]
     assert (peer.stats.batches, peer.stats.images, peer.stats.bytes) == (1, 2, 100)
 
 
 def test_silent_clients_are_found_and_forgotten() -> None:
-    admission = Admission()
+    admission = Admission(window=2)
     admission.touch(CLIENT, now=1.0)
     admission.touch(b"other", now=9.0)
     assert admission.silent(now=10.0, timeout_s=5.0) == [CLIENT]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import struct
 import tracemalloc
@@ -14,12 +15,12 @@ import pytest
 import simplejpeg
 from PIL import Image
 
-from stoker.server.imaging.decode import ALPHA_BACKGROUND, BadImage, DecodeLimits
+from stoker.server.imaging.decode import ALPHA_BACKGROUND, BadImage
+from stoker.server.imaging.limits import DecodeLimits
 from stoker.server.imaging.pipelines import BUILTIN_PIPELINES
 from stoker.server.imaging.render import StageTimes, render_sample
-from tests.helpers import ODD_DATA
+from tests.helpers import LIMITS, ODD_DATA
 
-LIMITS = DecodeLimits()
 with open(ODD_DATA / "MANIFEST.tsv", newline="") as _manifest:
     MANIFEST = {row["file"]: row for row in csv.DictReader(_manifest, delimiter="\t")}
 
@@ -157,7 +158,7 @@ def test_huge_valid_jpeg_is_decoded_reduced_in_bounded_memory(tmp_path: Path) ->
 
 def test_file_size_limit() -> None:
     with pytest.raises(BadImage, match="max_file_bytes"):
-        render(ODD_DATA / "baseline_444_coffee.jpg", limits=DecodeLimits(max_file_bytes=1000))
+        render(ODD_DATA / "baseline_444_coffee.jpg", limits=dataclasses.replace(LIMITS, max_file_bytes=1000))
 
 
 def test_image_bytes_from_pillow_round_trip() -> None:

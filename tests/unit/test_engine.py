@@ -17,11 +17,11 @@ from stoker.client.protocol.wire import ErrorCode, Header, Kind, decode, encode
 from stoker.server import failpoints
 from stoker.server.data.catalog import Catalog, DatasetDecl
 from stoker.server.engine import Engine
-from stoker.server.imaging.decode import DecodeLimits
+from stoker.server.engine.state import build_status
 from stoker.server.imaging.pipelines import BUILTIN_PIPELINES
 from stoker.server.imaging.render import StageTimes, render_sample
 from stoker.server.settings import EngineSettings
-from tests.helpers import DEMO_DATA
+from tests.helpers import DEMO_DATA, LIMITS, dealer
 
 JOB = JobSpec("demo", pipeline="train", image_size=32, batch_size=4, seed=7)
 RECEIVE_TIMEOUT_MS = 30_000
@@ -37,16 +37,8 @@ def engine() -> Iterator[Engine]:
 
 @pytest.fixture
 def client(engine: Engine) -> Iterator[zmq.Socket]:
-    context = zmq.Context()
-    socket = context.socket(zmq.DEALER)
-    socket.setsockopt(zmq.LINGER, 0)
-    socket.setsockopt(zmq.RCVTIMEO, RECEIVE_TIMEOUT_MS)
-    socket.connect(engine.endpoint)
-    try:
+    with dealer(engine.endpoint, RECEIVE_TIMEOUT_MS) as socket:
         yield socket
-    finally:
-        socket.close()
-        context.term()
 
 
 def request(socket: zmq.Socket, k: int, job: JobSpec = JOB, name: str = "unit") -> None:
@@ -83,7 +75,7 @@ def test_a_batch_holds_exactly_the_bytes_of_rendering_its_samples(engine, client
             BUILTIN_PIPELINES["train"],
             32,
             expected,
-            DecodeLimits(),
+            LIMITS,
             StageTimes(),
         )
         assert np.array_equal(images[row], expected), row
@@ -130,14 +122,14 @@ def test_an_internal_failure_is_an_internal_error_about_the_request(engine, clie
     assert receive(client)[0].kind is Kind.BATCH
 
 
-def test_the_snapshot_and_live_changes_go_through_the_engine_thread(engine, client) -> None:
+def test_the_status_and_live_changes_go_through_the_engine_thread(engine, client) -> None:
     request(client, 0)
     receive(client)
-    snapshot = engine.call(engine.snapshot).result(timeout=10)
-    assert snapshot["ready"] and snapshot["endpoints"]["data"] == engine.endpoint
-    assert snapshot["pool"]["size"] == 1 and snapshot["datasets"][0]["samples"] == 48
-    assert any(c["client_id"] == "unit" for c in snapshot["clients"])
-    assert snapshot["config"]["client_timeout_s"] == engine.config.client_timeout_s
+    status = engine.call(build_status, engine).result(timeout=10)
+    assert status.ready and status.endpoints.data == engine.endpoint
+    assert status.pool.size == 1 and status.pool.problem is None and status.datasets[0].samples == 48
+    assert any(c.client_id == "unit" for c in status.clients)
+    assert status.config.client_timeout_s == engine.config.client_timeout_s
     changed = engine.call(functools.partial(engine.reconfigure, cache_batches=2, client_timeout_s=30.0)).result(10)
     assert (changed.cache_batches, changed.client_timeout_s) == (2, 30.0)
     with pytest.raises(ValueError, match="bind"):

@@ -13,9 +13,9 @@ import pytest
 from fastapi.testclient import TestClient
 
 from stoker.server.control import create_app
-from stoker.server.control.models import Status
 from stoker.server.data.catalog import Catalog
 from stoker.server.engine import Engine
+from stoker.server.engine.status_models import Status
 from stoker.server.settings import ServerSettings, load_settings
 from tests.helpers import DEMO_DATA, wait_until
 

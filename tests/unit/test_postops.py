@@ -7,12 +7,11 @@ import pytest
 import torch
 
 from stoker.client.protocol.plan import sample_seed
-from stoker.server.imaging.decode import DecodeLimits
 from stoker.server.imaging.errors import PostOpError
 from stoker.server.imaging.pipelines import BUILTIN_PIPELINES, pipeline_from_ops, pipeline_from_views
 from stoker.server.imaging.postops import PostOps, validate_pipelines
 from stoker.server.imaging.render import PostOpsRunner, StageTimes, render_sample
-from tests.helpers import DEMO_DATA, ROOT
+from tests.helpers import DEMO_DATA, LIMITS, ROOT
 
 PHOTO = str(sorted(DEMO_DATA.rglob("*.jpg"))[3]).encode()
 RECIPE = [
@@ -32,7 +31,7 @@ def plugins_installed(monkeypatch) -> None:
 def render(pipeline, key: int, size: int = 48, runner: PostOpsRunner | None = None) -> list[np.ndarray]:
     rows = [np.zeros((side, side, 3), np.uint8) for side in pipeline.sizes(size)]
     times = StageTimes()
-    render_sample(PHOTO, key, pipeline, size, rows, DecodeLimits(), times, runner or PostOpsRunner())
+    render_sample(PHOTO, key, pipeline, size, rows, LIMITS, times, runner or PostOpsRunner())
     return rows
 
 
@@ -123,7 +122,7 @@ def test_a_multi_view_sample_is_decoded_once_and_its_views_differ() -> None:
     )
     times = StageTimes()
     rows = [np.zeros((side, side, 3), np.uint8) for side in pipeline.sizes(0)]
-    render_sample(PHOTO, 9, pipeline, 0, rows, DecodeLimits(), times, PostOpsRunner())
+    render_sample(PHOTO, 9, pipeline, 0, rows, LIMITS, times, PostOpsRunner())
     assert times.counts["decode"] == 1 and times.counts["geometry"] == 4 and times.counts["postops"] == 2
     assert times.counts["op:mv/torchvision.ColorJitter"] == 2
     assert not np.array_equal(rows[0], rows[1]) and not np.array_equal(rows[2], rows[3])

@@ -11,13 +11,10 @@ from PIL import Image, ImageOps
 from torchvision.transforms import v2
 
 from stoker.client.protocol.rng import SampleRng
-from stoker.server.imaging.decode import DecodeLimits
 from stoker.server.imaging.geometry import plan_geometry
 from stoker.server.imaging.pipelines import BUILTIN_PIPELINES, Pipeline, View
 from stoker.server.imaging.render import StageTimes, render_sample
-from tests.helpers import DEMO_DATA, ODD_DATA
-
-LIMITS = DecodeLimits()
+from tests.helpers import DEMO_DATA, LIMITS, ODD_DATA
 
 
 def render(path, pipeline: str | Pipeline = "resize", size: int = 64, key: int = 0) -> np.ndarray:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import typing
 from pathlib import Path
 
 import pytest
@@ -107,7 +108,7 @@ CONTRACT_FLAGS = (
     "--max-prefetch", "--on-error", "--cache-batches", "--client-timeout-s", "--drain-timeout-s",
     "--task-timeout-s", "--heartbeat-ms", "--log-level", "--ready-file",
     "--curve-secret-key", "--authorized-clients", "--allow-unauthenticated", "--http-public-reads",
-    "--http-tls-cert", "--http-tls-key",
+    "--http-tls-cert", "--http-tls-key", "--cache", "--cache-bytes",
 )  # fmt: skip
 
 
@@ -138,15 +139,21 @@ def test_every_setting_has_a_flag_and_an_environment_variable_from_its_one_decla
 
     scalars = [name for name in ServerSettings.model_fields if name not in ("datasets", "pipelines")]
     switches = {name for name in scalars if ServerSettings.model_fields[name].annotation is bool}
+    lists = {name for name in scalars if typing.get_origin(ServerSettings.model_fields[name].annotation) is list}
     argv = ["serve"]
     for name in scalars:
         argv += [flag_of(name)] if name in switches else [flag_of(name), sample_text(name)]
     given = given_settings(build_parser().parse_args(argv))
     assert set(given) == set(scalars)
-    expected = {name: "True" if name in switches else sample_text(name) for name in scalars}
-    assert {name: str(value) for name, value in given.items()} == expected
+
+    def value(name: str) -> object:
+        return True if name in switches else [sample_text(name)] if name in lists else sample_text(name)
+
+    assert {name: str(value) for name, value in given.items()} == {name: str(value(name)) for name in scalars}
     env = {f"STOKER_{name.upper()}": sample_text(name) for name in scalars}
-    assert from_environment(env) == {name: sample_text(name) for name in scalars}
+    assert from_environment(env) == {
+        name: [sample_text(name)] if name in lists else sample_text(name) for name in scalars
+    }
     flags = {flag_of(name) for name in scalars}
     assert set(CONTRACT_FLAGS) <= flags
 

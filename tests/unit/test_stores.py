@@ -3,6 +3,7 @@ delaying relay in front of it, and scripted HTTP servers for failures and creden
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
@@ -29,6 +30,7 @@ from stoker.server.data.stores import (
     read_object,
     store_for,
 )
+from tests.helpers import DEFAULTS
 from tests.s3 import (
     ACCESS_KEY_ID,
     SECRET_ACCESS_KEY,
@@ -60,6 +62,11 @@ def signer(seen: Seen) -> str:
     return seen.headers["authorization"].split("Credential=", 1)[1].split("/", 1)[0]
 
 
+def config(**changes: float) -> StoreConfig:
+    """The settings' store config with ``changes``."""
+    return dataclasses.replace(DEFAULTS.store_config, **changes)
+
+
 def test_parse_s3_url() -> None:
     assert parse_s3_url("s3://bucket/a/b c+%.jpg") == ("bucket", "a/b c+%.jpg")
     assert parse_s3_url("s3://my.bucket-1/") == ("my.bucket-1", "")
@@ -73,15 +80,15 @@ def test_parse_s3_url() -> None:
 
 def test_store_config_checks_its_fields() -> None:
     with pytest.raises(ValueError, match="tries=0"):
-        StoreConfig(tries=0)
+        config(tries=0)
     with pytest.raises(ValueError, match="request_timeout_s"):
-        StoreConfig(request_timeout_s=0)
+        config(request_timeout_s=0)
 
 
 def test_store_for_is_one_store_per_bucket_and_config(s3_env: dict[str, str]) -> None:
     assert store_for("bucket-a") is store_for("bucket-a")
     assert store_for("bucket-a") is not store_for("bucket-b")
-    assert store_for("bucket-a", StoreConfig(tries=1)) is not store_for("bucket-a")
+    assert store_for("bucket-a", config(tries=1)) is not store_for("bucket-a")
     first = store_for("bucket-a")
     clear_stores()
     assert store_for("bucket-a") is not first
@@ -211,7 +218,7 @@ def test_unreachable_store_fails_after_bounded_retries(s3_env: dict[str, str], m
     with socket.socket() as closed:
         closed.bind(("127.0.0.1", 0))
         monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{closed.getsockname()[1]}")
-        store = store_for("bkt", StoreConfig(tries=3, backoff_s=0.05, connect_timeout_s=1.0))
+        store = store_for("bkt", config(tries=3, backoff_s=0.05, connect_timeout_s=1.0))
         for read in (lambda: store.get("k", 0, 10), lambda: store.head("k"), lambda: list(store.list("p/"))):
             started = time.monotonic()
             with pytest.raises(StoreUnavailable, match="s3://bkt/.*after 3 tries") as caught:
@@ -227,7 +234,7 @@ def test_server_errors_are_retried_a_bounded_number_of_times(
     with ScriptedServer(lambda seen: Reply(status)) as server:
         monkeypatch.setenv("AWS_ENDPOINT_URL", server.endpoint)
         with pytest.raises(StoreUnavailable, match=f"get s3://bkt/k failed.*{status}"):
-            store_for("bkt", StoreConfig(tries=tries, backoff_s=0.01)).get("k", 0, 10)
+            store_for("bkt", config(tries=tries, backoff_s=0.01)).get("k", 0, 10)
     assert len(server.requests) == expected  # 403 is refused credentials: asking again will not help
 
 
@@ -243,7 +250,7 @@ def test_secrets_never_appear_in_messages_logs_or_reprs(
     texts: list[str] = []
     with ScriptedServer(lambda seen: Reply(403, {"Content-Type": "application/xml"}, echo)) as server:
         monkeypatch.setenv("AWS_ENDPOINT_URL", server.endpoint)
-        store = store_for("bkt", StoreConfig(tries=2, backoff_s=0.01))
+        store = store_for("bkt", config(tries=2, backoff_s=0.01))
         for read in (lambda: store.get("k"), lambda: store.head("k"), lambda: list(store.list("p/"))):
             with pytest.raises(StoreUnavailable) as caught:
                 read()
@@ -255,7 +262,7 @@ def test_secrets_never_appear_in_messages_logs_or_reprs(
         monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{closed.getsockname()[1]}")
         clear_stores()
         with pytest.raises(StoreUnavailable) as caught:
-            store_for("bkt", StoreConfig(tries=1)).get("k")
+            store_for("bkt", config(tries=1)).get("k")
         texts.append("".join(traceback.format_exception(caught.value)))
     texts += [caplog.text, *(record.getMessage() for record in caplog.records)]
     assert any(record.name == "stoker.server.data.stores" for record in caplog.records)
@@ -341,7 +348,9 @@ def test_a_process_forked_after_requests_is_refused_not_hung(s3_env: dict[str, s
     # obstore's runtime threads do not survive fork; a child must get an error, not hang.
     script = textwrap.dedent(f"""
         import os, sys
-        from stoker.server.data.stores import store_for
+        from stoker.server.data.stores import configure_stores, store_for
+        from stoker.server.settings import EngineSettings
+        configure_stores(EngineSettings(workers=1).store_config)
         list(store_for({s3_bucket!r}).list(""))
         pid = os.fork()
         if pid == 0:

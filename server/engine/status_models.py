@@ -1,51 +1,31 @@
-"""The HTTP API's data shapes: what ``/status`` returns and what ``/config`` reads and accepts."""
+"""The shape of ``/status``, declared once: pydantic models that the engine thread builds
+(:mod:`.state`), the HTTP app serves and documents in its OpenAPI schema, and ``stoker status`` reads."""
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, create_model
-from pydantic.fields import FieldInfo
+from pydantic import BaseModel, Field
 
-from stoker.server.settings import ServerSettings
+from stoker.server.settings.live import LiveConfig
 
-__all__ = ["LiveConfig", "ConfigPatch", "Status", "patch_model"]
-
-
-def _constrained(info: FieldInfo) -> Any:
-    """The field's type with its range constraints (``ge``, ``le``...) attached."""
-    return Annotated[info.annotation, *info.metadata] if info.metadata else info.annotation
-
-
-def _live_model(name: str, doc: str, optional: bool, **overrides: Any) -> type[BaseModel]:
-    # Built from the settings model's live fields: a field marked live there is readable and
-    # patchable here and shown in /status, with the same type, range and description.
-    fields: dict[str, Any] = {}
-    for field, info in ServerSettings.model_fields.items():
-        if field not in ServerSettings.live_fields:
-            continue
-        kind = overrides.get(field, _constrained(info))
-        if optional:
-            fields[field] = (kind | None, Field(None, description=info.description))
-        else:
-            fields[field] = (kind, Field(description=info.description))
-    config = ConfigDict(extra="forbid") if optional else None
-    return create_model(name, __doc__=doc, __config__=config, **fields)
-
-
-LiveConfig = _live_model("LiveConfig", "Settings that can change while serving, without dropping clients.", False)
-
-
-def patch_model(max_workers: int) -> type[BaseModel]:
-    """The ``PATCH /config`` body: live fields, all optional; ``workers`` capped at this server's
-    ``max_workers`` (the cap shows in the OpenAPI schema)."""
-    workers = Annotated[int, Field(ge=1, le=max_workers)]
-    return _live_model(
-        "ConfigPatch", "A change to the live settings; fields left out stay as they are.", True, workers=workers
-    )
-
-
-ConfigPatch = patch_model(1024)
+__all__ = [
+    "Status",
+    "Endpoints",
+    "WorkerStatus",
+    "PoolStatus",
+    "DatasetStatus",
+    "JobStatus",
+    "PipelineStatus",
+    "PipelineErrorStatus",
+    "CacheStatus",
+    "SecurityStatus",
+    "ClientStatus",
+    "StageStatus",
+    "Throughput",
+    "BadSampleStatus",
+    "BadSamples",
+]
 
 
 class Endpoints(BaseModel):
@@ -67,6 +47,8 @@ class PoolStatus(BaseModel):
     alive: int
     busy: int = Field(description="workers holding a task now")
     restarts: int = Field(description="workers replaced after dying")
+    start_failures: int = Field(0, description="workers that failed to start, in a row (0 once one starts)")
+    problem: str | None = Field(None, description="why the pool cannot serve as sized (the server is not ready)")
     workers: list[WorkerStatus]
 
 
@@ -80,6 +62,7 @@ class DatasetStatus(BaseModel):
     from_cache: bool = Field(False, description="the index was read from the index cache")
     seconds: float = Field(0.0, description="time the listing took")
     error: str | None = Field(None, description="why a failed dataset could not be listed")
+    traceback: str | None = Field(None, description="the last frames of a failed listing (an operator's plugin)")
 
 
 class JobStatus(BaseModel):

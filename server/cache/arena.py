@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from multiprocessing import shared_memory
 from multiprocessing.context import BaseContext
 from multiprocessing.sharedctypes import Synchronized
-from typing import Any
 
 import numpy as np
 
@@ -102,8 +101,3 @@ class ArenaView:
         del self._bytes
         with contextlib.suppress(BufferError):
             self._shm.close()
-
-
-def attach(handle: Any) -> ArenaView | None:
-    """A view of the arena, or ``None`` when the server runs without one."""
-    return ArenaView(handle) if handle is not None else None

@@ -1,4 +1,4 @@
-"""Open jobs: a validated spec bound to its dataset and pipeline, and the batches it plans.
+"""Open jobs (engine thread): a validated spec bound to its dataset and pipeline, and the batches it plans.
 
 The registry turns a client's job spec into an :class:`OpenJob` (or a typed refusal naming what is
 wrong and what exists) and caches each epoch's order, which is the only per-job state a server keeps.
@@ -45,6 +45,8 @@ class OpenJob:
     """Batches per rank per epoch."""
     last_batch: int
     """Size of each rank's last batch."""
+    min_side: int = 0
+    """The dataset's decode rule (its ``cache_min_side``; 0: reduce as far as each crop allows)."""
 
     def rows(self, k: int) -> int:
         """Samples in batch ``k`` (the last one may be short)."""
@@ -120,7 +122,9 @@ class JobRegistry:
                 ErrorCode.INVALID_JOB,
             )
         _, last = batch_sizes(planned, spec.batch_size, spec.world_size, spec.drop_last)
-        job = OpenJob(spec, job_id, table, pipeline, count, last)
+        entry = self.catalog.entry(spec.dataset)
+        min_side = entry.decl.cache_min_side if entry is not None else 0
+        job = OpenJob(spec, job_id, table, pipeline, count, last, min_side)
         self._jobs[job_id] = job
         while len(self._jobs) > self._max_jobs:
             self._jobs.popitem(last=False)
