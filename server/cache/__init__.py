@@ -24,12 +24,17 @@ asked for (most hold one).
 
     stateDiagram-v2
         [*] --> absent
-        absent --> claimed: a task's row needs it (part: that task may decode and store)
-        claimed --> claimed: another row needs it (part returns None: the row is parked)
+        absent --> claimed: a task's row needs it (part: the task may decode and store)
+        claimed --> claimed: another task's row needs it (part returns None: the row is parked)
         claimed --> cached: the worker reports an entry (written whole before it reported)
         claimed --> absent: released without an entry (budget spent, bad file, batch failed, quarantined)
-        cached --> cached: rows read it (hits); a claim may add an entry at another reduction
+        cached --> claimed_cached: a task's row needs it (reads its entry, or decodes and stores the
+            reduction its views need when the arena holds another)
+        claimed_cached --> cached: released
         note right of claimed: release() hands the parked rows back, to be asked for again
+
+Whoever holds a sample's claim is the only task touching it, so each (sample, reduction) is decoded
+once per server: a row of another task waits the few milliseconds until the claim is released.
 
 A worker killed half way through a write leaves bytes nobody reads: an entry counts only once its result
 has arrived. Bad samples are never cached. A restarted server starts cold.

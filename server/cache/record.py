@@ -93,14 +93,15 @@ class DecodedCache:
     # -- the protocol ----------------------------------------------------------------------------
 
     def part(self, holder: object, sample: Sample, samples: int, waiting: Any) -> CachePart | None:
-        """What ``holder`` (a task) tells its worker about ``sample``; ``None`` when the row ``waiting``
-        is parked instead: the sample has no entry yet and another task is decoding it."""
-        header, entries = self._table(sample[0], samples).part(sample[1])
-        claimed = self._claim(sample, holder)
-        if not entries and not claimed:
+        """What ``holder`` (a task) tells its worker about ``sample``: it holds the sample's claim, so it
+        may store what it decodes. ``None`` when the row ``waiting`` is parked instead, because another
+        task holds the claim: that task may be decoding the very reduction this row needs (which only a
+        worker knows, from the sample's header and crop), so waiting for it decodes each once."""
+        if not self._claim(sample, holder):
             self._parked.setdefault(sample, []).append(waiting)
             return None
-        return CachePart(header, entries, store=claimed)
+        header, entries = self._table(sample[0], samples).part(sample[1])
+        return CachePart(header, entries, store=True)
 
     def _claim(self, sample: Sample, holder: object) -> bool:
         if self._claims.setdefault(sample, holder) is not holder:
@@ -163,6 +164,11 @@ class DecodedCache:
     def entries(self) -> int:
         """Samples held decoded (at one reduction or more)."""
         return sum(int((table.offsets >= 0).sum()) for table in self._tables.values())
+
+    @property
+    def copies(self) -> int:
+        """Decoded copies held: one per sample and reduction (``entries`` or a little more)."""
+        return self.entries + sum(len(more) for table in self._tables.values() for more in table.more.values())
 
     @property
     def decodes_per_sample(self) -> float | None:

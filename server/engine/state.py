@@ -125,6 +125,7 @@ def cache_status(engine: Engine) -> CacheStatus:
         budget_bytes=cache.budget_bytes,
         used_bytes=cache.used_bytes,
         entries=cache.entries,
+        copies=cache.copies,
         hits=cache.hits,
         misses=cache.misses,
         decodes_per_sample=cache.decodes_per_sample,

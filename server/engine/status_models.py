@@ -92,6 +92,7 @@ class CacheStatus(BaseModel):
     budget_bytes: int = Field(description="the decoded-sample cache's budget (0: off)")
     used_bytes: int = Field(description="bytes written into it")
     entries: int = Field(description="samples held decoded")
+    copies: int = Field(0, description="decoded copies held: one per sample and DCT reduction its crops needed")
     hits: int = Field(description="samples read decoded from the cache")
     misses: int = Field(description="samples of cached datasets decoded")
     decodes_per_sample: float | None = Field(description="mean decodes per sample decoded at least once")

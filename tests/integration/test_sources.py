@@ -96,9 +96,11 @@ def test_a_listing_plugin_and_a_server_that_answers_while_it_lists(tmp_path: Pat
         http = found.group(1)
         assert http_json(http + "/healthz") == (200, {"status": "ok"}), "alive while starting"
         code, body = wait_until(
-            lambda: (r := http_json(http + "/readyz"))[1].get("reason", "").startswith("listing") and r,
+            lambda: (
+                (r := http_json(http + "/readyz"))[1].get("reason", "").startswith("listing datasets: custom") and r
+            ),
             timeout_s=120,
-            what="the engine up and the plugin's dataset still being listed",
+            what="the engine up, demo listed and the plugin's dataset still being listed",
         )
         assert code == 503 and "custom (loading" in body["reason"]
         status = http_json(http + "/status")[1]

@@ -22,3 +22,12 @@ def list_demo(split: str = "train", wait_for: str | None = None, timeout_s: floa
     photos = sorted(DEMO.rglob("*.jpg"), key=lambda p: (p.parent.name, p.name))
     pairs = [(str(path), path.parent.name) for path in photos]
     return pairs[1::2] if split == "odd" else pairs
+
+
+def list_from_a_broken_index(index: str = "index.db") -> list[tuple[str, str]]:
+    """An operator's listing that fails inside its own helper: the traceback must show this file."""
+    return _read_index(index)
+
+
+def _read_index(index: str) -> list[tuple[str, str]]:
+    raise RuntimeError(f"cannot open the operator's index {index!r}")

@@ -67,3 +67,17 @@ class Shrink:
 def not_callable() -> int:
     """A factory whose product is not a transform."""
     return 3
+
+
+class NeedsAModel:
+    """A transform whose constructor fails in the operator's own code (a missing weights file)."""
+
+    def __init__(self, weights: str = "model.pt") -> None:
+        self.model = _load_weights(weights)
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        return image
+
+
+def _load_weights(weights: str) -> object:
+    raise FileNotFoundError(f"no weights at {weights!r}")

@@ -95,6 +95,29 @@ def test_a_listing_plugin_returns_locators_and_labels(monkeypatch) -> None:
         load_dataset(DatasetDecl("custom", plugin="no_such_module:listing"))
 
 
+def test_a_failed_listing_keeps_the_plugins_traceback_for_status(monkeypatch, tmp_path: Path) -> None:
+    from stoker.server.data.catalog import Catalog
+    from stoker.server.engine import Engine
+    from stoker.server.engine.state import build_status
+    from stoker.server.imaging.pipelines import BUILTIN_PIPELINES
+    from stoker.server.settings import EngineSettings
+
+    monkeypatch.syspath_prepend(str(DEMO_DATA.parent.parent / "tests" / "plugins"))
+    decl = DatasetDecl("custom", plugin="stoker_test_datasets:list_from_a_broken_index", kwargs={"index": "x.db"})
+    with pytest.raises(ValueError, match="cannot open the operator's index 'x.db'") as raised:
+        load_dataset(decl)
+    assert isinstance(raised.value.__cause__, RuntimeError), "the operator's exception stays the cause"
+    catalog = Catalog(decls=[decl], index_dir=str(tmp_path))
+    assert not catalog.load_declared()
+    engine = Engine(EngineSettings(workers=1, bind="tcp://127.0.0.1:0"), catalog, BUILTIN_PIPELINES)
+    try:
+        (shown,) = build_status(engine).datasets  # built from the parts; the engine need not run
+    finally:
+        engine.close()
+    assert shown.state == "failed" and "x.db" in (shown.error or "")
+    assert "stoker_test_datasets.py" in (shown.traceback or "") and "_read_index" in (shown.traceback or "")
+
+
 def test_the_index_cache_returns_the_same_table_and_notices_a_changed_manifest(tmp_path: Path) -> None:
     from stoker.server.data.index_cache import IndexCache
 
