@@ -52,7 +52,8 @@ from stoker.server.engine.vitals import Vitals
 from stoker.server.imaging.pipelines import Pipeline
 from stoker.server.settings.model import EngineSettings
 from stoker.server.workers.messages import WorkerSetup
-from stoker.server.workers.pool import CONTEXT, RestartBackoff, WorkerPool
+from stoker.server.workers.pool import CONTEXT, WorkerPool
+from stoker.server.workers.restarts import RestartBackoff
 from stoker.server.workers.slots import SlotPool, fit_budget
 
 __all__ = ["Engine"]

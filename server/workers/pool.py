@@ -5,11 +5,8 @@ worker has its own pipe, so the pool always knows which tasks a worker holds and
 when it dies. Workers fork from a forkserver that has already imported torch and the decoders, so a
 replacement is ready in milliseconds and never inherits the server's threads or sockets.
 
-A worker that dies while serving is replaced at once. One that dies before it reported ready (its
-start failed: a broken environment, memory exhausted, a plugin that cannot import) is replaced after
-a capped exponential backoff, so a cause that persists costs a few attempts a minute, not a tight
-loop; after :data:`FAILURES_BEFORE_UNREADY` such failures in a row :attr:`WorkerPool.problem` names
-the reason (readiness and ``/status`` show it), and the first worker that starts clears it.
+A worker that dies while serving is replaced at once; one that dies before it reported ready is
+replaced after a capped exponential backoff (:mod:`.restarts`).
 """
 
 from __future__ import annotations
@@ -37,16 +34,9 @@ from stoker.server.workers.messages import (
     WorkerSetup,
 )
 from stoker.server.workers.process import worker_main
+from stoker.server.workers.restarts import RestartBackoff, StartFailures
 
-__all__ = [
-    "WorkerHandle",
-    "WorkerPool",
-    "TaskDone",
-    "WorkerDied",
-    "PoolEvent",
-    "RestartBackoff",
-    "FAILURES_BEFORE_UNREADY",
-]
+__all__ = ["WorkerHandle", "WorkerPool", "TaskDone", "WorkerDied", "PoolEvent"]
 
 log = logging.getLogger(__name__)
 
@@ -102,35 +92,6 @@ class WorkerDied(Generic[T]):
 
 PoolEvent = TaskDone[Any] | WorkerDied[Any]
 
-FAILURES_BEFORE_UNREADY = 3
-"""Start failures in a row after which the pool reports a problem (the server is not ready)."""
-
-
-@dataclass(frozen=True, slots=True)
-class RestartBackoff:
-    """How long to wait before replacing a worker that failed to start: ``initial_s`` after the first
-    failure, doubling with each failure in a row, never more than ``max_s``."""
-
-    initial_s: float
-    max_s: float
-
-    def delay(self, failures: int) -> float:
-        """The wait after ``failures`` start failures in a row (``failures`` >= 1)."""
-        return min(self.max_s, self.initial_s * 2 ** min(failures - 1, 32))
-
-
-@dataclass(slots=True)
-class _StartFailures:
-    """Workers that failed to start, in a row, and when the next replacement may start."""
-
-    count: int = 0
-    reason: str = ""
-    """What the worker starting now said of its failure (``StartFailed``), if it said anything."""
-    last_reason: str = ""
-    retry_at: float = 0.0
-    owed: int = 0
-    """Replacements waiting for ``retry_at``."""
-
 
 class WorkerPool(Generic[T]):
     """``size`` worker processes; call :meth:`handle` when one of :meth:`fds` is readable."""
@@ -147,9 +108,8 @@ class WorkerPool(Generic[T]):
         self.target_size = size
         self.setup = setup
         self.start_timeout_s = start_timeout_s
-        self.backoff = backoff
         self.restarts = 0
-        self._failures = _StartFailures()
+        self._failures = StartFailures(backoff)
         self.workers: list[WorkerHandle[T]] = []
         self._ids = itertools.count()
         self._by_fd: dict[int, WorkerHandle[T]] = {}
@@ -202,7 +162,7 @@ class WorkerPool(Generic[T]):
             raise ValueError(f"{size=} must be >= 1")
         self.target_size = size
         active = [w for w in self.workers if not w.retiring]
-        owed = self._failures.owed = min(self._failures.owed, max(0, size - len(active)))
+        owed = self._failures.limit(size - len(active))
         for _ in range(size - len(active) - owed):
             self._spawn()
         # Retire the least loaded workers first; they stop as soon as they hold no task.
@@ -285,13 +245,11 @@ class WorkerPool(Generic[T]):
             return TaskDone(worker, task, message)
         if kind is Message.READY and isinstance(message, Ready):
             worker.ready = True
-            if self._failures.count:
-                log.info("worker %d started after %d failed starts: recovered", worker.worker_id, self._failures.count)
-            self._failures = _StartFailures(owed=self._failures.owed, retry_at=self._failures.retry_at)
+            self._failures.started(worker.worker_id)
             log.info("worker %d ready (pid %s)", worker.worker_id, message.pid)
             return None
         if kind is Message.START_FAILED and isinstance(message, StartFailed):
-            self._failures.reason = message.reason
+            self._failures.said(message.reason)
             log.error("worker %d failed to start: %s\n%s", worker.worker_id, message.reason, message.traceback)
             return None
         log.error("worker %d sent an unknown message %r; ignoring it", worker.worker_id, type(message).__name__)
@@ -324,37 +282,18 @@ class WorkerPool(Generic[T]):
             if worker.ready:
                 self._spawn()
             else:
-                self._failed_start(worker)
+                self._failures.failed(worker.worker_id, worker.process.exitcode)
         return WorkerDied(worker, worker.process.exitcode, tasks, position)
-
-    def _failed_start(self, worker: WorkerHandle[T]) -> None:
-        failures = self._failures
-        failures.count += 1
-        failures.last_reason = failures.reason or f"exited with code {worker.process.exitcode} before it was ready"
-        failures.reason = ""  # the next attempt says its own
-        delay = self.backoff.delay(failures.count)
-        failures.retry_at = time.monotonic() + delay
-        failures.owed += 1
-        log.warning(
-            "worker %d failed to start (%d in a row): %s; next try in %.1f s",
-            worker.worker_id, failures.count, failures.last_reason, delay,
-        )  # fmt: skip
 
     def respawn_due(self, now: float) -> None:
         """Start the replacements owed for workers that failed to start, once their backoff is over."""
-        failures = self._failures
-        if failures.owed and now >= failures.retry_at:
-            for _ in range(failures.owed):
-                self._spawn()
-            failures.owed = 0
+        for _ in range(self._failures.due(now)):
+            self._spawn()
 
     @property
     def problem(self) -> str | None:
         """Why the pool cannot serve as sized: workers failing to start, repeatedly (``None``: fine)."""
-        failures = self._failures
-        if failures.count < FAILURES_BEFORE_UNREADY:
-            return None
-        return f"workers cannot start ({failures.count} failures in a row): {failures.last_reason}"
+        return self._failures.problem
 
     @property
     def start_failures(self) -> int:

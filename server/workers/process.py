@@ -103,7 +103,9 @@ class _Rendered:
     header: SampleHeader | None = None
 
 
-def render_spec(task: TaskMessage, spec: SampleSpec, tools: WorkerTools, data: object, out: list, times: Any) -> _Rendered:
+def render_spec(
+    task: TaskMessage, spec: SampleSpec, tools: WorkerTools, data: object, out: list, times: Any
+) -> _Rendered:
     """One sample into its rows, from the arena when it holds the sample at the reduction this sample's
     views need, else from its bytes (``data``: read ahead, the error reading them, or ``None``: read
     now); stores what it decoded when the task holds the sample's claim."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import os
 import sys
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -45,11 +46,14 @@ def test_empty_series_and_degenerate_runs() -> None:
     assert _run(10, wall_s=1.0, waited_s=2.0).stall_share == 1.0
 
 
-def _stream(batch: int = 8, waited: list[float] | None = None) -> Stream:
+def _stream(batch: int = 8, waited: list[float] | None = None, cpu_per_batch_s: float = 0.0) -> Stream:
     def counts() -> Iterator[tuple[int, int]]:
         while True:
             if waited is not None:
                 waited[0] += 0.01
+            started = time.process_time()
+            while time.process_time() - started < cpu_per_batch_s:  # a loader working on this core
+                pass
             yield batch, batch * 10
 
     return Stream(counts(), batches_per_epoch=3, waited_s=None if waited is None else lambda: waited[0])
@@ -57,11 +61,12 @@ def _stream(batch: int = 8, waited: list[float] | None = None) -> Stream:
 
 def test_window_of_n_batches_counts_exactly_those() -> None:
     waited = [5.0]  # a running total from before the window: only the window's share counts
-    stream = _stream(waited=waited)
+    stream = _stream(waited=waited, cpu_per_batch_s=0.03)
     run = timed_window(stream, batches=2 * stream.batches_per_epoch, warmup_batches=1)
     assert (run.images, run.nbytes) == (48, 480)
     assert run.waited_s == pytest.approx(0.06)
-    assert run.cpu_s >= 0.0
+    # Six batches of 30 ms of CPU each, on one thread: the window's CPU time, within a clock tick or two.
+    assert 6 * 0.03 - 0.03 <= run.cpu_s <= run.wall_s + 0.03
 
 
 def test_window_of_seconds_ends_with_the_batch_that_crosses_the_line() -> None:

@@ -17,7 +17,8 @@ from stoker.server.data.locators import Locator
 from stoker.server.imaging.pipelines import BUILTIN_PIPELINES
 from stoker.server.imaging.render import StageTimes, render_sample
 from stoker.server.workers.messages import Outcome, SampleSpec, TaskMessage, WorkerSetup
-from stoker.server.workers.pool import PoolEvent, RestartBackoff, TaskDone, WorkerDied, WorkerPool
+from stoker.server.workers.pool import PoolEvent, TaskDone, WorkerDied, WorkerPool
+from stoker.server.workers.restarts import RestartBackoff
 from stoker.server.workers.slots import SlotPool
 from tests.helpers import DEFAULTS, DEMO_DATA, LIMITS
 
