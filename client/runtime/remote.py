@@ -1,46 +1,39 @@
-"""``RemoteBatches``: the torch ``IterableDataset`` a training loop iterates to get batches from stoker."""
+"""``RemoteBatches``: the torch ``IterableDataset`` a training loop iterates to get batches from stoker.
+
+It composes parts with one job each: a :class:`~stoker.client.runtime.connection.Connection` (the
+session with the servers, pinned buffers, fork safety), a :class:`~stoker.client.runtime.feed.Feed`
+(which batches to ask for: look-ahead, DataLoader-worker shares), a
+:class:`~stoker.client.runtime.position.Position` (epoch, next batch, span, a pending re-plan) saved
+and loaded in the :mod:`~stoker.client.runtime.checkpoint` format, a
+:class:`~stoker.client.runtime.output.BatchOutput` (a received batch to the yielded tuple) and
+:class:`~stoker.client.runtime.stats.Stats`.
+"""
 
 from __future__ import annotations
 
-import logging
-import math
 import os
-import time
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import replace
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
-from torch.utils.data import IterableDataset, get_worker_info
+from torch.utils.data import IterableDataset
 
 from stoker.client.protocol.job import JobSpec
-from stoker.client.protocol.keys import load_key_pair, load_public_key
-from stoker.client.protocol.plan import Span, batches_per_rank, remaining_span, span_length
+from stoker.client.runtime import checkpoint
 from stoker.client.runtime.buffers import PinnedPool
+from stoker.client.runtime.connection import Connection, KeySource, client_keys
 from stoker.client.runtime.endpoints import parse_endpoints
-from stoker.client.runtime.links import ClientKeys
-from stoker.client.runtime.session import JobInfo, RawBatch, Session
-from stoker.client.runtime.stream import BatchStream
+from stoker.client.runtime.feed import Feed, worker_share
+from stoker.client.runtime.output import BatchOutput
+from stoker.client.runtime.position import Position
+from stoker.client.runtime.session import JobInfo
+from stoker.client.runtime.stats import Stats
 from stoker.client.runtime.tensors import Converter
 
 __all__ = ["RemoteBatches", "IMAGENET_MEAN", "IMAGENET_STD"]
 
-log = logging.getLogger(__name__)
-
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-_STATE_VERSION = 1
-_SPAN_STATE_VERSION = 2  # a state inside a resumed epoch: older clients must refuse it, not misread it
-
-
-class _Resize(NamedTuple):
-    """A position saved by ``world_size`` ranks, to re-plan over this client's ranks once the
-    dataset's size is known (the first time the client talks to a server)."""
-
-    epoch: int
-    span: Span | None
-    world_size: int
-    position: int
 
 
 def _distributed_defaults(rank: int | None, world_size: int | None) -> tuple[int, int]:
@@ -54,23 +47,6 @@ def _distributed_defaults(rank: int | None, world_size: int | None) -> tuple[int
     if not 0 <= rank < world_size:
         raise ValueError(f"rank={rank} must be in [0, world_size={world_size})")
     return rank, world_size
-
-
-KeySource = str | os.PathLike[str] | None
-
-
-def _client_keys(server_key: KeySource, client_key: KeySource) -> ClientKeys | None:
-    """CURVE keys from the arguments, else ``STOKER_SERVER_KEY`` / ``STOKER_CLIENT_KEY_FILE``; ``None``
-    when neither names any (a loader on loopback, or one that allows unauthenticated clients)."""
-    server = server_key if server_key is not None else os.environ.get("STOKER_SERVER_KEY") or None
-    client = client_key if client_key is not None else os.environ.get("STOKER_CLIENT_KEY_FILE") or None
-    if server is None and client is None:
-        return None
-    if server is None or client is None:
-        missing = "server_key (STOKER_SERVER_KEY)" if server is None else "client_key (STOKER_CLIENT_KEY_FILE)"
-        raise ValueError(f"CURVE needs both the server's public key and this client's key pair: {missing} is missing")
-    public, secret = load_key_pair(client)
-    return ClientKeys(load_public_key(server), public, secret)
 
 
 class RemoteBatches(IterableDataset):
@@ -89,6 +65,8 @@ class RemoteBatches(IterableDataset):
     ``client_key`` (this client's ``NAME.key_secret`` file), or ``STOKER_SERVER_KEY`` and
     ``STOKER_CLIENT_KEY_FILE``, every connection is authenticated and encrypted with CURVE; a server
     that refuses the client raises :class:`~stoker.client.AuthenticationError` within seconds.
+
+    A pickled or forked copy (DataLoader workers) never uses the original's sockets: it connects on first use.
     """
 
     def __init__(
@@ -117,7 +95,7 @@ class RemoteBatches(IterableDataset):
         client_key: KeySource = None,
     ) -> None:
         super().__init__()
-        self._keys = _client_keys(server_key, client_key)
+        keys = client_keys(server_key, client_key)
         self.endpoints = [endpoints] if isinstance(endpoints, str) else list(endpoints)
         parse_endpoints(self.endpoints)  # a malformed endpoint is a ValueError now, not a timeout later
         if not resolve_interval_s > 0:
@@ -135,21 +113,26 @@ class RemoteBatches(IterableDataset):
             if device is not None
             else (torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
         )
-        self._converter = Converter(self.device, normalize, mean, std, memory_format)
-        self.normalize, self.mean, self.std = normalize, self._converter.mean, self._converter.std
+        converter = Converter(self.device, normalize, mean, std, memory_format)
+        self.normalize, self.mean, self.std = normalize, converter.mean, converter.std
         self.memory_format = memory_format
         self.return_indices = return_indices
         self.timeout_s = float(timeout_s)
-        self._epoch = 0
-        self._position = 0
-        self._span: Span | None = None
-        """The part of the current epoch's order this client's ranks share (a resumed epoch), or ``None``."""
-        self._resize: _Resize | None = None
-        self._session: Session | None = None
-        self._stream: BatchStream | None = None
-        self._owner_pid = os.getpid()
-        self._pinned: PinnedPool | None = None
-        self._reset_stats()
+        self._output = BatchOutput(converter, return_indices)
+        self._stats = Stats()
+        self._position = Position(self.spec)
+        self._feed = Feed(self.spec)
+        self._connection = Connection(
+            self.endpoints,
+            self.spec,
+            self.rank,
+            prefetch=prefetch,
+            timeout_s=self.timeout_s,
+            resolve_interval_s=self.resolve_interval_s,
+            keys=keys,
+            device=self.device,
+            progress=self._stats.progress,
+        )
 
     # -- public API ------------------------------------------------------------------------------
 
@@ -166,38 +149,26 @@ class RemoteBatches(IterableDataset):
     @property
     def epoch(self) -> int:
         """The epoch the next iteration serves."""
-        return self._epoch
+        return self._position.epoch
 
     def __len__(self) -> int:
         """Batches of the current epoch for this rank: after :meth:`load_state_dict` of a state saved
         on another number of ranks, the batches this rank gets of what is left of that epoch."""
-        self._open()
-        return self._batches_in(self._epoch)
+        info = self._open()
+        return self._position.batches(info.samples, info.batches)
 
     def set_epoch(self, epoch: int) -> None:
         """Serve ``epoch`` next. Switching epochs restarts at its first batch; the same epoch keeps
         a resumed position, so ``set_epoch`` at the top of a loop does not undo ``load_state_dict``.
         """
-        if not isinstance(epoch, int) or epoch < 0:
-            raise ValueError(f"{epoch=} must be an int >= 0")
-        if epoch != self._epoch:
-            self._epoch, self._position, self._span, self._resize = epoch, 0, None, None
+        self._position.select_epoch(epoch)
 
     def state_dict(self) -> dict[str, Any]:
         """Progress to checkpoint with the model: the epoch and the next batch to yield (and, in an
         epoch resumed on another number of ranks, the part of it these ranks share)."""
-        if self._resize is not None:
+        if self._position.replan_pending:
             self._open()  # the re-plan needs the dataset's size
-        state: dict[str, Any] = {
-            "version": _STATE_VERSION,
-            "job": self.spec.to_wire(),
-            "rank": self.rank,
-            "epoch": self._epoch,
-            "next_batch": self._position,
-        }
-        if self._span is not None:
-            state.update(version=_SPAN_STATE_VERSION, span=list(self._span))
-        return state
+        return checkpoint.state_dict(self.spec, self.rank, self._position.saved())
 
     def load_state_dict(self, state: Mapping[str, Any] | Sequence[Mapping[str, Any]]) -> None:
         """Continue from a :meth:`state_dict`: the next iteration yields the rest of its epoch.
@@ -210,99 +181,21 @@ class RemoteBatches(IterableDataset):
         (each sample exactly once, the same number of batches on every rank); later epochs are
         planned for this client's ranks.
         """
-        states = [state] if isinstance(state, Mapping) else list(state)
-        if not states:
-            raise ValueError("no state to load")
-        saved = [self._read_state(one) for one in states]
-        first = saved[0]
-        for one, other in zip(states[1:], saved[1:], strict=True):
-            if other != first:
-                raise ValueError(
-                    f"states disagree on the position: rank {states[0].get('rank')} at {first}, "
-                    f"rank {one.get('rank')} at {other}"
-                )
-        ranks = [one.get("rank") for one in states]
-        for rank in ranks:
-            if ranks.count(rank) > 1:
-                raise ValueError(f"states of rank {rank} twice: pass one state, or one per old rank")
-        if self._stream is not None:  # it may be heading for the same (epoch, k) of another plan
-            self._stream.close()
-            self._stream = None
-        if first.world_size == self.spec.world_size or (first.position == 0 and first.span is None):
-            # Nothing of the epoch was served yet (or the plan is the same): no re-plan needed.
-            self._epoch, self._position, self._span, self._resize = first.epoch, first.position, first.span, None
-        else:
-            self._epoch, self._position, self._span, self._resize = first.epoch, 0, None, first
-            if self._session is not None and self._session.info is not None:
-                self._apply_resize(self._session.info)
-
-    def _read_state(self, state: Mapping[str, Any]) -> _Resize:
-        version = state.get("version")
-        if version not in (_STATE_VERSION, _SPAN_STATE_VERSION):
-            raise ValueError(f"state version {version!r} is not one of {_STATE_VERSION}, {_SPAN_STATE_VERSION}")
-        saved = JobSpec.from_wire(dict(state["job"]))
-        ours = replace(self.spec, world_size=saved.world_size)
-        if saved != ours:
-            diff = {k: (v, getattr(ours, k)) for k, v in saved.to_wire().items() if getattr(ours, k) != v}
-            raise ValueError(f"state is for another job; differing fields (saved, current): {diff}")
-        epoch, position = int(state["epoch"]), int(state["next_batch"])
-        span = state.get("span")
-        if epoch < 0 or position < 0 or (span is not None and (len(span) != 2 or not 0 <= span[0] < span[1])):
-            raise ValueError(f"bad state: epoch={epoch}, next_batch={position}, span={span}")
-        return _Resize(epoch, None if span is None else (int(span[0]), int(span[1])), saved.world_size, position)
-
-    def _apply_resize(self, info: JobInfo) -> None:
-        """Plan what the saved ranks left of the epoch over this client's ranks (a pure function of
-        the job, the epoch, the saved position and both world sizes: every new rank agrees)."""
-        resize, spec = self._resize, self.spec
-        if resize is None:
-            return
-        self._resize = None
-        span = remaining_span(
-            info.samples, spec.batch_size, resize.world_size, spec.drop_last, resize.position, resize.span
-        )
-        left = span_length(span, info.samples)
-        if batches_per_rank(left, spec.batch_size, spec.world_size, spec.drop_last) == 0:
-            self._epoch, self._position, self._span = resize.epoch + 1, 0, None  # nothing of it is left
-        else:
-            self._epoch, self._position, self._span = resize.epoch, 0, span
-        log.info(
-            "resumed epoch %d saved on %d ranks at batch %d: %d samples left, planned over %d ranks",
-            resize.epoch, resize.world_size, resize.position, left, spec.world_size,
-        )  # fmt: skip
-
-    def _batches_in(self, epoch: int) -> int:
-        """Batches per rank of ``epoch``: of its resumed part, or of the whole epoch."""
-        info = self._open()
-        if epoch == self._epoch and self._span is not None:
-            length = span_length(self._span, info.samples)
-            return batches_per_rank(length, self.spec.batch_size, self.spec.world_size, self.spec.drop_last)
-        return info.batches
+        saved = checkpoint.read_states(state, self.spec)
+        self._feed.drop()  # it may be heading for the same (epoch, k) of another plan
+        self._position.resume(saved)
+        info = self._connection.info
+        if info is not None:
+            self._position.apply_replan(info.samples)
 
     def stats(self) -> dict[str, float | int]:
         """Batches, images and bytes received, seconds spent waiting for data and the wait share."""
-        elapsed = (time.monotonic() - self._started) if self._started else 0.0
-        return {
-            "batches": self._batches,
-            "images": self._images,
-            "bytes": self._bytes,
-            "wait_s": round(self._wait_s, 6),
-            "elapsed_s": round(elapsed, 6),
-            "wait_share": round(self._wait_s / elapsed, 6) if elapsed > 0 else 0.0,
-            "images_per_s": round(self._images / elapsed, 2) if elapsed > 0 else 0.0,
-        }
+        return self._stats.summary()
 
     def close(self) -> None:
         """Release sockets and pinned buffers. Iterating again reconnects."""
-        if self._stream is not None:
-            self._stream.close()
-            self._stream = None
-        if self._session is not None:
-            self._session.close()
-            self._session = None
-        if self._pinned is not None:
-            self._pinned.close()
-            self._pinned = None
+        self._feed.drop()
+        self._connection.close()
 
     def __enter__(self) -> RemoteBatches:
         return self
@@ -310,133 +203,46 @@ class RemoteBatches(IterableDataset):
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def __getstate__(self) -> dict[str, Any]:
-        # DataLoader worker processes get a copy without live sockets; they reconnect on use.
-        state = self.__dict__.copy()
-        state.update(_session=None, _stream=None, _pinned=None)
-        return state
-
     # -- iteration -------------------------------------------------------------------------------
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
-        self._open()
-        epoch, start = self._epoch, self._position
-        batches = self._batches_in(epoch)
-        ks = range(start, batches)
-        worker = get_worker_info()
-        sharded = worker is not None and worker.num_workers > 1
-        if sharded:
-            # Inside DataLoader(num_workers=n): worker i takes every n-th batch, and DataLoader's
-            # round-robin over workers restores the order. Progress is tracked per worker copy.
-            ks = ks[worker.id :: worker.num_workers]
-        elif not ks:  # resumed from a position at the very end of the epoch: nothing is left of it
-            self._epoch, self._position, self._span = epoch + 1, 0, None
+    def __iter__(self) -> Iterator[tuple[Any, ...]]:
+        info = self._open()
+        position = self._position
+        epoch = position.epoch
+        batches = position.batches(info.samples, info.batches)
+        ks, sharded = worker_share(range(position.next_batch, batches))
+        if not ks and not sharded:  # resumed at the very end of the epoch: nothing is left of it
+            position.finish_epoch(epoch)
             return
-        stream = self._stream_for(epoch, list(ks), lookahead=not sharded)
-        for k in ks:
-            waited = time.monotonic()
-            if not self._started:
-                self._started = waited
-            out = self._deliver(stream.get((epoch, k)))
-            self._wait_s += time.monotonic() - waited
-            if sharded:
-                self._position = k + 1
-            else:
-                self._delivered(stream, epoch, k, batches)
-            yield out
-
-    def _delivered(self, stream: BatchStream, epoch: int, k: int, batches: int) -> None:
-        """Batch ``k`` of ``epoch`` is being handed out: the position moves past it.
-
-        The last batch finishes the epoch here, before it is yielded, not when the iterator is
-        resumed once more: loops that take exactly ``len()`` batches never resume it.
-        """
-        if k + 1 < batches:
-            self._epoch, self._position = epoch, k + 1
-            return
-        self._epoch, self._position, self._span = epoch + 1, 0, None
-        # Keep one whole epoch planned ahead of the consumer, so epochs flow without a gap.
-        if stream.last_item is not None and stream.last_item[0] == epoch + 1:
-            stream.extend([(epoch + 2, j) for j in range(self._open().batches)])
-
-    def _stream_for(self, epoch: int, ks: list[int], lookahead: bool) -> BatchStream:
-        """The stream already heading for ``(epoch, ks[0])``, or a new one (the old one is dropped)."""
-        stream = self._stream
-        first = (epoch, ks[0]) if ks else None
-        if stream is not None and lookahead and first is not None and stream.next_item == first:
-            return stream
-        if stream is not None:
-            stream.close()
-        session = self._session
+        session = self._connection.session
         if session is None:
             raise RuntimeError("not connected")  # unreachable: _open() just connected
-        if self._span is not None:
-            session.resume(epoch, replace(self.spec, span=self._span))
-        items = [(epoch, k) for k in ks]
-        if lookahead:
-            items += [(epoch + 1, k) for k in range(self._open().batches)]
-        self._stream = BatchStream(session, items, self._open().prefetch)
-        return self._stream
+        stream = self._feed.stream(session, epoch, list(ks), position.span, info.batches, lookahead=not sharded)
+        for k in ks:
+            waited_since = self._stats.wait_started()
+            raw = stream.get((epoch, k))
+            out = self._output(raw, self._connection.pinned)
+            self._stats.delivered(raw, waited_since)
+            # The last batch finishes the epoch here, before it is yielded, not when the iterator is
+            # resumed once more: loops that take exactly len() batches never resume it. A DataLoader
+            # worker's copy only tracks its own share (its position is not the one checkpointed).
+            if sharded or k + 1 < batches:
+                position.advance_past(epoch, k)
+            else:
+                position.finish_epoch(epoch)
+                self._feed.epoch_finished(epoch, info.batches)
+            yield out
 
-    # -- internals -------------------------------------------------------------------------------
-
-    def _reset_stats(self) -> None:
-        self._batches = self._images = self._bytes = 0
-        self._wait_s = 0.0
-        self._started = 0.0
-
-    def _progress(self) -> dict[str, float]:
-        elapsed = (time.monotonic() - self._started) if self._started else 0.0
-        return {"waited_s": round(self._wait_s, 6), "elapsed_s": round(elapsed, 6)}
+    @property
+    def _pinned(self) -> PinnedPool | None:
+        # The pinned receive buffers while connected on CUDA; tests/gpu/test_cuda_client.py inspects them.
+        return self._connection.pinned
 
     def _open(self) -> JobInfo:
-        if self._owner_pid != os.getpid():
-            # A forked copy (DataLoader workers fork by default) inherits the parent's sockets, which
-            # must not be used after fork: drop them unclosed and connect afresh.
-            self._session, self._stream, self._pinned = None, None, None
-            self._converter.forget_device_state()
-            self._owner_pid = os.getpid()
-        if self._session is None:
-            cuda = self.device.type == "cuda"
-            if cuda and self._pinned is None:
-                self._pinned = PinnedPool(self.prefetch + 4)
-            self._session = Session(
-                self.endpoints,
-                self.spec,
-                self.rank,
-                self.prefetch,
-                self.timeout_s,
-                progress=self._progress,
-                receive_into=self._pinned_buffer if cuda else None,
-                resolve_interval_s=self.resolve_interval_s,
-                keys=self._keys,
-            )
-        if self._session.info is None:
-            try:
-                self._session.open()
-            except BaseException:
-                self.close()
-                raise
-        info: JobInfo = self._session.info  # type: ignore[assignment]
-        if self._resize is not None:
-            self._apply_resize(info)
+        """Connect on first use (afresh in a forked copy) and apply a pending re-plan."""
+        if self._connection.left_behind_by_fork():
+            self._feed.forget()
+            self._output.forget_device_state()
+        info = self._connection.open()
+        self._position.apply_replan(info.samples)
         return info
-
-    def _pinned_buffer(self, nbytes: int) -> tuple[memoryview, torch.Tensor]:
-        if self._pinned is None:
-            raise RuntimeError("pinned pool closed")  # unreachable while a CUDA session is open
-        buffer = self._pinned.take(nbytes)
-        return memoryview(buffer.numpy()), buffer
-
-    def _deliver(self, raw: RawBatch) -> tuple[Any, ...]:
-        fields = raw.fields
-        shapes = fields.get("views", [fields["shape"]])
-        views = self._converter.images(raw, self._pinned)
-        labels = torch.tensor(fields["labels"], dtype=torch.int64).to(self.device, non_blocking=True)
-        self._batches += 1
-        self._images += len(fields["labels"])
-        self._bytes += sum(math.prod(shape) for shape in shapes)
-        images: Any = views if "views" in fields else views[0]  # a multi-view pipeline: one tensor per view
-        if self.return_indices:
-            return images, labels, torch.tensor(fields["indices"], dtype=torch.int64)
-        return images, labels
