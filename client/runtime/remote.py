@@ -20,7 +20,6 @@ from torch.utils.data import IterableDataset
 
 from stoker.client.protocol.job import JobSpec
 from stoker.client.runtime import checkpoint
-from stoker.client.runtime.buffers import PinnedPool
 from stoker.client.runtime.connection import Connection, KeySource, client_keys
 from stoker.client.runtime.endpoints import parse_endpoints
 from stoker.client.runtime.feed import Feed, worker_share
@@ -232,11 +231,6 @@ class RemoteBatches(IterableDataset):
                 position.finish_epoch(epoch)
                 self._feed.epoch_finished(epoch, info.batches)
             yield out
-
-    @property
-    def _pinned(self) -> PinnedPool | None:
-        # The pinned receive buffers while connected on CUDA; tests/gpu/test_cuda_client.py inspects them.
-        return self._connection.pinned
 
     def _open(self) -> JobInfo:
         """Connect on first use (afresh in a forked copy) and apply a pending re-plan."""

@@ -25,8 +25,9 @@ def test_batches_arrive_on_the_gpu_normalised_and_channels_last(cluster) -> None
             assert images.dtype == torch.float32 and images.is_contiguous(memory_format=torch.channels_last)
             seen += images.shape[0]
         assert seen == 48
-        assert b._pinned is not None and 0 < b._pinned.allocated <= b.prefetch + 4
-        assert all(buffer.is_pinned() for buffer in b._pinned._free)
+        pinned = b._connection.pinned
+        assert pinned is not None and 0 < pinned.allocated <= b.prefetch + 4
+        assert all(buffer.is_pinned() for buffer in pinned._free)
     with open_client(server.data, device="cuda", **options) as b:
         images, _ = next(iter(b))
         assert images.is_cuda and images.is_contiguous(), "the default layout is contiguous NCHW"
