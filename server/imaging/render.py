@@ -1,6 +1,9 @@
-"""Run one sample end to end: read, decode (reduced when possible) once, and for each view of the
-pipeline crop, resize once, orient, flip, run its post-ops, and write the result straight into its
-row of the shared batch buffer.
+"""Render one sample: plan every view's crop from the image's header (:func:`plan_views`), decode once
+at the reduction the views allow (:func:`decode_reduction`, the same rule on every server), and for each
+view crop, resize once, orient, flip, run its post-ops, and write the result straight into its row of
+the shared batch buffer (:func:`render_pixels`). The worker (``workers/process.py``) does the reading
+and the decoded-sample cache around these steps; :func:`render_sample` does all of it for one local
+file, as a reference.
 
 Randomness: view ``v`` of a sample draws its geometry from ``SampleRng(view_key(key, v))`` (view 0
 uses the sample's key itself, so single-view pipelines keep their bytes) and seeds the post-ops'
