@@ -10,8 +10,8 @@ import zmq
 
 from stoker.client.protocol.keys import load_key_pair, load_public_key
 from stoker.client.protocol.wire import Kind, decode, encode
-from stoker.server.engine.access import DataAccess
-from stoker.server.engine.transport import Transport
+from stoker.server.engine.transport import DataPlane
+from stoker.server.settings import EngineSettings
 from stoker.server.tools.bench.keys import BenchKeys
 from stoker.server.workers.slots import SlotPool
 
@@ -24,19 +24,17 @@ class _Sender:
     def __init__(self, shape: tuple[int, int, int, int], keys: BenchKeys | None = None) -> None:
         self.shape = shape
         self.nbytes = shape[0] * shape[1] * shape[2] * shape[3]
-        # Its own context, as a server is its own process in real use: it gets its own I/O thread.
-        self.context = zmq.Context()
         self.slots = SlotPool(4 * self.nbytes)
         slot = self.slots.acquire(self.nbytes)
         if slot is None:
             raise RuntimeError("cannot allocate a shared-memory slot for the wire benchmark")
         self.slot = slot
         slot.view(self.nbytes)[:] = b"\x7f" * self.nbytes
-        self.access = DataAccess(str(keys.server_secret), str(keys.authorized)) if keys is not None else None
-        if self.access is not None:
-            self.access.start(self.context)
-        secure = self.access.secure if self.access is not None else None
-        self.transport = Transport(self.context, "tcp://127.0.0.1:0", secure=secure)
+        # Its own context, as a server is its own process in real use: it gets its own I/O thread.
+        secret, authorized = (str(keys.server_secret), str(keys.authorized)) if keys is not None else (None, None)
+        heartbeat_ms = EngineSettings.model_fields["heartbeat_ms"].default
+        self.plane = DataPlane("tcp://127.0.0.1:0", heartbeat_ms, secret, authorized)
+        self.transport = self.plane.transport
         fields = {"job_id": "wire", "epoch": 0, "rank": 0, "k": 0, "dtype": "uint8", "shape": list(shape)}
         self.header = encode(Kind.BATCH, {**fields, "labels": [0] * shape[0], "indices": [0] * shape[0]})
         self._stop = threading.Event()
@@ -60,10 +58,7 @@ class _Sender:
         """Stop the thread, then close the socket and wait for ZeroMQ to let go of the slot."""
         self._stop.set()
         self._thread.join(5)
-        if self.access is not None:
-            self.access.close(self.transport.socket)
-        self.transport.close()
-        self.context.term()  # waits until ZeroMQ has let go of the slot it was sending from
+        self.plane.close()  # its context's end waits until ZeroMQ has let go of the slot it was sending from
         self.slots.release(self.slot)
         self.slots.close()
 
