@@ -199,6 +199,9 @@ def _initialise(setup: WorkerSetup) -> SlotViews:
     # One intra-op thread: parallelism comes from the pool, and oversubscribing cores hurts.
     torch.set_num_threads(1)
     from stoker.server.data.stores import configure_stores
+    from stoker.server.imaging.kernels import single_thread
+
+    single_thread()  # OpenCV's fast kernels likewise
     from stoker.server.imaging.render import warm_up
 
     configure_stores(setup.store)

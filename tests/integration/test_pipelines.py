@@ -50,6 +50,14 @@ ops = [
   {op = "torchvision.RandomErasing", p = 0.25, value = 0},
 ]
 
+[pipelines.exact]
+exact_torchvision = true
+ops = [
+  {op = "random_resized_crop"},
+  {op = "torchvision.ColorJitter", brightness = 0.4, contrast = 0.4, saturation = 0.2, hue = 0.1},
+  {op = "torchvision.GaussianBlur", kernel_size = 5, exact = true},
+]
+
 [pipelines.auto_augment]
 ops = [{op = "random_resized_crop"}, {op = "torchvision.AutoAugment"}]
 
@@ -83,7 +91,7 @@ ops = [{op = "resize"}, {op = "plugin", call = "stoker_test_plugins:FailOnBright
 [pipelines.shrinking]
 ops = [{op = "resize"}, {op = "plugin", call = "stoker_test_plugins:Shrink"}]
 """
-RECIPES = ("photometric", "geometric", "rand_augment", "auto_augment", "trivial", "augmix", "plugins")
+RECIPES = ("photometric", "geometric", "rand_augment", "auto_augment", "trivial", "augmix", "plugins", "exact")
 OPTIONS = dict(batch_size=8, image_size=40, seed=7)
 
 
