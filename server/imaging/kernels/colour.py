@@ -49,16 +49,10 @@ def adjust_brightness(image: np.ndarray, brightness_factor: float) -> np.ndarray
     return _lut(image, _table(_LEVELS * np.float32(brightness_factor)))
 
 
-def _grey_mean(image: np.ndarray) -> float:
-    means = cv2.mean(image)[:3]
-    return float(np.float32(_GREY[0] * means[0] + _GREY[1] * means[1] + _GREY[2] * means[2]))
-
-
 def adjust_contrast(image: np.ndarray, contrast_factor: float) -> np.ndarray:
-    """A blend with the image's mean grey level."""
-    factor = np.float32(contrast_factor)
-    mean = np.float32(_grey_mean(image))
-    return _lut(image, _table(_LEVELS * factor + mean * (np.float32(1.0) - factor)))
+    """A blend with the mean of the (floored) grey image."""
+    mean = np.float32(cv2.mean(cv2.transform(image, _GREY3[:1]))[0])
+    return _lut(image, _table(_LEVELS * np.float32(contrast_factor) + mean * np.float32(1.0 - contrast_factor)))
 
 
 def _blend(image: np.ndarray, other: np.ndarray, factor: float) -> np.ndarray:
