@@ -239,3 +239,14 @@ def test_stoker_serve_exits_2_naming_an_impossible_post_op(tmp_path: Path) -> No
     result = run_cli("serve", "--config", str(config), "--dataset", "demo=server/demo-data", timeout_s=120, env=env)
     assert result.returncode == 2, result.stderr
     assert "pipeline 'bad'" in result.stderr and "bits=12" in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize("pipeline", ["train", "photometric", "dino"])
+def test_both_layouts_carry_the_same_images_written_by_the_workers(servers, pipeline: str) -> None:
+    one, two = servers
+    contiguous = fetch_epoch(one.data, pipeline=pipeline, **OPTIONS)
+    channels_last = fetch_epoch(two.data, pipeline=pipeline, memory_format=torch.channels_last, **OPTIONS)
+    assert same_epochs(contiguous, channels_last)
+    first = contiguous[0][0] if pipeline != "dino" else contiguous[0][0][0]
+    last = channels_last[0][0] if pipeline != "dino" else channels_last[0][0][0]
+    assert first.is_contiguous() and last.is_contiguous(memory_format=torch.channels_last)
