@@ -48,6 +48,8 @@ __all__ = [
 Geometry = Literal["random_resized_crop", "resize_center_crop", "resize"]
 GEOMETRIES: tuple[str, ...] = ("random_resized_crop", "resize_center_crop", "resize")
 TORCHVISION_PREFIX = "torchvision."
+CONTAINERS = frozenset({"RandomApply", "RandomChoice", "RandomOrder", "Compose"})
+"""torchvision transforms of transforms: their ``transforms`` is a list of op tables in TOML."""
 _PLUGIN_CALL = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
 _MAX_VIEWS = 64
 
@@ -81,6 +83,9 @@ class OpSpec:
     """For ``plugin``: ``module:attribute`` in the server's own environment."""
     exact: bool = False
     """Run torchvision's own kernel even where stoker has a fast one (``exact = true``)."""
+    children: tuple[OpSpec, ...] = ()
+    """For ``torchvision.RandomApply`` / ``RandomChoice`` / ``RandomOrder`` / ``Compose``: the ops of its
+    ``transforms`` list, each a table like any post-op."""
 
     @property
     def label(self) -> str:
@@ -98,6 +103,8 @@ class OpSpec:
             out = {"op": self.op, "call": self.call, "kwargs": self.arguments()}
         if self.exact:
             out["exact"] = True
+        if self.children:
+            out["transforms"] = [child.describe() for child in self.children]
         return out
 
 
@@ -242,7 +249,14 @@ def _post_op(position: int, entry: Mapping[str, Any], exact: bool = False) -> Op
         if not isinstance(own, bool):
             raise ValueError(f"{where}: exact={own!r} must be true or false")
         kwargs = {k: v for k, v in entry.items() if k not in ("op", "exact")}
-        return OpSpec(op, _frozen(kwargs), exact=own or exact)
+        children: tuple[OpSpec, ...] = ()
+        nested = kwargs.get("transforms")
+        if op[len(TORCHVISION_PREFIX) :] in CONTAINERS and isinstance(nested, list):
+            if not nested or not all(isinstance(child, Mapping) for child in nested):
+                raise ValueError(f"{where}: transforms must be a non-empty list of op tables")
+            children = tuple(_post_op(position, child, own or exact) for child in nested)
+            del kwargs["transforms"]
+        return OpSpec(op, _frozen(kwargs), exact=own or exact, children=children)
     raise ValueError(
         f"{where} is not known: after the geometry come 'hflip', 'torchvision.NAME' "
         "(a torchvision.transforms.v2 transform) or 'plugin'"

@@ -77,6 +77,8 @@ def build_op(spec: OpSpec) -> Transform:
         raise ValueError(f"torchvision.transforms.v2 has no transform {name!r}")
     if name in BATCH_ONLY:
         raise ValueError(f"{name} mixes samples and needs a batch with labels: apply it on the trainer's GPU")
+    if spec.children:
+        kwargs["transforms"] = [build_op(child) for child in spec.children]
     try:
         return cls(**kwargs)
     except (TypeError, ValueError) as exc:
@@ -94,8 +96,12 @@ def seed_generators(key: int) -> None:
 
 def is_fast(op: Transform) -> bool:
     """Whether ``op`` runs stoker's fast kernels (and so takes the native layout as it is)."""
+    from torchvision.transforms import v2
+
     from stoker.server.imaging.kernels.transforms import FastKernels
 
+    if isinstance(op, (v2.RandomApply, v2.RandomChoice, v2.RandomOrder, v2.Compose)):
+        return all(is_fast(child) for child in op.transforms)
     return isinstance(op, FastKernels)
 
 
