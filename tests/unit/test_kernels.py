@@ -115,3 +115,22 @@ def test_exact_gives_torchvisions_bytes_through_the_worker_path() -> None:
     )(torch.from_numpy(rows["plain"]).permute(2, 0, 1).contiguous())
     assert np.array_equal(rows["exact"], expected.permute(1, 2, 0).numpy())
     assert np.abs(rows["fast"].astype(int) - rows["exact"].astype(int)).max() <= 8
+
+
+def test_the_dino_multicrop_recipe_nests_ops_in_random_apply_and_has_every_form() -> None:
+    from stoker.server.imaging.postops import validate_pipelines
+    from stoker.server.settings import load_settings
+    from stoker.server.tools.bench.peers import albumentations_transform
+    from stoker.server.tools.bench.recipes import recipe_transform
+    from tests.helpers import ROOT
+
+    pipelines = load_settings(ROOT / "deploy" / "examples" / "recipes.toml", env={}).pipeline_map()
+    fast, exact = pipelines["dino_multicrop"], pipelines["dino_multicrop_exact"]
+    validate_pipelines([fast, exact])
+    jitter = fast.views[0].post_ops[0]
+    assert jitter.op == "torchvision.RandomApply" and jitter.children[0].op == "torchvision.ColorJitter"
+    assert is_fast(build_op(jitter)) and not is_fast(build_op(exact.views[0].post_ops[0]))
+    assert not is_fast(recipe_transform(fast, 32).transforms[0].transforms[2]), "the DataLoader runs torchvision's"
+    sizes = [(3, 224, 224)] * 2 + [(3, 96, 96)] * 6
+    image = np.zeros((120, 160, 3), np.uint8)
+    assert [tuple(v.shape) for v in albumentations_transform(fast, 32)(image)] == sizes

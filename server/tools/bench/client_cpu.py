@@ -23,16 +23,16 @@ FORMATS = {"contiguous": torch.contiguous_format, "channels_last": torch.channel
 
 
 def client_cpu_ms_per_image(endpoint: str, epochs: int, batch_size: int, size: int, **options: object) -> float:
-    """Client process CPU milliseconds per image over ``epochs`` epochs (after one warm-up batch)."""
+    """Client process CPU milliseconds per image over ``epochs`` epochs (after a warm-up epoch)."""
     from stoker.client import RemoteBatches
 
     with RemoteBatches(endpoint, "bench", image_size=size, batch_size=batch_size, device="cpu", **options) as batches:
-        iterator = iter(batches)
-        next(iterator)
+        for _ in batches:  # a warm-up epoch: connections, the server's workers, first page faults
+            pass
         images, started = 0, time.process_time()
-        for _ in range(epochs * len(batches)):
-            views, _labels = next(iterator)
-            images += (views[0] if isinstance(views, list) else views).shape[0]
+        for _ in range(epochs):
+            for views, _labels in batches:
+                images += (views[0] if isinstance(views, list) else views).shape[0]
         return (time.process_time() - started) * 1000 / images
 
 
