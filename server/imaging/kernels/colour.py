@@ -115,7 +115,7 @@ def solarize(image: np.ndarray, threshold: float) -> np.ndarray:
 def posterize(image: np.ndarray, bits: int) -> np.ndarray:
     """The ``bits`` high bits of every level kept."""
     mask = (0xFF << (8 - bits)) & 0xFF if bits < 8 else 0xFF
-    return _lut(image, (np.arange(256, dtype=np.uint8) & np.uint8(mask)).astype(np.uint8))
+    return np.bitwise_and(image, np.uint8(mask))
 
 
 def invert(image: np.ndarray) -> np.ndarray:
