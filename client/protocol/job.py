@@ -12,10 +12,12 @@ import msgpack
 from stoker.client.protocol.errors import ProtocolError
 from stoker.client.protocol.wire import MAX_BATCH_SAMPLES, ErrorCode
 
-__all__ = ["JobSpec", "MAX_IMAGE_SIZE", "MAX_WORLD_SIZE"]
+__all__ = ["JobSpec", "LAYOUTS", "MAX_IMAGE_SIZE", "MAX_WORLD_SIZE"]
 
 MAX_IMAGE_SIZE = 4096
 MAX_WORLD_SIZE = 65536
+LAYOUTS = ("nhwc", "nchw")
+"""How a batch's image bytes are laid out: ``[n, H, W, 3]`` (the default) or ``[n, 3, H, W]``."""
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
 
 
@@ -37,6 +39,9 @@ class JobSpec:
     span: tuple[int, int] | None = None
     """Positions ``[start, end)`` of each epoch's order that this job plans (a job resumed on another
     number of ranks asks for the rest of its epoch this way); ``None``: the whole epoch."""
+    layout: str = "nhwc"
+    """The image bytes' layout (:data:`LAYOUTS`): the workers write the rows in it, so the client
+    receives straight into the tensor it yields (``nchw``: contiguous, ``nhwc``: channels-last)."""
 
     def __post_init__(self) -> None:
         for name in ("dataset", "pipeline"):
@@ -55,6 +60,8 @@ class JobSpec:
         for name in ("shuffle", "drop_last"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name}={getattr(self, name)!r} must be a bool")
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"layout={self.layout!r} must be one of {LAYOUTS}")
         if self.span is not None:
             span = self.span
             if (
@@ -67,9 +74,11 @@ class JobSpec:
             object.__setattr__(self, "span", (int(span[0]), int(span[1])))
 
     def _values(self) -> list[Any]:
-        # ``span`` only when set: jobs without it keep the ids (and wire form) they always had.
-        values = [getattr(self, f.name) for f in fields(self) if f.name != "span"]
-        return values if self.span is None else [*values, list(self.span)]
+        # ``span`` only when set, ``layout`` only when not the default: jobs without them keep the ids
+        # (and wire form) they always had.
+        values = [getattr(self, f.name) for f in fields(self) if f.name not in ("span", "layout")]
+        values = values if self.span is None else [*values, list(self.span)]
+        return values if self.layout == "nhwc" else [*values, self.layout]
 
     @property
     def job_id(self) -> str:
@@ -84,6 +93,8 @@ class JobSpec:
             del wire["span"]
         else:
             wire["span"] = list(self.span)
+        if self.layout == "nhwc":
+            del wire["layout"]
         return wire
 
     @classmethod

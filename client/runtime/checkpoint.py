@@ -32,7 +32,7 @@ def state_dict(spec: JobSpec, rank: int, saved: SavedPosition) -> dict[str, Any]
     """The state of ``rank`` of the job ``spec`` at ``saved`` (whose world size is the spec's)."""
     state: dict[str, Any] = {
         "version": STATE_VERSION,
-        "job": spec.to_wire(),
+        "job": replace(spec, layout="nhwc").to_wire(),  # the layout is not the position's: left out
         "rank": rank,
         "epoch": saved.epoch,
         "next_batch": saved.next_batch,
@@ -56,7 +56,8 @@ def read_state(state: Mapping[str, Any], spec: JobSpec) -> SavedPosition:
     if not isinstance(state["job"], Mapping):
         raise ValueError(f"state's job={state['job']!r} is not a job spec's map")
     saved = JobSpec.from_wire(dict(state["job"]))
-    ours = replace(spec, world_size=saved.world_size)
+    # The layout orders the same bytes differently: any may resume a state.
+    ours = replace(spec, world_size=saved.world_size, layout=saved.layout)
     if saved != ours:
         diff = {k: (v, getattr(ours, k)) for k, v in saved.to_wire().items() if getattr(ours, k) != v}
         raise ValueError(f"state is for another job; differing fields (saved, current): {diff}")

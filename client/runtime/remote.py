@@ -101,7 +101,11 @@ class RemoteBatches(IterableDataset):
             raise ValueError(f"{resolve_interval_s=} must be > 0")
         self.resolve_interval_s = float(resolve_interval_s)
         self.rank, world_size = _distributed_defaults(rank, world_size)
-        self.spec = JobSpec(dataset, pipeline, image_size, batch_size, seed, shuffle, drop_last, world_size)
+        # The workers write rows in the layout the loop gets, so receiving copies nothing.
+        layout = "nchw" if memory_format == torch.contiguous_format else "nhwc"
+        self.spec = JobSpec(
+            dataset, pipeline, image_size, batch_size, seed, shuffle, drop_last, world_size, layout=layout
+        )
         if not isinstance(prefetch, int) or not 1 <= prefetch <= 1024:
             raise ValueError(f"{prefetch=} must be an int in [1, 1024]")
         if not timeout_s > 0:

@@ -34,6 +34,11 @@ Wants = Callable[[int, int], bool]
 """``wants(epoch, k)``: whether the caller still waits for that batch (else it is read and dropped)."""
 
 
+def _image_shape(view: list[int], layout: str) -> tuple[int, ...]:
+    """One image's ``(H, W, 3)`` from a ``BATCH`` view shape in the job's layout."""
+    return (view[2], view[3], view[1]) if layout == "nchw" and len(view) == 4 else tuple(view[1:])
+
+
 @dataclass(frozen=True, slots=True)
 class JobInfo:
     """What the servers said about the job."""
@@ -293,7 +298,7 @@ class Session:
             not more
             or fields["dtype"] != "uint8"
             or any(len(view) != 4 or view[0] != shape[0] for view in shapes)
-            or (info is not None and tuple(tuple(view[1:]) for view in shapes) != info.shapes)
+            or (info is not None and tuple(_image_shape(view, self.spec.layout) for view in shapes) != info.shapes)
             or not 0 < shape[0] <= self.spec.batch_size
             or len(fields["labels"]) != shape[0]
             or len(fields["indices"]) != shape[0]

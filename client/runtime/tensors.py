@@ -1,9 +1,11 @@
 """From received bytes to the tensors a training step takes: on the device, NCHW, normalised there.
 
-Bytes arrive as ``uint8`` NHWC (one block per view). A pinned host buffer is copied to the device
-without blocking, in one copy for every view; a ZeroMQ frame is wrapped without copying. NHWC viewed
-as NCHW is the channels-last layout, so ``memory_format=torch.channels_last`` costs nothing; the
-default, contiguous NCHW like a DataLoader's, is made in the same pass as the float conversion.
+Bytes arrive as ``uint8`` in the layout the job asked for (one block per view): NCHW for the default
+contiguous format, NHWC for channels-last, written so by the server's workers. A pinned host buffer is
+copied to the device without blocking, in one copy for every view; a ZeroMQ frame is wrapped without
+copying, so either layout reaches the loop with no host copy. NHWC viewed as NCHW is the channels-last
+layout. (A batch in the other layout, from a server that wrote NHWC for a contiguous job, is made
+contiguous here, in the same pass as the float conversion when normalising.)
 """
 
 from __future__ import annotations
@@ -79,7 +81,14 @@ class Converter:
             for (offset, size), shape in zip(blocks, shapes, strict=True)
         ]
 
-    def _finish(self, nhwc: torch.Tensor) -> torch.Tensor:
+    def _finish(self, block: torch.Tensor) -> torch.Tensor:
+        if block.shape[-1] != 3:  # NCHW bytes (a side is at least 8): already the contiguous tensor
+            if self.normalize:
+                mean, std = self._normalizer()
+                layout = torch.contiguous_format if self.contiguous else torch.channels_last
+                return block.to(dtype=torch.float32, memory_format=layout).sub_(mean).div_(std)
+            return block if self.contiguous else block.contiguous(memory_format=torch.channels_last)
+        nhwc = block
         images = nhwc.permute(0, 3, 1, 2)  # channels-last memory, NCHW indexing: no copy
         layout = torch.contiguous_format if self.contiguous else torch.channels_last
         if self.normalize:

@@ -63,7 +63,10 @@ class OpenJob:
         return sum(side * side * 3 for side in self.sizes)
 
     def view_shapes(self, rows: int) -> list[list[int]]:
-        """``[rows, side, side, 3]`` per view: a batch's image arrays, in the order they are laid out."""
+        """``[rows, side, side, 3]`` (``[rows, 3, side, side]`` for an ``nchw`` job) per view: a batch's
+        image arrays, in the order they are laid out."""
+        if self.spec.layout == "nchw":
+            return [[rows, 3, side, side] for side in self.sizes]
         return [[rows, side, side, 3] for side in self.sizes]
 
     def batch_nbytes(self, k: int) -> int:

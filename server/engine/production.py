@@ -199,8 +199,9 @@ class Production:
             return None
         pipeline, size = job.pipeline, job.spec.image_size
         return TaskMessage(
-            task.task_id, work.slot.name, len(work.originals), size, pipeline, tuple(specs), job.min_side
-        )
+            task.task_id, work.slot.name, len(work.originals), size, pipeline, tuple(specs), job.min_side,
+            job.spec.layout,
+        )  # fmt: skip
 
     def _release_claims(self, task: Task, index: int | None = None) -> None:
         """``task`` is done with its cache claims (on sample ``index``, or all): rows parked behind them

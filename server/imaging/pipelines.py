@@ -2,9 +2,10 @@
 
 A pipeline is one or more **views**. A view is one *geometry* (which source box is resized to what,
 then optionally cropped, optionally mirrored: the fused decode-crop-resize fast path) followed by any
-number of **post-ops** on the ``3 x H x W`` ``uint8`` image: torchvision v2 transforms by name, or an
-operator's plugin. A multi-view pipeline (self-supervised multi-crop) decodes a sample once and
-renders every view from it. Clients name pipelines; code only comes from the server's environment.
+number of **post-ops** on the ``3 x H x W`` ``uint8`` image: torchvision v2 transforms by name (the
+heavy ones on stoker's fast kernels unless ``exact = true``), or an operator's plugin. A multi-view
+pipeline (self-supervised multi-crop) decodes a sample once and renders every view from it. Clients
+name pipelines; code only comes from the server's environment.
 
 This module is pure (no torch): it parses and checks declarations. :mod:`.postops` builds and runs the
 post-ops inside workers.
@@ -47,6 +48,8 @@ __all__ = [
 Geometry = Literal["random_resized_crop", "resize_center_crop", "resize"]
 GEOMETRIES: tuple[str, ...] = ("random_resized_crop", "resize_center_crop", "resize")
 TORCHVISION_PREFIX = "torchvision."
+CONTAINERS = frozenset({"RandomApply", "RandomChoice", "RandomOrder", "Compose"})
+"""torchvision transforms of transforms: their ``transforms`` is a list of op tables in TOML."""
 _PLUGIN_CALL = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
 _MAX_VIEWS = 64
 
@@ -78,6 +81,11 @@ class OpSpec:
     kwargs: tuple[tuple[str, Any], ...] = ()
     call: str | None = None
     """For ``plugin``: ``module:attribute`` in the server's own environment."""
+    exact: bool = False
+    """Run torchvision's own kernel even where stoker has a fast one (``exact = true``)."""
+    children: tuple[OpSpec, ...] = ()
+    """For ``torchvision.RandomApply`` / ``RandomChoice`` / ``RandomOrder`` / ``Compose``: the ops of its
+    ``transforms`` list, each a table like any post-op."""
 
     @property
     def label(self) -> str:
@@ -93,6 +101,10 @@ class OpSpec:
         out: dict[str, Any] = {"op": self.op, **self.arguments()}
         if self.call is not None:
             out = {"op": self.op, "call": self.call, "kwargs": self.arguments()}
+        if self.exact:
+            out["exact"] = True
+        if self.children:
+            out["transforms"] = [child.describe() for child in self.children]
         return out
 
 
@@ -215,7 +227,7 @@ def _geometry(first: Mapping[str, Any]) -> dict[str, Any]:
     return params
 
 
-def _post_op(position: int, entry: Mapping[str, Any]) -> OpSpec:
+def _post_op(position: int, entry: Mapping[str, Any], exact: bool = False) -> OpSpec:
     op = entry.get("op")
     where = f"op {position} {op!r}"
     if not isinstance(op, str):
@@ -233,15 +245,27 @@ def _post_op(position: int, entry: Mapping[str, Any]) -> OpSpec:
     if op == "hflip":
         raise ValueError(f"{where} must come right after the geometry (or use torchvision.RandomHorizontalFlip)")
     if op.startswith(TORCHVISION_PREFIX) and op[len(TORCHVISION_PREFIX) :].isidentifier():
-        return OpSpec(op, _frozen({k: v for k, v in entry.items() if k != "op"}))
+        own = entry.get("exact", False)
+        if not isinstance(own, bool):
+            raise ValueError(f"{where}: exact={own!r} must be true or false")
+        kwargs = {k: v for k, v in entry.items() if k not in ("op", "exact")}
+        children: tuple[OpSpec, ...] = ()
+        nested = kwargs.get("transforms")
+        if op[len(TORCHVISION_PREFIX) :] in CONTAINERS and isinstance(nested, list):
+            if not nested or not all(isinstance(child, Mapping) for child in nested):
+                raise ValueError(f"{where}: transforms must be a non-empty list of op tables")
+            children = tuple(_post_op(position, child, own or exact) for child in nested)
+            del kwargs["transforms"]
+        return OpSpec(op, _frozen(kwargs), exact=own or exact, children=children)
     raise ValueError(
         f"{where} is not known: after the geometry come 'hflip', 'torchvision.NAME' "
         "(a torchvision.transforms.v2 transform) or 'plugin'"
     )
 
 
-def view_from_ops(ops: list[Mapping[str, Any]], size: int | None = None, count: int = 1) -> View:
-    """One view from an op list: a geometry first, then an optional ``hflip``, then post-ops."""
+def view_from_ops(ops: list[Mapping[str, Any]], size: int | None = None, count: int = 1, exact: bool = False) -> View:
+    """One view from an op list: a geometry first, then an optional ``hflip``, then post-ops
+    (``exact``: every torchvision op runs torchvision's own kernel)."""
     if not isinstance(ops, list) or not ops or not all(isinstance(op, Mapping) for op in ops):
         raise ValueError("ops must be a non-empty list of tables")
     first, *rest = ops
@@ -253,19 +277,19 @@ def view_from_ops(ops: list[Mapping[str, Any]], size: int | None = None, count: 
                 raise ValueError(f"op {position} 'hflip' takes only 'p'")
             params["hflip"] = float(entry.get("p", 0.5))
         else:
-            post_ops.append(_post_op(position, entry))
+            post_ops.append(_post_op(position, entry, exact))
     return View(**params, post_ops=tuple(post_ops), size=size, count=count)
 
 
-def pipeline_from_ops(name: str, ops: list[Mapping[str, Any]]) -> Pipeline:
+def pipeline_from_ops(name: str, ops: list[Mapping[str, Any]], exact: bool = False) -> Pipeline:
     """A single-view pipeline from an op list (its size is the job's ``image_size``)."""
     try:
-        return Pipeline(name, (view_from_ops(ops),))
+        return Pipeline(name, (view_from_ops(ops, exact=exact),))
     except ValueError as exc:
         raise ValueError(f"pipeline {name!r}: {exc}") from None
 
 
-def pipeline_from_views(name: str, views: list[Mapping[str, Any]]) -> Pipeline:
+def pipeline_from_views(name: str, views: list[Mapping[str, Any]], exact: bool = False) -> Pipeline:
     """A multi-view pipeline: each entry ``{count, size, ops}``."""
     if not isinstance(views, list) or not views:
         raise ValueError(f"pipeline {name!r}: views must be a non-empty list of tables")
@@ -274,7 +298,7 @@ def pipeline_from_views(name: str, views: list[Mapping[str, Any]]) -> Pipeline:
         if not isinstance(entry, Mapping) or set(entry) - {"count", "size", "ops"} or "ops" not in entry:
             raise ValueError(f"pipeline {name!r}: view {number} must be a table of 'ops' and optional 'count', 'size'")
         try:
-            built.append(view_from_ops(entry["ops"], entry.get("size"), entry.get("count", 1)))
+            built.append(view_from_ops(entry["ops"], entry.get("size"), entry.get("count", 1), exact))
         except ValueError as exc:
             raise ValueError(f"pipeline {name!r}: view {number}: {exc}") from None
     return Pipeline(name, tuple(built))

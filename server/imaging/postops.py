@@ -1,5 +1,10 @@
 """Post-ops: torchvision v2 transforms and operator plugins run on a view after its geometry.
 
+A ``torchvision.NAME`` op with a fast kernel (:mod:`stoker.server.imaging.kernels`) is built as its
+fast subclass unless the op says ``exact``; fast ops pass the image on in the worker's native
+``H x W x 3`` layout (seen as ``3 x H x W``), and an op without one (a plugin, another torchvision
+transform) gets the contiguous ``3 x H x W`` tensor it always had.
+
 Built from declarations (:class:`~stoker.server.imaging.pipelines.OpSpec`) once per worker, and once at
 server start to refuse what cannot work (an unknown name, bad arguments, a transform that needs a
 batch or does not return a ``uint8`` image) with the op and the reason. Before a view's post-ops run,
@@ -22,7 +27,16 @@ import torch
 from stoker.server.imaging.errors import PostOpError
 from stoker.server.imaging.pipelines import TORCHVISION_PREFIX, OpSpec, Pipeline, View
 
-__all__ = ["PostOpError", "PostOps", "build_op", "seed_generators", "validate_pipelines", "check_output", "BATCH_ONLY"]
+__all__ = [
+    "PostOpError",
+    "PostOps",
+    "build_op",
+    "is_fast",
+    "seed_generators",
+    "validate_pipelines",
+    "check_output",
+    "BATCH_ONLY",
+]
 
 Transform = Callable[[torch.Tensor], Any]
 BATCH_ONLY = frozenset({"MixUp", "CutMix"})
@@ -55,12 +69,16 @@ def build_op(spec: OpSpec) -> Transform:
         return built
     from torchvision.transforms import v2
 
+    from stoker.server.imaging.kernels.transforms import FAST_TRANSFORMS
+
     name = spec.op[len(TORCHVISION_PREFIX) :]
-    cls = getattr(v2, name, None)
+    cls = getattr(v2, name, None) if spec.exact else FAST_TRANSFORMS.get(name, getattr(v2, name, None))
     if not (isinstance(cls, type) and issubclass(cls, v2.Transform)):
         raise ValueError(f"torchvision.transforms.v2 has no transform {name!r}")
     if name in BATCH_ONLY:
         raise ValueError(f"{name} mixes samples and needs a batch with labels: apply it on the trainer's GPU")
+    if spec.children:
+        kwargs["transforms"] = [build_op(child) for child in spec.children]
     try:
         return cls(**kwargs)
     except (TypeError, ValueError) as exc:
@@ -76,9 +94,22 @@ def seed_generators(key: int) -> None:
     np.random.seed(key & 0xFFFFFFFF)
 
 
+def is_fast(op: Transform) -> bool:
+    """Whether ``op`` runs stoker's fast kernels (and so takes the native layout as it is)."""
+    from torchvision.transforms import v2
+
+    from stoker.server.imaging.kernels.transforms import FastKernels
+
+    if isinstance(op, (v2.RandomApply, v2.RandomChoice, v2.RandomOrder, v2.Compose)):
+        return all(is_fast(child) for child in op.transforms)
+    return isinstance(op, FastKernels)
+
+
 def _run(ops: Iterable[tuple[str, Transform]], image: torch.Tensor, times: dict[str, float]) -> torch.Tensor:
     for label, op in ops:
         started = time.perf_counter()
+        if not image.is_contiguous() and not is_fast(op):
+            image = image.contiguous()  # plugins and torchvision's kernels get the 3 x H x W they expect
         try:
             image = op(image)
         except Exception as exc:  # the op's failure is the pipeline's, reported with its traceback

@@ -217,6 +217,8 @@ class PipelineSettings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     ops: list[dict[str, Any]] | None = None
     views: list[dict[str, Any]] | None = None
+    exact_torchvision: bool = False
+    """Every torchvision op of the pipeline runs torchvision's own kernel (as ``exact = true`` on each)."""
 
     @model_validator(mode="after")
     def _one_form(self) -> Self:
@@ -319,9 +321,9 @@ class ServerSettings(EngineSettings):
     def pipeline_map(self) -> dict[str, Pipeline]:
         """Built-in pipelines plus declared ones (a declared name overrides a built-in)."""
         declared = {
-            name: pipeline_from_ops(name, entry.ops)
+            name: pipeline_from_ops(name, entry.ops, entry.exact_torchvision)
             if entry.ops is not None
-            else pipeline_from_views(name, entry.views or [])
+            else pipeline_from_views(name, entry.views or [], entry.exact_torchvision)
             for name, entry in self.pipelines.items()
         }
         return {**BUILTIN_PIPELINES, **declared}

@@ -119,6 +119,18 @@ def _add_bench(bench: argparse.ArgumentParser) -> None:
         default=0.0,
         help="also run stoker with /status polled this often, to show the HTTP side's cost",
     )
+    bench.add_argument(
+        "--albumentations",
+        action="store_true",
+        help="add row (g): a DataLoader running the pipeline written with albumentations (installed apart)",
+    )
+    bench.add_argument(
+        "--dali-python",
+        metavar="PYTHON",
+        help="add row (h): NVIDIA DALI's CPU DINO multi-crop pipeline (../shared/peers/dali_dino.py) run by "
+        "this Python, whose environment has DALI",
+    )
+    bench.add_argument("--dali-script", type=Path, help="the DALI peer script (default: ../shared/peers/dali_dino.py)")
     bench.add_argument("--json", action="store_true", help="print the results as JSON")
 
 
@@ -187,6 +199,9 @@ def _bench(args: argparse.Namespace) -> int:
             config_file=args.config.resolve() if args.config else None,
             server_args=("--reads-in-flight", str(args.reads_in_flight)) if args.reads_in_flight else (),
             cache_bytes=args.cache,
+            albumentations=args.albumentations,
+            dali_python=args.dali_python,
+            dali_script=args.dali_script.resolve() if args.dali_script else None,
             curve=args.curve,
         )
     except ValueError as exc:

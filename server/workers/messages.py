@@ -108,6 +108,8 @@ class TaskMessage:
     """The dataset's ``cache_min_side``: > 0 decodes every image at the reduction that keeps its shorter
     side at least this, whatever the crop; 0 reduces as far as the crop allows (the same rule on every
     server, cached or not)."""
+    layout: str = "nhwc"
+    """The job's layout of the rows: ``nhwc`` or ``nchw``."""
 
 
 @dataclass(frozen=True, slots=True)

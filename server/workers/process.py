@@ -67,7 +67,8 @@ _MAX_TRACEBACK_CHARS = 8000
 
 def _rows(task: TaskMessage, views: SlotViews) -> list[list[np.ndarray]]:
     """For each row of the batch, its output array per view (views are consecutive blocks)."""
-    shapes = [(task.rows, side, side, 3) for side in task.pipeline.sizes(task.size)]
+    sides = task.pipeline.sizes(task.size)
+    shapes = [(task.rows, 3, s, s) if task.layout == "nchw" else (task.rows, s, s, 3) for s in sides]
     total = sum(batch_nbytes(shape) for shape in shapes)
     flat = views.array(task.slot, total)
     blocks = [
@@ -199,6 +200,9 @@ def _initialise(setup: WorkerSetup) -> SlotViews:
     # One intra-op thread: parallelism comes from the pool, and oversubscribing cores hurts.
     torch.set_num_threads(1)
     from stoker.server.data.stores import configure_stores
+    from stoker.server.imaging.kernels import single_thread
+
+    single_thread()  # OpenCV's fast kernels likewise
     from stoker.server.imaging.render import warm_up
 
     configure_stores(setup.store)

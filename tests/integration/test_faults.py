@@ -186,7 +186,9 @@ def test_a_slow_client_holds_no_more_than_its_window(cluster) -> None:
         with BackgroundClient(server.data, epochs=3, seed=2) as fast:
             assert_exactly_once(fast.result())
         clients = http_json(server.http + "/status")[1]["clients"]
-        slow_job = JobSpec("demo", "train", CLIENT_OPTIONS["image_size"], CLIENT_OPTIONS["batch_size"], seed=1)
+        slow_job = JobSpec(
+            "demo", "train", CLIENT_OPTIONS["image_size"], CLIENT_OPTIONS["batch_size"], seed=1, layout="nchw"
+        )  # a contiguous client asks for NCHW rows
         (slow_view,) = [c for c in clients if c["job_id"] == slow_job.job_id]
         # One batch taken and at most its window of two more sent ahead; nothing else held for it.
         assert slow_view["batches"] <= 3 and slow_view["inflight"] <= 2, clients

@@ -50,6 +50,14 @@ ops = [
   {op = "torchvision.RandomErasing", p = 0.25, value = 0},
 ]
 
+[pipelines.exact]
+exact_torchvision = true
+ops = [
+  {op = "random_resized_crop"},
+  {op = "torchvision.ColorJitter", brightness = 0.4, contrast = 0.4, saturation = 0.2, hue = 0.1},
+  {op = "torchvision.GaussianBlur", kernel_size = 5, exact = true},
+]
+
 [pipelines.auto_augment]
 ops = [{op = "random_resized_crop"}, {op = "torchvision.AutoAugment"}]
 
@@ -83,7 +91,7 @@ ops = [{op = "resize"}, {op = "plugin", call = "stoker_test_plugins:FailOnBright
 [pipelines.shrinking]
 ops = [{op = "resize"}, {op = "plugin", call = "stoker_test_plugins:Shrink"}]
 """
-RECIPES = ("photometric", "geometric", "rand_augment", "auto_augment", "trivial", "augmix", "plugins")
+RECIPES = ("photometric", "geometric", "rand_augment", "auto_augment", "trivial", "augmix", "plugins", "exact")
 OPTIONS = dict(batch_size=8, image_size=40, seed=7)
 
 
@@ -231,3 +239,14 @@ def test_stoker_serve_exits_2_naming_an_impossible_post_op(tmp_path: Path) -> No
     result = run_cli("serve", "--config", str(config), "--dataset", "demo=server/demo-data", timeout_s=120, env=env)
     assert result.returncode == 2, result.stderr
     assert "pipeline 'bad'" in result.stderr and "bits=12" in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize("pipeline", ["train", "photometric", "dino"])
+def test_both_layouts_carry_the_same_images_written_by_the_workers(servers, pipeline: str) -> None:
+    one, two = servers
+    contiguous = fetch_epoch(one.data, pipeline=pipeline, **OPTIONS)
+    channels_last = fetch_epoch(two.data, pipeline=pipeline, memory_format=torch.channels_last, **OPTIONS)
+    assert same_epochs(contiguous, channels_last)
+    first = contiguous[0][0] if pipeline != "dino" else contiguous[0][0][0]
+    last = channels_last[0][0] if pipeline != "dino" else channels_last[0][0][0]
+    assert first.is_contiguous() and last.is_contiguous(memory_format=torch.channels_last)

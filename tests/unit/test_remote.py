@@ -33,7 +33,7 @@ def planned(fields: dict[str, Any]) -> list[Message]:
         "rank": fields["rank"],
         "k": fields["k"],
         "dtype": "uint8",
-        "shape": [len(indices), *IMAGE],
+        "shape": [len(indices), *(IMAGE if job.layout == "nhwc" else (IMAGE[2], *IMAGE[:2]))],
         "labels": [int(i) % 2 for i in indices],
         "indices": indices.tolist(),
     }

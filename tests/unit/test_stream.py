@@ -124,7 +124,8 @@ class ScriptedServer:
                     self.received.append((header.kind, header.fields, time.monotonic()))
                     self._changed.notify_all()
                 if header.kind == Kind.HELLO:
-                    self._send(identity, [[encode(Kind.JOB_INFO, JOB_INFO)]])
+                    job_id = JobSpec.from_wire(header.fields["job"]).job_id  # whatever layout it asked
+                    self._send(identity, [[encode(Kind.JOB_INFO, {**JOB_INFO, "job_id": job_id})]])
                 elif header.kind == Kind.REQUEST:
                     self._send(identity, self.answer({**header.fields, "identity": identity}))
         except BaseException as exc:  # handed to the test by close()

@@ -9,10 +9,15 @@ Rows, run one after another and repeated (interleaved, so drift hits all alike):
 - (e) ``stoker_cached`` (``--cache``): the same with the decoded-sample cache, from its second epoch
 - (f) ``stoker_curve`` (``--curve``): (d) with CURVE authentication and encryption on the data plane
   (and the wire path measured with CURVE too)
+- (g) ``dataloader_albumentations`` (``--albumentations``): a DataLoader running the pipeline written
+  with albumentations (:mod:`.peers`)
+- (h) ``dali`` (``--dali-python PY``): NVIDIA DALI's CPU pipeline for the DINO multi-crop recipe, run
+  by that Python (:mod:`.peers`)
 
-plus the wire path alone (GB/s). Reported: images/s (median and range), MB/s, CPU-seconds per
-1,000 images (the whole process tree), (d)/(a), (d)/(b) and (d) / (cores x (c)). Each row is
-reported by its median run (:mod:`stoker.server.tools.measure`).
+plus the wire path alone (GB/s), and stoker's per-stage and per-op times from its ``/status``.
+Reported: images/s (median and range), MB/s, CPU-seconds per 1,000 images (the whole process tree),
+(d)/(a), (d)/(b), (d)/(g), (d)/(h) and (d) / (cores x (c)). Each row is reported by its median run
+(:mod:`stoker.server.tools.measure`).
 """
 
 from __future__ import annotations
@@ -61,6 +66,12 @@ class BenchConfig:
     second epoch on: row (e)."""
     curve: bool = False
     """Also run stoker with CURVE on its data socket (row (f)) and the wire path with CURVE."""
+    albumentations: bool = False
+    """Also run a DataLoader with the pipeline written in albumentations (row (g))."""
+    dali_python: str | None = None
+    """Also run DALI's DINO multi-crop pipeline under this Python (row (h))."""
+    dali_script: Path | None = None
+    """The DALI peer script (default: ``../shared/peers/dali_dino.py`` from the repository)."""
 
     def __post_init__(self) -> None:
         if not self.folder and not _dataset_path(self.data):
@@ -117,8 +128,11 @@ def _dataset_path(data: str) -> bool:
     return data.startswith("s3://") or "{" in data or Path(data).is_file()
 
 
-def _loaders(config: BenchConfig, workers: int, keys: BenchKeys | None = None) -> dict[str, tuple[str, Factory | None]]:
-    """Each row: its label and how to open its stream (``None``: the decode row, measured apart)."""
+def _loaders(
+    config: BenchConfig, workers: int, keys: BenchKeys | None = None, stages: dict[str, float] | None = None
+) -> dict[str, tuple[str, Factory | None]]:
+    """Each row: its label and how to open its stream (``None``: measured apart); row (d) fills
+    ``stages`` with its server's mean milliseconds per stage and per op at the end of each run."""
     from stoker.server.tools.bench.loaders import seed_recipe, stoker_stream, strong_recipe
 
     data, size, batch, name = config.data, config.image_size, config.batch_size, config.pipeline
@@ -135,7 +149,7 @@ def _loaders(config: BenchConfig, workers: int, keys: BenchKeys | None = None) -
         rows["decode_1core"] = ("(c) decode, 1 core", None)
     rows["stoker"] = (
         "(d) stoker end to end",
-        lambda: stoker_stream(data, size, batch, workers, name, server_args=server_args),
+        lambda: stoker_stream(data, size, batch, workers, name, server_args=server_args, stages=stages),
     )
     if config.cache_bytes:
         cached_args = [*server_args, "--cache", "bench", "--cache-bytes", config.cache_bytes]
@@ -149,6 +163,16 @@ def _loaders(config: BenchConfig, workers: int, keys: BenchKeys | None = None) -
             "(f) stoker, CURVE on",
             lambda: stoker_stream(data, size, batch, workers, name, server_args=curve_args, client_keys=keys.client),
         )
+    if folder is not None and config.albumentations:
+        from stoker.server.tools.bench.peers import albumentations_recipe, albumentations_transform
+
+        albumentations_transform(pipeline, size)  # an op without an albumentations form fails before any run
+        rows["dataloader_albumentations"] = (
+            "(g) DataLoader, albumentations",
+            lambda: albumentations_recipe(folder, size, batch, workers, pipeline),
+        )
+    if folder is not None and config.dali_python:
+        rows["dali"] = ("(h) DALI CPU, DINO recipe", None)
     if config.poll_status_ms:
         poll = config.poll_status_ms
         rows["stoker_polled"] = (
@@ -167,6 +191,17 @@ def _decode_run(row: Series, files: list[Path], seconds: float) -> dict[str, flo
     # One core, busy all along: its CPU seconds are its wall seconds.
     row.runs.append(Run(int(rates[best] * seconds), nbytes=0, wall_s=seconds, cpu_s=seconds))
     return rates
+
+
+def _dali_run(config: BenchConfig, workers: int) -> Run:
+    from stoker.server.tools.bench.peers import dali_run
+
+    assert config.folder is not None and config.dali_python is not None
+    sample_nbytes = sum(side * side * 3 for side in config.resolve_pipeline().sizes(config.image_size))
+    from stoker.server.tools.bench.peers import DALI_DINO
+
+    script = config.dali_script or DALI_DINO
+    return dali_run(config.dali_python, config.folder, workers, config.batch_size, sample_nbytes, script)
 
 
 def run_bench(config: BenchConfig, progress: bool = True) -> dict[str, Any]:
@@ -190,13 +225,17 @@ def _run_rows(
     from stoker.server.settings.host import usable_cores
     from stoker.server.tools.bench.wire_rate import wire_rate
 
-    loaders = _loaders(config, workers, keys)
+    stages: dict[str, float] = {}
+    loaders = _loaders(config, workers, keys, stages)
     rows = {key: Series(label) for key, (label, _) in loaders.items()}
     bar = _Progress(config.repeats * len(rows) + 1 + (keys is not None), progress)
     rates: dict[str, float] = {}
     for repeat in range(config.repeats):
         for key, (label, factory) in loaders.items():
             bar.step(f"{label} ({repeat + 1}/{config.repeats})")
+            if key == "dali":
+                rows[key].runs.append(_dali_run(config, workers))
+                continue
             if factory is None:
                 rates = _decode_run(rows[key], files, config.seconds)
                 continue
@@ -219,4 +258,5 @@ def _run_rows(
         "ratios": ratios(rows, cores),
         "wire_gb_per_s": gb_per_s,
         "wire_curve_gb_per_s": curve_gb_per_s,
+        "stoker_stages_ms": stages,
     }

@@ -13,6 +13,7 @@ Both DataLoaders use ``persistent_workers`` so epoch boundaries cost them no wor
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 import urllib.request
@@ -157,9 +158,11 @@ def stoker_stream(
     prefetch: int = 4,
     server_args: Sequence[str] = (),
     client_keys: dict[str, str] | None = None,
+    stages: dict[str, float] | None = None,
 ) -> Iterator[Stream]:
     """A real server (child process, given ``server_args`` too) and a CPU client of uint8 batches;
-    optionally a thread polling ``/status``."""
+    optionally a thread polling ``/status``; ``stages`` gets the server's mean milliseconds per stage
+    (and per post-op: ``op:<pipeline>/<op>``) from ``/status`` when the stream ends."""
     args = loopback_args("bench", data, workers) + list(server_args)
     with start_server(args) as server:
         stop = threading.Event()
@@ -191,5 +194,9 @@ def stoker_stream(
                 yield stream
             finally:
                 stop.set()
+                if stages is not None:
+                    with urllib.request.urlopen(server.http + "/status", timeout=10) as response:
+                        status = json.loads(response.read())
+                    stages.update({name: figures["mean_ms"] for name, figures in status["stages"].items()})
                 if poller is not None:
                     poller.join(10)

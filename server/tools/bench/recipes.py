@@ -1,17 +1,19 @@
 """The DataLoader form of a stoker pipeline, for bench row (b): the same work in the usual
 torchvision way, on ``uint8`` tensors: ``RandomResizedCrop`` / ``Resize`` + ``CenterCrop`` /
 ``Resize`` and ``RandomHorizontalFlip`` for the geometry, then the very same post-ops (the same v2
-transforms and plugins, built by the same code as the server's), once per view of a decoded image."""
+transforms and plugins, built by the same code as the server's, with torchvision's own kernels: the
+``exact`` form), once per view of a decoded image."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import torch
 from torchvision.transforms import v2
 
-from stoker.server.imaging.pipelines import Pipeline, View
+from stoker.server.imaging.pipelines import OpSpec, Pipeline, View
 from stoker.server.imaging.postops import build_op
 
 __all__ = ["recipe_transform"]
@@ -28,8 +30,13 @@ def _view_transform(view: View, size: int) -> v2.Transform:
         steps = [v2.Resize((size, size), antialias=True)]
     if view.hflip > 0:
         steps.append(v2.RandomHorizontalFlip(view.hflip))
-    steps += [build_op(op) for op in view.post_ops]
+    # torchvision's own kernels: this row is the DataLoader running the torchvision recipe.
+    steps += [build_op(_exact(op)) for op in view.post_ops]
     return v2.Compose(steps)
+
+
+def _exact(op: OpSpec) -> OpSpec:
+    return replace(op, exact=True, children=tuple(_exact(child) for child in op.children))
 
 
 class _Views:

@@ -28,6 +28,10 @@ def ratios(rows: dict[str, Series], cores: int) -> dict[str, float | None]:
     if "stoker_curve" in rows:
         f = rows["stoker_curve"].median().images_per_s
         out["curve_vs_stoker"] = f / d if d else None
+    for key, name in (("dataloader_albumentations", "stoker_vs_albumentations"), ("dali", "stoker_vs_dali")):
+        if key in rows:
+            peer = rows[key].median().images_per_s
+            out[name] = d / peer if peer else None
     if "stoker_polled" in rows:
         polled = rows["stoker_polled"].median().images_per_s
         out["status_polling_overhead"] = 1 - polled / d if d else None
@@ -81,6 +85,13 @@ def format_table(result: dict[str, Any]) -> str:
         lines.append(
             f"(e) / (d) = {show(ratios['cached_vs_stoker'])}    (e) / (b) = {show(ratios.get('cached_vs_strong'))}"
         )
+    peers = [f"(d) / {tag} = {show(ratios[name])}" for tag, name in
+             (("(g)", "stoker_vs_albumentations"), ("(h)", "stoker_vs_dali")) if name in ratios]  # fmt: skip
+    if peers:
+        lines.append("    ".join(peers))
+    if result.get("stoker_stages_ms"):
+        stages = result["stoker_stages_ms"]
+        lines.append("(d) stages, mean ms: " + ", ".join(f"{name} {ms:.2f}" for name, ms in sorted(stages.items())))
     if "status_polling_overhead" in ratios and ratios["status_polling_overhead"] is not None:
         lines.append(f"/status polling overhead on (d): {100 * ratios['status_polling_overhead']:.1f}%")
     return "\n".join(lines)
