@@ -37,6 +37,9 @@ class JobSpec:
     span: tuple[int, int] | None = None
     """Positions ``[start, end)`` of each epoch's order that this job plans (a job resumed on another
     number of ranks asks for the rest of its epoch this way); ``None``: the whole epoch."""
+    reweights: tuple[tuple[int, int, tuple[tuple[str, float], ...]], ...] = ()
+    """A mixture's changes of weight: ``(epoch, offset, ((source, weight), ...))``, each from that
+    position of that epoch on (see :mod:`stoker.client.protocol.mixture`); empty: the server's weights."""
 
     def __post_init__(self) -> None:
         for name in ("dataset", "pipeline"):
@@ -65,11 +68,13 @@ class JobSpec:
             ):
                 raise ValueError(f"span={span!r} must be [start, end] with 0 <= start < end")
             object.__setattr__(self, "span", (int(span[0]), int(span[1])))
+        object.__setattr__(self, "reweights", _reweights(self.reweights))
 
     def _values(self) -> list[Any]:
         # ``span`` only when set: jobs without it keep the ids (and wire form) they always had.
-        values = [getattr(self, f.name) for f in fields(self) if f.name != "span"]
-        return values if self.span is None else [*values, list(self.span)]
+        values = [getattr(self, f.name) for f in fields(self) if f.name not in ("span", "reweights")]
+        values = values if self.span is None else [*values, list(self.span)]
+        return values if not self.reweights else [*values, _reweights_wire(self.reweights)]
 
     @property
     def job_id(self) -> str:
@@ -84,6 +89,10 @@ class JobSpec:
             del wire["span"]
         else:
             wire["span"] = list(self.span)
+        if self.reweights:
+            wire["reweights"] = _reweights_wire(self.reweights)
+        else:
+            del wire["reweights"]
         return wire
 
     @classmethod
@@ -101,3 +110,37 @@ class JobSpec:
             return cls(**raw)
         except (TypeError, ValueError) as exc:
             raise ProtocolError(f"invalid job: {exc}", ErrorCode.INVALID_JOB) from None
+
+
+def _reweights(raw: Any) -> tuple[tuple[int, int, tuple[tuple[str, float], ...]], ...]:
+    """``reweights`` in canonical form (sources sorted by name); raises ``ValueError``."""
+    if not isinstance(raw, tuple | list) or len(raw) > 1024:
+        raise ValueError(f"reweights={raw!r} must be a list of [epoch, offset, {{source: weight}}]")
+    out = []
+    for point in raw:
+        if not isinstance(point, tuple | list) or len(point) != 3:
+            raise ValueError(f"reweights entry {point!r} must be [epoch, offset, {{source: weight}}]")
+        epoch, offset, weights = point
+        if not all(isinstance(x, int) and not isinstance(x, bool) and 0 <= x <= 2**63 - 1 for x in (epoch, offset)):
+            raise ValueError(f"reweights entry {point!r}: epoch and offset must be ints >= 0")
+        pairs = weights.items() if isinstance(weights, dict) else weights
+        try:
+            named = sorted((str(name), value) for name, value in pairs)
+        except (TypeError, ValueError):
+            raise ValueError(f"reweights entry {point!r}: weights must map source names to numbers") from None
+        for name, value in named:
+            if (
+                not _NAME.match(name)
+                or isinstance(value, bool)
+                or not isinstance(value, int | float)
+                or not 0 <= value < float("inf")
+            ):
+                raise ValueError(f"reweights entry {point!r}: weight {name}={value!r} must be a finite number >= 0")
+        if not named or not sum(v for _, v in named) > 0:
+            raise ValueError(f"reweights entry {point!r}: weights need a positive sum")
+        out.append((int(epoch), int(offset), tuple((name, float(value)) for name, value in named)))
+    return tuple(out)
+
+
+def _reweights_wire(reweights: tuple[tuple[int, int, tuple[tuple[str, float], ...]], ...]) -> list[Any]:
+    return [[epoch, offset, dict(weights)] for epoch, offset, weights in reweights]

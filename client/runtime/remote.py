@@ -13,26 +13,55 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
 import torch
 from torch.utils.data import IterableDataset
 
 from stoker.client.protocol.job import JobSpec
+from stoker.client.protocol.mixture import Mixture
 from stoker.client.runtime import checkpoint
 from stoker.client.runtime.connection import Connection, KeySource, client_keys
 from stoker.client.runtime.endpoints import parse_endpoints
 from stoker.client.runtime.feed import Feed, worker_share
 from stoker.client.runtime.output import BatchOutput
-from stoker.client.runtime.position import Position
+from stoker.client.runtime.position import Position, SavedPosition
 from stoker.client.runtime.session import JobInfo
 from stoker.client.runtime.stats import Stats
 from stoker.client.runtime.tensors import Converter
 
-__all__ = ["RemoteBatches", "IMAGENET_MEAN", "IMAGENET_STD"]
+__all__ = ["RemoteBatches", "mixture_state", "resume_offset", "IMAGENET_MEAN", "IMAGENET_STD"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def resume_offset(saved: SavedPosition, batch_size: int) -> int:
+    """The position of the epoch's order that ``saved`` resumes at (every batch before it is full)."""
+    return (saved.span[0] if saved.span is not None else 0) + saved.next_batch * batch_size * saved.world_size
+
+
+def mixture_state(spec: JobSpec, described: Mapping[str, Any], saved: SavedPosition) -> dict[str, Any]:
+    """Each source's weight, pass and position at ``saved`` of the mixture job ``spec``."""
+    plan = Mixture(
+        tuple(described["sources"]),
+        tuple(described["sizes"]),
+        tuple(described["weights"]),
+        described["epoch_samples"],
+        spec.seed,
+        spec.shuffle,
+    )
+    plan = replace(plan, reweights=tuple((e, o, plan.weights_from(dict(w))) for e, o, w in spec.reweights))
+    offset = resume_offset(saved, spec.batch_size)
+    weights = plan.weights_at(saved.epoch, offset)
+    total = sum(weights)
+    return {
+        "sources": {
+            state.name: {"weight": w / total, "pass": state.pass_, "position": state.position}
+            for state, w in zip(plan.states(saved.epoch, offset), weights, strict=True)
+        }
+    }
 
 
 def _distributed_defaults(rank: int | None, world_size: int | None) -> tuple[int, int]:
@@ -87,6 +116,7 @@ class RemoteBatches(IterableDataset):
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
         return_indices: bool = False,
+        return_sources: bool = False,
         timeout_s: float = 60.0,
         resolve_interval_s: float = 10.0,
         memory_format: torch.memory_format = torch.contiguous_format,
@@ -117,18 +147,25 @@ class RemoteBatches(IterableDataset):
         self.memory_format = memory_format
         self.return_indices = return_indices
         self.timeout_s = float(timeout_s)
-        self._output = BatchOutput(converter, return_indices)
+        self.return_sources = return_sources
+        self._output = BatchOutput(converter, return_indices, return_sources)
         self._stats = Stats()
-        self._position = Position(self.spec)
-        self._feed = Feed(self.spec)
+        self._keys = keys
+        self._bind(self.spec)
+
+    def _bind(self, spec: JobSpec) -> None:
+        """Position, feed and connection for ``spec`` (again when a mixture is re-weighted: a new job)."""
+        self.spec = spec
+        self._position = Position(spec)
+        self._feed = Feed(spec)
         self._connection = Connection(
             self.endpoints,
-            self.spec,
+            spec,
             self.rank,
-            prefetch=prefetch,
+            prefetch=self.prefetch,
             timeout_s=self.timeout_s,
             resolve_interval_s=self.resolve_interval_s,
-            keys=keys,
+            keys=self._keys,
             device=self.device,
             progress=self._stats.progress,
         )
@@ -167,9 +204,24 @@ class RemoteBatches(IterableDataset):
         epoch resumed on another number of ranks, the part of it these ranks share)."""
         if self._position.replan_pending:
             self._open()  # the re-plan needs the dataset's size
-        return checkpoint.state_dict(self.spec, self.rank, self._position.saved())
+        saved = self._position.saved()
+        info = self._connection.info
+        mixture = None
+        if info is not None and info.mixture is not None:
+            mixture = mixture_state(self.spec, info.mixture, saved)
+        return checkpoint.state_dict(self.spec, self.rank, saved, mixture)
 
-    def load_state_dict(self, state: Mapping[str, Any] | Sequence[Mapping[str, Any]]) -> None:
+    def mixture_state(self) -> dict[str, Any]:
+        """Where each source of a mixture stands at the current position: ``{"sources": {name:
+        {"weight", "pass", "position"}}}`` (connects on first use; raises ``ValueError`` for a dataset)."""
+        info = self._open()
+        if info.mixture is None:
+            raise ValueError(f"{self.spec.dataset!r} is a dataset, not a mixture")
+        return mixture_state(self.spec, info.mixture, self._position.saved())
+
+    def load_state_dict(
+        self, state: Mapping[str, Any] | Sequence[Mapping[str, Any]], weights: Mapping[str, float] | None = None
+    ) -> None:
         """Continue from a :meth:`state_dict`: the next iteration yields the rest of its epoch.
 
         ``state`` may come from any rank of a job that ran on any number of ranks, as long as every
@@ -179,8 +231,21 @@ class RemoteBatches(IterableDataset):
         ranks, what the old ranks had left of the epoch is planned again over this client's ranks
         (each sample exactly once, the same number of batches on every rank); later epochs are
         planned for this client's ranks.
+
+        For a mixture, ``weights`` (source -> weight, every source named) changes the proportions from
+        the saved position on: each source continues its current pass where it stopped, and the rest
+        of the epoch and the following ones follow the new weights.
         """
         saved = checkpoint.read_states(state, self.spec)
+        reweights = tuple(saved.reweights)
+        if weights is not None:
+            point = (saved.epoch, resume_offset(saved, self.spec.batch_size))
+            kept = tuple(r for r in reweights if (r[0], r[1]) != point)  # a second change at one point replaces it
+            reweights = (*kept, (*point, tuple(sorted((str(k), float(v)) for k, v in weights.items()))))
+        if reweights != self.spec.reweights:
+            self._feed.drop()
+            self._connection.close()
+            self._bind(replace(self.spec, reweights=reweights))  # another job: its own id, plan and info
         self._feed.drop()  # it may be heading for the same (epoch, k) of another plan
         self._position.resume(saved)
         info = self._connection.info

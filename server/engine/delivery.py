@@ -66,6 +66,8 @@ class Delivery:
         }
         if job.pipeline.multi_view:
             fields["views"] = shapes  # the image bytes hold every view's array, one after another
+        if job.mixture is not None:
+            fields["sources"] = job.table.source_of(work.indices).tolist()  # type: ignore[attr-defined]
         header = encode(Kind.BATCH, fields)
         rows = len(work.indices)
         batch = CachedBatch(slot, header, work.nbytes, rows)

@@ -66,7 +66,7 @@ def _add_serve(serve: argparse.ArgumentParser) -> None:
         serve.add_argument("unavailable", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     else:
         # Every other flag comes from a field of the settings model: declared once, there.
-        add_setting_flags(serve, ServerSettings, skip={"datasets", "pipelines"})
+        add_setting_flags(serve, ServerSettings, skip={"datasets", "pipelines", "mixtures"})
 
 
 def _add_demo(demo: argparse.ArgumentParser) -> None:
