@@ -70,6 +70,7 @@ class Delivery:
             sources = job.table.source_of(work.indices)  # type: ignore[attr-defined]
             fields["sources"] = sources.tolist()
             fields["indices"] = (work.indices - job.table.offsets[sources]).tolist()  # type: ignore[attr-defined]
+            self.stats.mixtures.delivered(job, work.key[1], work.key[3])
         header = encode(Kind.BATCH, fields)
         rows = len(work.indices)
         batch = CachedBatch(slot, header, work.nbytes, rows)
