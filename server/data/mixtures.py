@@ -78,10 +78,12 @@ def check_mixtures(mixtures: Iterable[MixtureDecl], datasets: Iterable[str]) -> 
 class MixedTable:
     """A mixture's sources as one table: index ``offsets[s] + i`` is sample ``i`` of source ``s``."""
 
-    def __init__(self, decl: MixtureDecl, tables: Sequence[SampleTable]) -> None:
+    def __init__(self, decl: MixtureDecl, tables: Sequence[SampleTable], min_sides: Sequence[int] = ()) -> None:
         self.name = decl.name
         self.decl = decl
         self.tables = tuple(tables)
+        self.min_sides = tuple(min_sides) or (0,) * len(self.tables)
+        """Each source's decode rule (its ``cache_min_side``): a source's rows decode as its own jobs do."""
         sizes = [len(table) for table in self.tables]
         self.offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
         self.labels = np.concatenate([table.labels for table in self.tables]).astype(np.int64, copy=False)
@@ -130,6 +132,10 @@ class MixedTable:
     def display_path(self, index: int) -> str:
         table, local = self._split(index)
         return table.display_path(local)
+
+    def min_side(self, index: int) -> int:
+        """The decode rule of the sample's source."""
+        return self.min_sides[int(np.searchsorted(self.offsets, index, side="right")) - 1]
 
     def cache_key(self, index: int) -> tuple[str, int, int]:
         """``(source dataset, index in it, its size)``: the decoded cache keeps samples per source."""

@@ -164,7 +164,7 @@ class JobRegistry:
         table = self._mixed.get(name)
         if table is not None:
             return table
-        tables = []
+        tables, min_sides = [], []
         for source in decl.sources:
             entry = self.catalog.entry(source)
             if entry is None or entry.table is None:
@@ -174,7 +174,8 @@ class JobRegistry:
                 )
                 raise ProtocolError(f"mixture {name!r}: its source {source!r} is {state}", code)
             tables.append(entry.table)
-        table = self._mixed[name] = MixedTable(decl, tables)
+            min_sides.append(entry.decl.cache_min_side)
+        table = self._mixed[name] = MixedTable(decl, tables, min_sides)
         return table
 
     def _resolve(self, spec: JobSpec) -> tuple[SampleTable, Pipeline]:

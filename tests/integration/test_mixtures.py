@@ -26,6 +26,7 @@ def config_text(root: Path) -> str:
     return f"""
 [datasets.big]
 path = "{DEMO_DATA}"
+cache_min_side = 48
 [datasets.mid]
 path = "{root / "mid"}"
 [datasets.small]
@@ -48,7 +49,7 @@ def write_sources(root: Path) -> None:
 
 @pytest.fixture(scope="module")
 def servers(tmp_path_factory) -> tuple:
-    """Two servers with the same mixture: one worker and two workers."""
+    """Two servers with the same mixture: one worker, and two workers with source ``big`` cached."""
     root = tmp_path_factory.mktemp("mixtures")
     write_sources(root)
     config = root / "stoker.toml"
@@ -57,7 +58,7 @@ def servers(tmp_path_factory) -> tuple:
     try:
         yield (
             cluster.start("--config", str(config), datasets={}, workers=1),
-            cluster.start("--config", str(config), datasets={}, workers=2),
+            cluster.start("--config", str(config), "--cache", "big", "--cache-bytes", "64MiB", datasets={}, workers=2),
         )
     finally:
         cluster.close()
@@ -110,6 +111,7 @@ def test_ranks_get_the_planned_sequence_each_pass_once(servers, world_size: int)
 
 
 def test_bytes_are_the_same_on_one_and_two_workers_and_two_servers(servers) -> None:
+    """Also with and without the decoded cache: the second server caches source ``big``."""
     one, two = servers
     runs = []
     for endpoints in (one.data, two.data, [one.data, two.data]):
@@ -117,6 +119,8 @@ def test_bytes_are_the_same_on_one_and_two_workers_and_two_servers(servers) -> N
             runs.append([list(client) for _ in range(2)])
     for run in runs[1:]:
         assert all(same_bytes(a, b) for a, b in zip(runs[0], run, strict=True))
+    cache = http_json(two.http + "/status")[1]["cache"]
+    assert cache["datasets"] == ["big"] and 0 < cache["entries"] <= 48 and cache["hits"] > 0, cache
 
 
 def test_resume_mid_epoch_gives_the_uninterrupted_batches(servers) -> None:
