@@ -157,7 +157,7 @@ class Mixture:
         for i, (start, weights) in enumerate(segments):
             end = min(segments[i + 1][0], stop) if i + 1 < len(segments) else stop
             if end <= start:
-                break
+                continue  # an empty segment (the next starts where it does) or past the stop
             total += self._counts(start, end, weights)
         return total
 

@@ -20,48 +20,21 @@ import torch
 from torch.utils.data import IterableDataset
 
 from stoker.client.protocol.job import JobSpec
-from stoker.client.protocol.mixture import Mixture
 from stoker.client.runtime import checkpoint
 from stoker.client.runtime.connection import Connection, KeySource, client_keys
 from stoker.client.runtime.endpoints import parse_endpoints
 from stoker.client.runtime.feed import Feed, worker_share
+from stoker.client.runtime.mixing import mixture_state, planned_weights, reweights_after
 from stoker.client.runtime.output import BatchOutput
-from stoker.client.runtime.position import Position, SavedPosition
+from stoker.client.runtime.position import Position
 from stoker.client.runtime.session import JobInfo
 from stoker.client.runtime.stats import Stats
 from stoker.client.runtime.tensors import Converter
 
-__all__ = ["RemoteBatches", "mixture_state", "resume_offset", "IMAGENET_MEAN", "IMAGENET_STD"]
+__all__ = ["RemoteBatches", "IMAGENET_MEAN", "IMAGENET_STD"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-def resume_offset(saved: SavedPosition, batch_size: int) -> int:
-    """The position of the epoch's order that ``saved`` resumes at (every batch before it is full)."""
-    return (saved.span[0] if saved.span is not None else 0) + saved.next_batch * batch_size * saved.world_size
-
-
-def mixture_state(spec: JobSpec, described: Mapping[str, Any], saved: SavedPosition) -> dict[str, Any]:
-    """Each source's weight, pass and position at ``saved`` of the mixture job ``spec``."""
-    plan = Mixture(
-        tuple(described["sources"]),
-        tuple(described["sizes"]),
-        tuple(described["weights"]),
-        described["epoch_samples"],
-        spec.seed,
-        spec.shuffle,
-    )
-    plan = replace(plan, reweights=tuple((e, o, plan.weights_from(dict(w))) for e, o, w in spec.reweights))
-    offset = resume_offset(saved, spec.batch_size)
-    weights = plan.weights_at(saved.epoch, offset)
-    total = sum(weights)
-    return {
-        "sources": {
-            state.name: {"weight": w / total, "pass": state.pass_, "position": state.position}
-            for state, w in zip(plan.states(saved.epoch, offset), weights, strict=True)
-        }
-    }
 
 
 def _distributed_defaults(rank: int | None, world_size: int | None) -> tuple[int, int]:
@@ -234,23 +207,29 @@ class RemoteBatches(IterableDataset):
 
         For a mixture, ``weights`` (source -> weight, every source named) changes the proportions from
         the saved position on: each source continues its current pass where it stopped, and the rest
-        of the epoch and the following ones follow the new weights.
+        of the epoch and the following ones follow the new weights. Weights changed in the servers'
+        TOML since the state was saved are taken the same way, from the saved position on.
         """
         saved = checkpoint.read_states(state, self.spec)
-        reweights = tuple(saved.reweights)
-        if weights is not None:
-            point = (saved.epoch, resume_offset(saved, self.spec.batch_size))
-            kept = tuple(r for r in reweights if (r[0], r[1]) != point)  # a second change at one point replaces it
-            reweights = (*kept, (*point, tuple(sorted((str(k), float(v)) for k, v in weights.items()))))
-        if reweights != self.spec.reweights:
-            self._feed.drop()
-            self._connection.close()
-            self._bind(replace(self.spec, reweights=reweights))  # another job: its own id, plan and info
+        self._rebind(saved.reweights)
+        before = planned_weights(state)
+        if before is not None and weights is None:
+            info = self._open()  # what the servers declare now
+            now = dict(zip(info.mixture["sources"], info.mixture["weights"], strict=True)) if info.mixture else None
+            if now is not None and any(abs(now.get(k, -1.0) - v) > 1e-12 for k, v in before.items()):
+                weights = now  # the TOML changed: its weights hold from the saved position on
+        self._rebind(reweights_after(saved, self.spec.batch_size, before, weights))
         self._feed.drop()  # it may be heading for the same (epoch, k) of another plan
         self._position.resume(saved)
         info = self._connection.info
         if info is not None:
             self._position.apply_replan(info.samples)
+
+    def _rebind(self, reweights: tuple) -> None:
+        if reweights != self.spec.reweights:
+            self._feed.drop()
+            self._connection.close()
+            self._bind(replace(self.spec, reweights=reweights))  # another job: its own id, plan and info
 
     def stats(self) -> dict[str, float | int]:
         """Batches, images and bytes received, seconds spent waiting for data and the wait share."""

@@ -22,7 +22,7 @@ WEIGHTS = {"big": 0.6, "mid": 0.3, "small": 0.1}
 OPTIONS = dict(image_size=32, return_sources=True)
 
 
-def config_text(root: Path) -> str:
+def config_text(root: Path, weights: str = "big = 0.6, mid = 0.3, small = 0.1") -> str:
     return f"""
 [datasets.big]
 path = "{DEMO_DATA}"
@@ -33,7 +33,7 @@ path = "{root / "mid"}"
 path = "{root / "small"}"
 
 [mixtures.pretrain]
-datasets = {{big = 0.6, mid = 0.3, small = 0.1}}
+datasets = {{{weights}}}
 epoch_samples = {EPOCH}
 """
 
@@ -49,16 +49,20 @@ def write_sources(root: Path) -> None:
 
 @pytest.fixture(scope="module")
 def servers(tmp_path_factory) -> tuple:
-    """Two servers with the same mixture: one worker, and two workers with source ``big`` cached."""
+    """Two servers with the same mixture: one worker, and two workers with source ``big`` cached; a
+    third whose TOML has changed the weights since."""
     root = tmp_path_factory.mktemp("mixtures")
     write_sources(root)
     config = root / "stoker.toml"
     config.write_text(config_text(root))
+    changed = root / "changed.toml"
+    changed.write_text(config_text(root, "big = 0.1, mid = 0.1, small = 0.8"))
     cluster = Cluster(root)
     try:
         yield (
             cluster.start("--config", str(config), datasets={}, workers=1),
             cluster.start("--config", str(config), "--cache", "big", "--cache-bytes", "64MiB", datasets={}, workers=2),
+            cluster.start("--config", str(changed), datasets={}, workers=1),
         )
     finally:
         cluster.close()
@@ -112,7 +116,7 @@ def test_ranks_get_the_planned_sequence_each_pass_once(servers, world_size: int)
 
 def test_bytes_are_the_same_on_one_and_two_workers_and_two_servers(servers) -> None:
     """Also with and without the decoded cache: the second server caches source ``big``."""
-    one, two = servers
+    one, two, _ = servers
     runs = []
     for endpoints in (one.data, two.data, [one.data, two.data]):
         with open_client(endpoints, "pretrain", **OPTIONS) as client:
@@ -158,23 +162,25 @@ def test_resume_on_three_ranks_serves_the_rest_once(servers) -> None:
     assert served == expected, "each planned sample once, none lost"
 
 
-def test_new_weights_at_a_checkpoint_continue_every_pass(servers) -> None:
+@pytest.mark.parametrize("how", ["load_state_dict", "changed TOML"])
+def test_new_weights_at_a_checkpoint_continue_every_pass(servers, how: str) -> None:
     endpoint = servers[0].data
     with open_client(endpoint, "pretrain", **OPTIONS) as client:
         first = list(islice(iter(client), 4))
         state = client.state_dict()
         plan = plan_of(client)
     new_weights = {"big": 0.1, "mid": 0.1, "small": 0.8}
-    with open_client(endpoint, "pretrain", **OPTIONS) as client:
-        client.load_state_dict(state, weights=new_weights)
+    with open_client(servers[0 if how == "load_state_dict" else 2].data, "pretrain", **OPTIONS) as client:
+        client.load_state_dict(state, weights=new_weights if how == "load_state_dict" else None)
         rest = list(client)
         following = list(client)
         saved = client.state_dict()
-    assert saved["job"]["reweights"] == [[0, 16, new_weights]]
+    assert saved["job"]["reweights"][-1] == [0, 16, pytest.approx(new_weights)]
     assert saved["mixture"]["sources"]["small"]["weight"] == pytest.approx(0.8)
     served = pairs(first + rest + following)
     counts = Counter(s for s, _ in pairs(following))
     assert counts == {0: 4, 1: 4, 2: 32}, "the next epoch follows the new weights"
+    assert Counter(s for s, _ in pairs(rest)) == {0: 3, 1: 2, 2: 19}, "and the rest of this one"
     # Each source's draws go on from where its pass stood: the old plan up to the checkpoint, then the
     # continuation; every pass of every source gives each sample once.
     before = plan.epoch_plan(0)
