@@ -119,6 +119,11 @@ def _add_bench(bench: argparse.ArgumentParser) -> None:
         default=0.0,
         help="also run stoker with /status polled this often, to show the HTTP side's cost",
     )
+    bench.add_argument(
+        "--mixture",
+        action="store_true",
+        help="also run stoker on a 3-source mixture of the data (0.6/0.3/0.1) against the one dataset: row (g)",
+    )
     bench.add_argument("--json", action="store_true", help="print the results as JSON")
 
 
@@ -188,6 +193,7 @@ def _bench(args: argparse.Namespace) -> int:
             server_args=("--reads-in-flight", str(args.reads_in_flight)) if args.reads_in_flight else (),
             cache_bytes=args.cache,
             curve=args.curve,
+            mixture=args.mixture,
         )
     except ValueError as exc:
         print(f"stoker bench: {exc}", file=sys.stderr)

@@ -9,6 +9,8 @@ Rows, run one after another and repeated (interleaved, so drift hits all alike):
 - (e) ``stoker_cached`` (``--cache``): the same with the decoded-sample cache, from its second epoch
 - (f) ``stoker_curve`` (``--curve``): (d) with CURVE authentication and encryption on the data plane
   (and the wire path measured with CURVE too)
+- (g) ``stoker_mixture`` (``--mixture``): (d) reading a mixture of three sources (the data declared
+  three times, weights 0.6/0.3/0.1) instead of the one dataset: the cost of mixing
 
 plus the wire path alone (GB/s). Reported: images/s (median and range), MB/s, CPU-seconds per
 1,000 images (the whole process tree), (d)/(a), (d)/(b) and (d) / (cores x (c)). Each row is
@@ -18,6 +20,7 @@ reported by its median run (:mod:`stoker.server.tools.measure`).
 from __future__ import annotations
 
 import contextlib
+import json
 import sys
 from collections.abc import Callable
 from contextlib import AbstractContextManager
@@ -61,6 +64,8 @@ class BenchConfig:
     second epoch on: row (e)."""
     curve: bool = False
     """Also run stoker with CURVE on its data socket (row (f)) and the wire path with CURVE."""
+    mixture: bool = False
+    """Also run stoker on a three-source mixture of the data (row (g))."""
 
     def __post_init__(self) -> None:
         if not self.folder and not _dataset_path(self.data):
@@ -148,6 +153,23 @@ def _loaders(config: BenchConfig, workers: int, keys: BenchKeys | None = None) -
         rows["stoker_curve"] = (
             "(f) stoker, CURVE on",
             lambda: stoker_stream(data, size, batch, workers, name, server_args=curve_args, client_keys=keys.client),
+        )
+    if config.mixture:
+        # The data as three sources, so (g) reads the same files as (d) and differs only by mixing.
+        mixed_args = [*server_args, "--dataset", f"bench_b={data}", "--dataset", f"bench_c={data}"]
+        mixture = {"bench_mix": {"datasets": {"bench": 0.6, "bench_b": 0.3, "bench_c": 0.1}}}
+        rows["stoker_mixture"] = (
+            "(g) stoker, 3-source mixture",
+            lambda: stoker_stream(
+                data,
+                size,
+                batch,
+                workers,
+                name,
+                server_args=mixed_args,
+                dataset="bench_mix",
+                env={"STOKER_MIXTURES": json.dumps(mixture)},
+            ),
         )
     if config.poll_status_ms:
         poll = config.poll_status_ms

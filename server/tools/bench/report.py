@@ -28,6 +28,9 @@ def ratios(rows: dict[str, Series], cores: int) -> dict[str, float | None]:
     if "stoker_curve" in rows:
         f = rows["stoker_curve"].median().images_per_s
         out["curve_vs_stoker"] = f / d if d else None
+    if "stoker_mixture" in rows:
+        g = rows["stoker_mixture"].median().images_per_s
+        out["mixture_vs_stoker"] = g / d if d else None
     if "stoker_polled" in rows:
         polled = rows["stoker_polled"].median().images_per_s
         out["status_polling_overhead"] = 1 - polled / d if d else None
@@ -81,6 +84,8 @@ def format_table(result: dict[str, Any]) -> str:
         lines.append(
             f"(e) / (d) = {show(ratios['cached_vs_stoker'])}    (e) / (b) = {show(ratios.get('cached_vs_strong'))}"
         )
+    if ratios.get("mixture_vs_stoker") is not None:
+        lines.append(f"(g) / (d) = {show(ratios['mixture_vs_stoker'])}    (a 3-source mixture against one dataset)")
     if "status_polling_overhead" in ratios and ratios["status_polling_overhead"] is not None:
         lines.append(f"/status polling overhead on (d): {100 * ratios['status_polling_overhead']:.1f}%")
     return "\n".join(lines)
