@@ -11,7 +11,7 @@ from stoker.client.protocol.job import JobSpec
 from stoker.client.protocol.mixture import Mixture
 from stoker.client.runtime.position import SavedPosition
 
-__all__ = ["resume_offset", "mixture_state", "planned_weights", "reweights_after"]
+__all__ = ["resume_offset", "mixture_state", "planned_weights", "reweights_after", "check_weights"]
 
 
 def resume_offset(saved: SavedPosition, batch_size: int) -> int:
@@ -45,6 +45,12 @@ def mixture_state(spec: JobSpec, described: Mapping[str, Any], saved: SavedPosit
         },
         "base_weights": dict(zip(plan.names, plan.weights, strict=True)),
     }
+
+
+def check_weights(described: Mapping[str, Any], weights: Mapping[str, float]) -> None:
+    """Raise ``ValueError`` unless ``weights`` name exactly the mixture's sources, with numbers >= 0."""
+    plan = Mixture(tuple(described["sources"]), tuple(described["sizes"]), tuple(described["weights"]), 1)
+    plan.weights_from(dict(weights))
 
 
 def planned_weights(state: Mapping[str, Any] | Sequence[Mapping[str, Any]]) -> dict[str, float] | None:

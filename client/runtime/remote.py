@@ -24,7 +24,7 @@ from stoker.client.runtime import checkpoint
 from stoker.client.runtime.connection import Connection, KeySource, client_keys
 from stoker.client.runtime.endpoints import parse_endpoints
 from stoker.client.runtime.feed import Feed, worker_share
-from stoker.client.runtime.mixing import mixture_state, planned_weights, reweights_after
+from stoker.client.runtime.mixing import check_weights, mixture_state, planned_weights, reweights_after
 from stoker.client.runtime.output import BatchOutput
 from stoker.client.runtime.position import Position
 from stoker.client.runtime.session import JobInfo
@@ -213,7 +213,12 @@ class RemoteBatches(IterableDataset):
         saved = checkpoint.read_states(state, self.spec)
         self._rebind(saved.reweights)
         before = planned_weights(state)
-        if before is not None and weights is None:
+        if weights is not None:
+            info = self._open()
+            if info.mixture is None:
+                raise ValueError(f"weights given, but {self.spec.dataset!r} is a dataset, not a mixture")
+            check_weights(info.mixture, weights)
+        elif before is not None:
             info = self._open()  # what the servers declare now
             now = dict(zip(info.mixture["sources"], info.mixture["weights"], strict=True)) if info.mixture else None
             if now is not None and any(abs(now.get(k, -1.0) - v) > 1e-12 for k, v in before.items()):

@@ -192,6 +192,20 @@ def test_new_weights_at_a_checkpoint_continue_every_pass(servers, how: str) -> N
             assert len(set(chunk)) == len(chunk), f"source {s}: a sample repeated within a pass"
 
 
+def test_weights_that_do_not_fit_the_job_are_refused_at_load(servers) -> None:
+    endpoint = servers[0].data
+    for dataset, weights, reason in (
+        ("pretrain", {"big": 1.0, "mid": 1.0}, "missing \\['small'\\]"),
+        ("pretrain", {"big": 1.0, "mid": 1.0, "small": -1.0}, "not a finite number >= 0"),
+        ("big", {"big": 1.0}, "not a mixture"),
+    ):
+        with open_client(endpoint, dataset, **OPTIONS) as client:
+            next(iter(client))
+            state = client.state_dict()
+        with open_client(endpoint, dataset, **OPTIONS) as client, pytest.raises(ValueError, match=reason):
+            client.load_state_dict(state, weights=weights)
+
+
 def test_status_and_metrics_show_each_source(servers) -> None:
     server = servers[1]  # it serves no re-weighted job: its furthest point has the declared weights
     with open_client(server.data, "pretrain", **OPTIONS) as client:

@@ -125,6 +125,14 @@ def test_reweighting_keeps_passes_and_follows_the_new_weights() -> None:
     )
 
 
+def test_weights_pinned_at_the_start_replace_the_declared_ones() -> None:
+    """A job planned with weights the servers no longer declare pins them at (0, 0)."""
+    later = (1, 500, (0.2, 0.2, 0.6))
+    pinned = mixture(weights=(1, 1, 1), reweights=((0, 0, WEIGHTS), later))
+    for epoch in range(3):
+        assert np.array_equal(pinned.epoch_plan(epoch)[1], mixture(reweights=(later,)).epoch_plan(epoch)[1])
+
+
 def test_the_plan_is_seeded() -> None:
     assert not np.array_equal(mixture().epoch_plan(0)[1], mixture(seed=6).epoch_plan(0)[1])
     assert np.array_equal(mixture().epoch_plan(2)[1], mixture().epoch_plan(2)[1])
