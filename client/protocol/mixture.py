@@ -38,8 +38,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from stoker.client.protocol.plan import permutation
-from stoker.client.protocol.rng import mix
+from stoker.client.protocol.plan import _PERMUTATION_DOMAIN, permutation
+from stoker.client.protocol.rng import mix, splitmix64_array
 
 __all__ = ["Mixture", "Reweight", "SourceState", "apportion", "interleave", "prefix_bound"]
 
@@ -71,17 +71,31 @@ def apportion(length: int, weights: Sequence[float]) -> np.ndarray:
 
 def interleave(counts: np.ndarray, ties: Sequence[int]) -> np.ndarray:
     """The run's source of each position (``int16``): draw ``j`` of ``c`` at ``(j + 1/2) / c``, merged
-    by that time; equal times go in the order of ``ties``."""
-    keys, sources = [], []
-    for source in ties:
-        count = int(counts[source])
-        if count:
-            keys.append((np.arange(count, dtype=np.float64) * 2 + 1) / (2 * count))
-            sources.append(np.full(count, source, dtype=np.int16))
-    if not keys:
-        return np.zeros(0, dtype=np.int16)
-    order = np.argsort(np.concatenate(keys), kind="stable")  # stable: ties keep the seeded order
-    return np.concatenate(sources)[order]
+    by that time; equal times go in the order of ``ties``.
+
+    No sort: draw ``j`` of ``s`` lands after ``j`` of its own and, of each other source ``t``, the
+    draws ``i`` with ``(2i + 1) / c_t`` before ``(2j + 1) / c_s`` (at it too when ``t`` wins ties),
+    counted exactly in integers. Linear in the run's length per source.
+    """
+    counts = np.asarray(counts, dtype=np.int64)
+    out = np.empty(int(counts.sum()), dtype=np.int16)
+    rank = {source: r for r, source in enumerate(ties)}
+    for s in ties:
+        c = int(counts[s])
+        if not c:
+            continue
+        odd = np.arange(c, dtype=np.int64) * 2 + 1
+        position = np.arange(c, dtype=np.int64)
+        for t in ties:
+            ct = int(counts[t])
+            if t == s or not ct:
+                continue
+            # draws i of t with (2i + 1) * c < (2j + 1) * ct, or <= when t goes first on a tie
+            num = odd * ct - c
+            before = num // (2 * c) + 1 if rank[t] < rank[s] else -(-num // (2 * c))
+            position += np.clip(before, 0, ct)
+        out[position] = s
+    return out
 
 
 @dataclass(frozen=True)
@@ -202,15 +216,16 @@ class Mixture:
         return sources, indices
 
     def _draws(self, source: int, size: int, first: int, count: int) -> np.ndarray:
-        """Source indices of draws ``first .. first + count - 1`` of ``source``'s stream of passes."""
-        draws = np.arange(first, first + count, dtype=np.int64)
-        passes, positions = np.divmod(draws, size)
-        out = np.empty(count, dtype=np.int64)
+        """Source indices of draws ``first .. first + count - 1`` of ``source``'s stream of passes
+        (consecutive draws: the passes they cross, one after another, cut at both ends)."""
+        passes = range(first // size, (first + count - 1) // size + 1)
         seed = self.source_seed(source)
-        for p in np.unique(passes):
-            mask = passes == p
-            out[mask] = _pass_order(size, seed, int(p), self.shuffle)[positions[mask]]
-        return out
+        if len(passes) <= 2:  # a big source: its passes are cached for the next epoch
+            orders = np.concatenate([_pass_order(size, seed, p, self.shuffle) for p in passes])
+        else:  # a small source wrapping many times: every pass's permutation at once
+            orders = _pass_orders(size, seed, passes, self.shuffle).reshape(-1)
+        start = first % size
+        return orders[start : start + count]
 
     def source_seed(self, source: int) -> int:
         """The seed of ``source``'s passes in this job."""
@@ -276,6 +291,15 @@ def _cached(cache: OrderedDict[tuple, np.ndarray], key: tuple, make) -> np.ndarr
 
 def _run_cached(length: int, weights: tuple[float, ...], ties: tuple[int, ...]) -> np.ndarray:
     return _cached(_RUNS, (length, weights, ties), lambda: interleave(apportion(length, weights), ties))
+
+
+def _pass_orders(size: int, seed: int, passes: range, shuffle: bool) -> np.ndarray:
+    """``permutation(size, seed, p, shuffle)`` for every ``p`` of ``passes``, one row each."""
+    if not shuffle:
+        return np.tile(np.arange(size, dtype=np.int64), (len(passes), 1))
+    bases = np.array([mix(_PERMUTATION_DOMAIN, seed, p) for p in passes], dtype=np.uint64)[:, None]
+    keys = splitmix64_array(np.arange(size, dtype=np.uint64)[None, :] ^ bases)
+    return np.argsort(keys, axis=1, kind="stable").astype(np.int64, copy=False)
 
 
 def _pass_order(size: int, seed: int, pass_: int, shuffle: bool) -> np.ndarray:
