@@ -11,9 +11,11 @@ of ranks and its batches are those of that part of the epoch's order. A state wi
 version 1, so clients that only know version 1 still read it; one with a span is version 2, so they
 refuse it rather than misread it. Both versions load.
 
-A mixture job adds ``"mixture": {"sources": {name: {"weight", "pass", "position"}}}``, where each
-source stands (for people and tools; the job's ``reweights`` and the position decide the plan). Its
-job may carry ``reweights``; a client that predates mixtures refuses that job field.
+A mixture job adds ``"mixture": {"sources": {name: {"weight", "pass", "position"}}, "base_weights":
+{name: weight}}``: where each source stands (for people and tools; the job's ``reweights`` and the
+position decide the plan) and the servers' declared weights the job was planned from (so a resume
+after the TOML changed them takes the new ones from the saved position on). Its job may carry
+``reweights``; a client that predates mixtures refuses that job field.
 """
 
 from __future__ import annotations
