@@ -12,9 +12,10 @@ sequence is cut into batches by :mod:`stoker.client.protocol.plan` as a dataset'
 2. **Interleave.** Draw ``j`` of a source with ``c`` draws sits at the ideal time ``(j + 1/2) / c``
    of the run; the draws of every source are merged by that time, ties broken by a seeded order of
    the sources. Over the first ``n`` positions a source's count stays within
-   ``PREFIX_BOUND = 1 + (S - 2) * w_s`` of ``n * w_s`` (within 1 for two sources), so any window of
-   ``W`` positions is within twice that of ``W * w_s``; measured with weights 0.6/0.3/0.1 every
-   window of 64 is within 1 (the tests assert both).
+   :func:`prefix_bound` ``= 1 + (S - 2) * w_s`` of ``n * w_s`` for ``S`` sources (within 1 for two),
+   so any window of ``W`` positions is within twice that of ``W * w_s``. "Within 1 over every
+   window" does not hold in general for three or more sources (0.9/0.05/0.05 reaches 1.6); with
+   0.6/0.3/0.1 every window of 64 is within 1. The tests assert each of these.
 3. **Passes.** A source's draws are consecutive positions of its own endless stream: pass ``p`` is
    a seeded permutation of the source (``plan.permutation`` keyed by the source's name and ``p``);
    draw number ``d`` (counted from the job's start, across epochs) is position ``d % size`` of pass
