@@ -18,6 +18,7 @@ import numpy as np
 from stoker.client.protocol.mixture import Mixture, parse_weights
 from stoker.server.data.locators import Locator
 from stoker.server.data.table import SampleTable
+from stoker.server.imaging.pipelines import Pipeline
 
 __all__ = ["MixtureDecl", "MixedTable", "check_mixtures"]
 
@@ -58,32 +59,40 @@ class MixtureDecl:
         return tuple(float(self.weights[name]) / total for name in self.sources)
 
 
-def check_mixtures(mixtures: Iterable[MixtureDecl], datasets: Iterable[str]) -> None:
+def check_mixtures(mixtures: Iterable[MixtureDecl], datasets: Iterable[str], pipelines: Iterable[str]) -> None:
     """Refuse at start what cannot be served; raises ``ValueError`` naming the reason."""
-    declared = set(datasets)
+    declared, known = set(datasets), set(pipelines)
     for mixture in mixtures:
         if mixture.name in declared:
             raise ValueError(f"mixture {mixture.name!r} has the name of a declared dataset: rename one of them")
         unknown = sorted(set(mixture.weights) - declared)
         if unknown:
             raise ValueError(f"mixture {mixture.name!r} names unknown datasets {unknown}; declared: {sorted(declared)}")
-        if mixture.pipelines:
-            # Rows of one batch share one pipeline today; a per-source pipeline needs per-row tasks.
-            raise ValueError(
-                f"mixture {mixture.name!r}: per-source 'pipelines' are not supported yet; "
-                "the client's pipeline applies to every source"
-            )
+        strangers = sorted(set(mixture.pipelines) - set(mixture.weights))
+        if strangers:
+            raise ValueError(f"mixture {mixture.name!r}: 'pipelines' names {strangers}, which are not its sources")
+        missing = sorted({p for p in mixture.pipelines.values() if p not in known})
+        if missing:
+            raise ValueError(f"mixture {mixture.name!r}: unknown pipelines {missing}; declared: {sorted(known)}")
 
 
 class MixedTable:
     """A mixture's sources as one table: index ``offsets[s] + i`` is sample ``i`` of source ``s``."""
 
-    def __init__(self, decl: MixtureDecl, tables: Sequence[SampleTable], min_sides: Sequence[int] = ()) -> None:
+    def __init__(
+        self,
+        decl: MixtureDecl,
+        tables: Sequence[SampleTable],
+        min_sides: Sequence[int] = (),
+        pipelines: Sequence[Pipeline | None] = (),
+    ) -> None:
         self.name = decl.name
         self.decl = decl
         self.tables = tuple(tables)
         self.min_sides = tuple(min_sides) or (0,) * len(self.tables)
         """Each source's decode rule (its ``cache_min_side``): a source's rows decode as its own jobs do."""
+        self.pipelines = tuple(pipelines) or (None,) * len(self.tables)
+        """Each source's own pipeline (``pipelines = {coco = "det"}``), or ``None``: the job's."""
         sizes = [len(table) for table in self.tables]
         self.offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
         self.labels = np.concatenate([table.labels for table in self.tables]).astype(np.int64, copy=False)
@@ -133,9 +142,16 @@ class MixedTable:
         table, local = self._split(index)
         return table.display_path(local)
 
+    def _source(self, index: int) -> int:
+        return int(np.searchsorted(self.offsets, index, side="right")) - 1
+
     def min_side(self, index: int) -> int:
         """The decode rule of the sample's source."""
-        return self.min_sides[int(np.searchsorted(self.offsets, index, side="right")) - 1]
+        return self.min_sides[self._source(index)]
+
+    def pipeline(self, index: int) -> Pipeline | None:
+        """The sample's source's own pipeline, or ``None`` (the job's applies)."""
+        return self.pipelines[self._source(index)]
 
     def cache_key(self, index: int) -> tuple[str, int, int]:
         """``(source dataset, index in it, its size)``: the decoded cache keeps samples per source."""

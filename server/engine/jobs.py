@@ -119,6 +119,15 @@ class JobRegistry:
         table, pipeline = self._resolve(spec)
         self._check_limits(spec, pipeline)
         mixture = self._mixture(spec, table) if isinstance(table, MixedTable) else None
+        if isinstance(table, MixedTable):
+            for source, own in zip(table.decl.sources, table.pipelines, strict=True):
+                if own is not None and own.sizes(spec.image_size) != pipeline.sizes(spec.image_size):
+                    raise ProtocolError(
+                        f"mixture {spec.dataset!r}: source {source!r}'s pipeline {own.name!r} gives views of "
+                        f"{own.sizes(spec.image_size)} px, pipeline {pipeline.name!r} {pipeline.sizes(spec.image_size)}"
+                        ": a batch needs one layout",
+                        ErrorCode.INVALID_JOB,
+                    )
         if mixture is None and spec.reweights:
             raise ProtocolError(
                 f"reweights given, but {spec.dataset!r} is a dataset, not a mixture", ErrorCode.INVALID_JOB
@@ -175,7 +184,8 @@ class JobRegistry:
                 raise ProtocolError(f"mixture {name!r}: its source {source!r} is {state}", code)
             tables.append(entry.table)
             min_sides.append(entry.decl.cache_min_side)
-        table = self._mixed[name] = MixedTable(decl, tables, min_sides)
+        own = [self.pipelines.get(decl.pipelines[s]) if s in decl.pipelines else None for s in decl.sources]
+        table = self._mixed[name] = MixedTable(decl, tables, min_sides, own)
         return table
 
     def _resolve(self, spec: JobSpec) -> tuple[SampleTable, Pipeline]:

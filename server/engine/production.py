@@ -23,6 +23,7 @@ from stoker.server.engine.jobs import JobRegistry, OpenJob
 from stoker.server.engine.records import BatchKey, BatchWork, Task
 from stoker.server.engine.standins import BadSamplePolicy, BatchPlanner
 from stoker.server.engine.stats import EngineStats
+from stoker.server.imaging.pipelines import Pipeline
 from stoker.server.workers.messages import Outcome, SampleResult, SampleSpec, TaskMessage
 from stoker.server.workers.pool import PoolEvent, TaskDone, WorkerDied, WorkerPool
 from stoker.server.workers.slots import SlotPool
@@ -48,6 +49,13 @@ def decode_rule(job: OpenJob, samples: list[tuple[int, int]]) -> int:
     if isinstance(table, MixedTable) and samples:
         return table.min_side(samples[0][1])
     return job.min_side
+
+
+def source_pipeline(job: OpenJob, samples: list[tuple[int, int]]) -> Pipeline:
+    """The pipeline of a task's rows: the job's, or its source's own in a mixture that declares one."""
+    table = job.table
+    own = table.pipeline(samples[0][1]) if isinstance(table, MixedTable) and samples else None
+    return own if own is not None else job.pipeline
 
 
 def source_groups(work: BatchWork, rows: list[int]) -> list[list[int]]:
@@ -226,7 +234,7 @@ class Production:
         task.samples = kept
         if not specs:
             return None
-        pipeline, size = job.pipeline, job.spec.image_size
+        pipeline, size = source_pipeline(job, kept), job.spec.image_size
         return TaskMessage(
             task.task_id, work.slot.name, len(work.originals), size, pipeline, tuple(specs), decode_rule(job, kept)
         )
@@ -285,8 +293,9 @@ class Production:
         work.fail(ErrorCode.INTERNAL, f"a worker failed on {path}: {reason}", path=path, reason=reason, traceback=trace)
 
     def _fail_in_pipeline(self, work: BatchWork, sample: SampleResult) -> None:
-        pipeline = work.job.pipeline.name
-        path = work.job.table.display_path(int(work.indices[sample.row]))
+        index = int(work.indices[sample.row])
+        pipeline = source_pipeline(work.job, [(sample.row, index)]).name
+        path = work.job.table.display_path(index)
         self.stats.pipeline_failed(pipeline, sample.op, path, sample.reason)
         log.error("pipeline %r, op %r failed on %s: %s\n%s", pipeline, sample.op, path, sample.reason, sample.traceback)
         work.fail(

@@ -335,7 +335,7 @@ class ServerSettings(EngineSettings):
         decls = [
             MixtureDecl(name, dict(m.datasets), m.epoch_samples, dict(m.pipelines)) for name, m in self.mixtures.items()
         ]
-        check_mixtures(decls, self.datasets)
+        check_mixtures(decls, self.datasets, self.pipeline_map())
         return decls
 
     def pipeline_map(self) -> dict[str, Pipeline]:

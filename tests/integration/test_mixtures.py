@@ -35,6 +35,10 @@ path = "{root / "small"}"
 [mixtures.pretrain]
 datasets = {{{weights}}}
 epoch_samples = {EPOCH}
+
+[mixtures.tuned]
+datasets = {{big = 1, small = 1}}
+pipelines = {{small = "eval"}}
 """
 
 
@@ -190,6 +194,17 @@ def test_new_weights_at_a_checkpoint_continue_every_pass(servers, how: str) -> N
         for begin in range(0, len(draws), size):
             chunk = draws[begin : begin + size]
             assert len(set(chunk)) == len(chunk), f"source {s}: a sample repeated within a pass"
+
+
+def test_a_source_with_its_own_pipeline(servers) -> None:
+    """``pipelines = {small = "eval"}``: small's rows are rendered by ``eval``, big's by the job's."""
+    endpoint = servers[0].data
+    with open_client(endpoint, "tuned", pipeline="train", **OPTIONS) as client:
+        rows = [(int(s), int(i), image) for b in client for image, i, s in zip(b[0], b[2], b[3], strict=True)]
+    with open_client(endpoint, "small", pipeline="eval", **OPTIONS) as client:
+        small = {int(i): image for b in client for image, i in zip(b[0], b[2], strict=True)}
+    assert {s for s, _, _ in rows} == {0, 1}
+    assert all(torch.equal(image, small[i]) for s, i, image in rows if s == 1)
 
 
 def test_weights_that_do_not_fit_the_job_are_refused_at_load(servers) -> None:

@@ -165,7 +165,8 @@ path = "/nowhere/small"
         ("[mixtures.m]\ndatasets = {big = 0.5, small = -1}", "is not a finite number >= 0"),
         ('[mixtures.m]\ndatasets = {big = "lots", small = 1}', "weight 'lots' is not a finite number"),
         ("[mixtures.big]\ndatasets = {small = 1}", "has the name of a declared dataset"),
-        ('[mixtures.m]\ndatasets = {big = 1}\npipelines = {big = "det"}', "per-source 'pipelines' are not supported"),
+        ('[mixtures.m]\ndatasets = {big = 1}\npipelines = {big = "det"}', "unknown pipelines ['det']"),
+        ('[mixtures.m]\ndatasets = {big = 1}\npipelines = {small = "eval"}', "names ['small'], which are not"),
     ],
 )
 def test_mixtures_that_cannot_be_served_are_refused_naming_why(tmp_path: Path, mixture_toml: str, reason: str) -> None:
