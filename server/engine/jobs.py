@@ -17,6 +17,7 @@ from stoker.client.protocol.job import JobSpec
 from stoker.client.protocol.mixture import Mixture
 from stoker.client.protocol.plan import (
     batch_indices,
+    batch_positions,
     batch_sizes,
     batches_per_rank,
     permutation,
@@ -33,6 +34,7 @@ from stoker.server.imaging.pipelines import Pipeline
 __all__ = ["OpenJob", "JobRegistry", "replacement_candidate"]
 
 _REPLACEMENT_DOMAIN = 0x5245504C
+_MIXED_SAMPLE_DOMAIN = 0x4D534D50
 
 
 @dataclass(frozen=True, eq=False)
@@ -263,9 +265,20 @@ class JobRegistry:
         return batch_indices(order, spec.batch_size, spec.world_size, spec.drop_last, rank, k, spec.span)
 
     @staticmethod
-    def sample_key(job: OpenJob, epoch: int, index: int) -> int:
-        """The augmentation RNG key of ``index`` in ``epoch``."""
-        return sample_seed(job.spec.seed, epoch, index)
+    def sample_key(job: OpenJob, epoch: int, index: int, rank: int = 0, k: int = 0, row: int = 0) -> int:
+        """The augmentation RNG key of ``index`` in ``epoch`` (at ``row`` of batch ``k`` of ``rank``).
+
+        A mixture keys a sample by its position in the epoch's order too: a small source drawn
+        several times in one epoch gets a fresh augmentation each time. Positions survive a re-plan
+        on another number of ranks (a span holds the epoch's own positions), so the bytes do too.
+        """
+        spec = job.spec
+        if job.mixture is None:
+            return sample_seed(spec.seed, epoch, index)
+        start, end = spec.span if spec.span is not None else (0, job.samples)
+        positions = batch_positions(end - start, spec.batch_size, spec.world_size, spec.drop_last, rank, k)
+        position = start + positions[row] % (end - start)  # padding repeats its sample's own key
+        return mix(_MIXED_SAMPLE_DOMAIN, spec.seed, epoch, position, index)
 
     @property
     def open_jobs(self) -> list[OpenJob]:

@@ -229,7 +229,8 @@ class Production:
                 part = self.cache.part(task, (name, local), size, (work, row))
                 if part is None:
                     continue
-            specs.append(SampleSpec(row, table.locator(index), self.jobs.sample_key(job, epoch, index), part))
+            sample_key = self.jobs.sample_key(job, epoch, index, work.key[2], work.key[3], row)
+            specs.append(SampleSpec(row, table.locator(index), sample_key, part))
             kept.append((row, index))
         task.samples = kept
         if not specs:

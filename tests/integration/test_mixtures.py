@@ -196,6 +196,19 @@ def test_new_weights_at_a_checkpoint_continue_every_pass(servers, how: str) -> N
             assert len(set(chunk)) == len(chunk), f"source {s}: a sample repeated within a pass"
 
 
+def test_a_sample_drawn_twice_in_an_epoch_is_augmented_afresh(servers) -> None:
+    with open_client(servers[0].data, "pretrain", **OPTIONS) as client:
+        rows = [(int(s), int(i), image) for b in client for image, i, s in zip(b[0], b[2], b[3], strict=True)]
+    seen: dict[tuple[int, int], torch.Tensor] = {}
+    repeats = 0
+    for s, i, image in rows:
+        if (s, i) in seen:
+            repeats += 1
+            assert not torch.equal(seen[(s, i)], image), f"sample {i} of source {s}: the same crop twice"
+        seen[(s, i)] = image
+    assert repeats >= 1  # small (3 samples) is drawn 4 times an epoch
+
+
 def test_a_source_with_its_own_pipeline(servers) -> None:
     """``pipelines = {small = "eval"}``: small's rows are rendered by ``eval``, big's by the job's."""
     endpoint = servers[0].data
