@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from typing import Any
 
 import msgpack
@@ -18,6 +18,8 @@ MAX_IMAGE_SIZE = 4096
 MAX_WORLD_SIZE = 65536
 LAYOUTS = ("nhwc", "nchw")
 """How a batch's image bytes are laid out: ``[n, H, W, 3]`` (the default) or ``[n, 3, H, W]``."""
+_OPTIONAL = ("span", "reweights", "layout")
+"""Fields a first-version job lacks: in its id and wire form only when set."""
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
 
 
@@ -39,6 +41,9 @@ class JobSpec:
     span: tuple[int, int] | None = None
     """Positions ``[start, end)`` of each epoch's order that this job plans (a job resumed on another
     number of ranks asks for the rest of its epoch this way); ``None``: the whole epoch."""
+    reweights: tuple[tuple[int, int, tuple[tuple[str, float], ...]], ...] = ()
+    """A mixture's changes of weight: ``(epoch, offset, ((source, weight), ...))``, each from that
+    position of that epoch on (see :mod:`stoker.client.protocol.mixture`); empty: the server's weights."""
     layout: str = "nhwc"
     """The image bytes' layout (:data:`LAYOUTS`): the workers write the rows in it, so the client
     receives straight into the tensor it yields (``nchw``: contiguous, ``nhwc``: channels-last)."""
@@ -72,13 +77,23 @@ class JobSpec:
             ):
                 raise ValueError(f"span={span!r} must be [start, end] with 0 <= start < end")
             object.__setattr__(self, "span", (int(span[0]), int(span[1])))
+        object.__setattr__(self, "reweights", _reweights(self.reweights))
 
     def _values(self) -> list[Any]:
-        # ``span`` only when set, ``layout`` only when not the default: jobs without them keep the ids
-        # (and wire form) they always had.
-        values = [getattr(self, f.name) for f in fields(self) if f.name not in ("span", "layout")]
-        values = values if self.span is None else [*values, list(self.span)]
-        return values if self.layout == "nhwc" else [*values, self.layout]
+        values = [getattr(self, f.name) for f in fields(self) if f.name not in _OPTIONAL]
+        return [*values, *(value for _, value in self._optional())]
+
+    def _optional(self) -> list[tuple[str, Any]]:
+        """The fields added after the first version, in wire form, each only when not its default: jobs
+        without them keep the ids (and wire form) they always had."""
+        out: list[tuple[str, Any]] = []
+        if self.span is not None:
+            out.append(("span", list(self.span)))
+        if self.reweights:
+            out.append(("reweights", _reweights_wire(self.reweights)))
+        if self.layout != "nhwc":
+            out.append(("layout", self.layout))
+        return out
 
     @property
     def job_id(self) -> str:
@@ -88,13 +103,8 @@ class JobSpec:
 
     def to_wire(self) -> dict[str, Any]:
         """The spec as a msgpack-ready map."""
-        wire = asdict(self)
-        if self.span is None:
-            del wire["span"]
-        else:
-            wire["span"] = list(self.span)
-        if self.layout == "nhwc":
-            del wire["layout"]
+        wire = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in _OPTIONAL}
+        wire.update(self._optional())
         return wire
 
     @classmethod
@@ -112,3 +122,37 @@ class JobSpec:
             return cls(**raw)
         except (TypeError, ValueError) as exc:
             raise ProtocolError(f"invalid job: {exc}", ErrorCode.INVALID_JOB) from None
+
+
+def _reweights(raw: Any) -> tuple[tuple[int, int, tuple[tuple[str, float], ...]], ...]:
+    """``reweights`` in canonical form (sources sorted by name); raises ``ValueError``."""
+    if not isinstance(raw, tuple | list) or len(raw) > 1024:
+        raise ValueError(f"reweights={raw!r} must be a list of [epoch, offset, {{source: weight}}]")
+    out = []
+    for point in raw:
+        if not isinstance(point, tuple | list) or len(point) != 3:
+            raise ValueError(f"reweights entry {point!r} must be [epoch, offset, {{source: weight}}]")
+        epoch, offset, weights = point
+        if not all(isinstance(x, int) and not isinstance(x, bool) and 0 <= x <= 2**63 - 1 for x in (epoch, offset)):
+            raise ValueError(f"reweights entry {point!r}: epoch and offset must be ints >= 0")
+        pairs = weights.items() if isinstance(weights, dict) else weights
+        try:
+            named = sorted((str(name), value) for name, value in pairs)
+        except (TypeError, ValueError):
+            raise ValueError(f"reweights entry {point!r}: weights must map source names to numbers") from None
+        for name, value in named:
+            if (
+                not _NAME.match(name)
+                or isinstance(value, bool)
+                or not isinstance(value, int | float)
+                or not 0 <= value < float("inf")
+            ):
+                raise ValueError(f"reweights entry {point!r}: weight {name}={value!r} must be a finite number >= 0")
+        if not named or not sum(v for _, v in named) > 0:
+            raise ValueError(f"reweights entry {point!r}: weights need a positive sum")
+        out.append((int(epoch), int(offset), tuple((name, float(value)) for name, value in named)))
+    return tuple(out)
+
+
+def _reweights_wire(reweights: tuple[tuple[int, int, tuple[tuple[str, float], ...]], ...]) -> list[Any]:
+    return [[epoch, offset, dict(weights)] for epoch, offset, weights in reweights]

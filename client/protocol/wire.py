@@ -184,6 +184,7 @@ _SCHEMA: dict[Kind, dict[str, tuple[str, bool]]] = {
         "prefetch": (_INT, True),
         "server": (_STR, False),
         "views": (_SHAPES, False),
+        "mixture": (_MAP, False),
     },
     Kind.REQUEST: {
         "job": (_MAP, True),
@@ -205,6 +206,7 @@ _SCHEMA: dict[Kind, dict[str, tuple[str, bool]]] = {
         "labels": (_INTS, True),
         "indices": (_INTS, True),
         "views": (_SHAPES, False),
+        "sources": (_INTS, False),
     },
     Kind.ERROR: {
         "code": (_INT, True),

@@ -10,6 +10,12 @@ Version 2 is the same with ``"span": [start, end]``: the epoch was itself resume
 of ranks and its batches are those of that part of the epoch's order. A state without a span stays
 version 1, so clients that only know version 1 still read it; one with a span is version 2, so they
 refuse it rather than misread it. Both versions load.
+
+A mixture job adds ``"mixture": {"sources": {name: {"weight", "pass", "position"}}, "base_weights":
+{name: weight}}``: where each source stands (for people and tools; the job's ``reweights`` and the
+position decide the plan) and the servers' declared weights the job was planned from (so a resume
+after the TOML changed them takes the new ones from the saved position on). Its job may carry
+``reweights``; a client that predates mixtures refuses that job field.
 """
 
 from __future__ import annotations
@@ -28,8 +34,11 @@ SPAN_STATE_VERSION = 2
 _REQUIRED = ("version", "job", "epoch", "next_batch")
 
 
-def state_dict(spec: JobSpec, rank: int, saved: SavedPosition) -> dict[str, Any]:
-    """The state of ``rank`` of the job ``spec`` at ``saved`` (whose world size is the spec's)."""
+def state_dict(
+    spec: JobSpec, rank: int, saved: SavedPosition, mixture: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """The state of ``rank`` of the job ``spec`` at ``saved`` (whose world size is the spec's); a
+    mixture job adds where each source stands (``mixture``, informative: the job and position decide)."""
     state: dict[str, Any] = {
         "version": STATE_VERSION,
         "job": replace(spec, layout="nhwc").to_wire(),  # the layout is not the position's: left out
@@ -39,6 +48,8 @@ def state_dict(spec: JobSpec, rank: int, saved: SavedPosition) -> dict[str, Any]
     }
     if saved.span is not None:
         state.update(version=SPAN_STATE_VERSION, span=list(saved.span))
+    if mixture is not None:
+        state["mixture"] = dict(mixture)
     return state
 
 
@@ -56,8 +67,9 @@ def read_state(state: Mapping[str, Any], spec: JobSpec) -> SavedPosition:
     if not isinstance(state["job"], Mapping):
         raise ValueError(f"state's job={state['job']!r} is not a job spec's map")
     saved = JobSpec.from_wire(dict(state["job"]))
-    # The layout orders the same bytes differently: any may resume a state.
-    ours = replace(spec, world_size=saved.world_size, layout=saved.layout)
+    # The layout orders the same bytes differently (any may resume a state); a mixture's re-weightings
+    # are the saved job's to carry on, not a difference of job.
+    ours = replace(spec, world_size=saved.world_size, layout=saved.layout, reweights=saved.reweights)
     if saved != ours:
         diff = {k: (v, getattr(ours, k)) for k, v in saved.to_wire().items() if getattr(ours, k) != v}
         raise ValueError(f"state is for another job; differing fields (saved, current): {diff}")
@@ -70,7 +82,7 @@ def read_state(state: Mapping[str, Any], spec: JobSpec) -> SavedPosition:
         raise ValueError(
             f"bad state: epoch={state['epoch']!r}, next_batch={state['next_batch']!r}, span={state.get('span')!r}"
         )
-    return SavedPosition(epoch, next_batch, span, saved.world_size)
+    return SavedPosition(epoch, next_batch, span, saved.world_size, saved.reweights)
 
 
 def read_states(states: Mapping[str, Any] | Sequence[Mapping[str, Any]], spec: JobSpec) -> SavedPosition:

@@ -18,9 +18,10 @@ __all__ = ["BatchOutput"]
 class BatchOutput:
     """Turns a :class:`RawBatch` into the tuple a training step takes, on the converter's device."""
 
-    def __init__(self, converter: Converter, return_indices: bool) -> None:
+    def __init__(self, converter: Converter, return_indices: bool, return_sources: bool = False) -> None:
         self.converter = converter
         self.return_indices = return_indices
+        self.return_sources = return_sources
 
     def __call__(self, raw: RawBatch, pinned: PinnedPool | None) -> tuple[Any, ...]:
         """The tuple for ``raw``; ``pinned`` gets back the pinned buffer ``raw`` arrived in, if any."""
@@ -28,9 +29,13 @@ class BatchOutput:
         views = self.converter.images(raw, pinned)
         labels = torch.tensor(fields["labels"], dtype=torch.int64).to(self.converter.device, non_blocking=True)
         images: Any = views if "views" in fields else views[0]  # a multi-view pipeline: one tensor per view
+        out: tuple[Any, ...] = (images, labels)
         if self.return_indices:
-            return images, labels, torch.tensor(fields["indices"], dtype=torch.int64)
-        return images, labels
+            out += (torch.tensor(fields["indices"], dtype=torch.int64),)
+        if self.return_sources:  # a mixture's source of each row (0 for a dataset)
+            sources = fields.get("sources") or [0] * len(fields["labels"])
+            out += (torch.tensor(sources, dtype=torch.int64),)
+        return out
 
     def forget_device_state(self) -> None:
         """Drop cached device tensors (a forked copy must not reuse its parent's CUDA objects)."""

@@ -36,6 +36,8 @@ class SavedPosition(NamedTuple):
     next_batch: int
     span: Span | None
     world_size: int
+    reweights: tuple = ()
+    """A mixture job's changes of weight so far (its spec's ``reweights``)."""
 
 
 class Position:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -23,6 +24,7 @@ from stoker.client.runtime import checkpoint
 from stoker.client.runtime.connection import Connection, KeySource, client_keys
 from stoker.client.runtime.endpoints import parse_endpoints
 from stoker.client.runtime.feed import Feed, worker_share
+from stoker.client.runtime.mixing import check_weights, mixture_state, planned_weights, reweights_after
 from stoker.client.runtime.output import BatchOutput
 from stoker.client.runtime.position import Position
 from stoker.client.runtime.session import JobInfo
@@ -87,6 +89,7 @@ class RemoteBatches(IterableDataset):
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
         return_indices: bool = False,
+        return_sources: bool = False,
         timeout_s: float = 60.0,
         resolve_interval_s: float = 10.0,
         memory_format: torch.memory_format = torch.contiguous_format,
@@ -121,18 +124,25 @@ class RemoteBatches(IterableDataset):
         self.memory_format = memory_format
         self.return_indices = return_indices
         self.timeout_s = float(timeout_s)
-        self._output = BatchOutput(converter, return_indices)
+        self.return_sources = return_sources
+        self._output = BatchOutput(converter, return_indices, return_sources)
         self._stats = Stats()
-        self._position = Position(self.spec)
-        self._feed = Feed(self.spec)
+        self._keys = keys
+        self._bind(self.spec)
+
+    def _bind(self, spec: JobSpec) -> None:
+        """Position, feed and connection for ``spec`` (again when a mixture is re-weighted: a new job)."""
+        self.spec = spec
+        self._position = Position(spec)
+        self._feed = Feed(spec)
         self._connection = Connection(
             self.endpoints,
-            self.spec,
+            spec,
             self.rank,
-            prefetch=prefetch,
+            prefetch=self.prefetch,
             timeout_s=self.timeout_s,
             resolve_interval_s=self.resolve_interval_s,
-            keys=keys,
+            keys=self._keys,
             device=self.device,
             progress=self._stats.progress,
         )
@@ -171,9 +181,24 @@ class RemoteBatches(IterableDataset):
         epoch resumed on another number of ranks, the part of it these ranks share)."""
         if self._position.replan_pending:
             self._open()  # the re-plan needs the dataset's size
-        return checkpoint.state_dict(self.spec, self.rank, self._position.saved())
+        saved = self._position.saved()
+        info = self._connection.info
+        mixture = None
+        if info is not None and info.mixture is not None:
+            mixture = mixture_state(self.spec, info.mixture, saved)
+        return checkpoint.state_dict(self.spec, self.rank, saved, mixture)
 
-    def load_state_dict(self, state: Mapping[str, Any] | Sequence[Mapping[str, Any]]) -> None:
+    def mixture_state(self) -> dict[str, Any]:
+        """Where each source of a mixture stands at the current position: ``{"sources": {name:
+        {"weight", "pass", "position"}}}`` (connects on first use; raises ``ValueError`` for a dataset)."""
+        info = self._open()
+        if info.mixture is None:
+            raise ValueError(f"{self.spec.dataset!r} is a dataset, not a mixture")
+        return mixture_state(self.spec, info.mixture, self._position.saved())
+
+    def load_state_dict(
+        self, state: Mapping[str, Any] | Sequence[Mapping[str, Any]], weights: Mapping[str, float] | None = None
+    ) -> None:
         """Continue from a :meth:`state_dict`: the next iteration yields the rest of its epoch.
 
         ``state`` may come from any rank of a job that ran on any number of ranks, as long as every
@@ -183,13 +208,37 @@ class RemoteBatches(IterableDataset):
         ranks, what the old ranks had left of the epoch is planned again over this client's ranks
         (each sample exactly once, the same number of batches on every rank); later epochs are
         planned for this client's ranks.
+
+        For a mixture, ``weights`` (source -> weight, every source named) changes the proportions from
+        the saved position on: each source continues its current pass where it stopped, and the rest
+        of the epoch and the following ones follow the new weights. Weights changed in the servers'
+        TOML since the state was saved are taken the same way, from the saved position on.
         """
         saved = checkpoint.read_states(state, self.spec)
+        self._rebind(saved.reweights)
+        before = planned_weights(state)
+        if weights is not None:
+            info = self._open()
+            if info.mixture is None:
+                raise ValueError(f"weights given, but {self.spec.dataset!r} is a dataset, not a mixture")
+            check_weights(info.mixture, weights)
+        elif before is not None:
+            info = self._open()  # what the servers declare now
+            now = dict(zip(info.mixture["sources"], info.mixture["weights"], strict=True)) if info.mixture else None
+            if now is not None and any(abs(now.get(k, -1.0) - v) > 1e-12 for k, v in before.items()):
+                weights = now  # the TOML changed: its weights hold from the saved position on
+        self._rebind(reweights_after(saved, self.spec.batch_size, before, weights))
         self._feed.drop()  # it may be heading for the same (epoch, k) of another plan
         self._position.resume(saved)
         info = self._connection.info
         if info is not None:
             self._position.apply_replan(info.samples)
+
+    def _rebind(self, reweights: tuple) -> None:
+        if reweights != self.spec.reweights:
+            self._feed.drop()
+            self._connection.close()
+            self._bind(replace(self.spec, reweights=reweights))  # another job: its own id, plan and info
 
     def stats(self) -> dict[str, float | int]:
         """Batches, images and bytes received, seconds spent waiting for data and the wait share."""

@@ -52,6 +52,8 @@ class JobInfo:
     prefetch: int
     views: tuple[tuple[int, int, int], ...] | None = None
     """``(H, W, 3)`` per view for a multi-view pipeline (the client then yields a list of tensors)."""
+    mixture: dict[str, Any] | None = None
+    """A mixture's sources, sizes, base weights and ``epoch_samples`` (``None`` for a dataset)."""
 
     @property
     def shapes(self) -> tuple[tuple[int, int, int], ...]:
@@ -230,6 +232,7 @@ class Session:
             fields["fingerprint"],
             max(1, min(self.prefetch, fields["prefetch"])),
             tuple(tuple(view) for view in fields["views"]) if "views" in fields else None,  # type: ignore[misc]
+            fields.get("mixture"),
         )
         if self.info is None:
             self.info = info

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 from stoker.server.data.declarations import IMAGE_EXTENSIONS, DatasetDecl
 from stoker.server.data.index_cache import IndexCache
+from stoker.server.data.mixtures import MixtureDecl
 from stoker.server.data.table import SampleTable
 
 __all__ = ["Catalog", "DatasetDecl", "DatasetEntry", "SampleTable", "IMAGE_EXTENSIONS", "load_dataset"]
@@ -67,9 +68,15 @@ class Catalog(Mapping[str, SampleTable]):
     """Declared datasets by name; as a mapping, the ones ready to serve."""
 
     def __init__(
-        self, tables: Iterable[SampleTable] = (), decls: Iterable[DatasetDecl] = (), index_dir: str | None = None
+        self,
+        tables: Iterable[SampleTable] = (),
+        decls: Iterable[DatasetDecl] = (),
+        index_dir: str | None = None,
+        mixtures: Iterable[MixtureDecl] = (),
     ) -> None:
         self.cache = IndexCache(index_dir)
+        self.mixtures = {mixture.name: mixture for mixture in mixtures}
+        """Declared mixtures by name (checked against the datasets at start)."""
         self._entries: dict[str, DatasetEntry] = {}
         for table in tables:
             self._entries[table.name] = DatasetEntry(DatasetDecl(table.name, table.root), "ready", len(table), table)

@@ -66,6 +66,11 @@ class Delivery:
         }
         if job.pipeline.multi_view:
             fields["views"] = shapes  # the image bytes hold every view's array, one after another
+        if job.mixture is not None:  # a mixture's rows: the source of each and the index in that source
+            sources = job.table.source_of(work.indices)  # type: ignore[attr-defined]
+            fields["sources"] = sources.tolist()
+            fields["indices"] = (work.indices - job.table.offsets[sources]).tolist()  # type: ignore[attr-defined]
+            self.stats.mixtures.delivered(job, work.key[1], work.key[3])
         header = encode(Kind.BATCH, fields)
         rows = len(work.indices)
         batch = CachedBatch(slot, header, work.nbytes, rows)

@@ -14,8 +14,10 @@ import numpy as np
 
 from stoker.client.protocol.errors import ProtocolError
 from stoker.client.protocol.job import JobSpec
+from stoker.client.protocol.mixture import Mixture
 from stoker.client.protocol.plan import (
     batch_indices,
+    batch_positions,
     batch_sizes,
     batches_per_rank,
     permutation,
@@ -25,12 +27,14 @@ from stoker.client.protocol.plan import (
 from stoker.client.protocol.rng import mix
 from stoker.client.protocol.wire import ErrorCode
 from stoker.server.data.catalog import Catalog
+from stoker.server.data.mixtures import MixedTable
 from stoker.server.data.table import SampleTable
 from stoker.server.imaging.pipelines import Pipeline
 
 __all__ = ["OpenJob", "JobRegistry", "replacement_candidate"]
 
 _REPLACEMENT_DOMAIN = 0x5245504C
+_MIXED_SAMPLE_DOMAIN = 0x4D534D50
 
 
 @dataclass(frozen=True, eq=False)
@@ -47,6 +51,13 @@ class OpenJob:
     """Size of each rank's last batch."""
     min_side: int = 0
     """The dataset's decode rule (its ``cache_min_side``; 0: reduce as far as each crop allows)."""
+    mixture: Mixture | None = None
+    """A mixture's plan (then ``table`` is its :class:`MixedTable`); ``None`` for a dataset."""
+
+    @property
+    def samples(self) -> int:
+        """Samples in one epoch's order: the dataset's, or the mixture's ``epoch_samples``."""
+        return self.mixture.epoch_samples if self.mixture is not None else len(self.table)
 
     def rows(self, k: int) -> int:
         """Samples in batch ``k`` (the last one may be short)."""
@@ -101,6 +112,7 @@ class JobRegistry:
         self._orders: OrderedDict[tuple[str, int, bool, int], np.ndarray] = OrderedDict()
         self._max_jobs = max_jobs
         self._max_orders = max_orders
+        self._mixed: dict[str, MixedTable] = {}
 
     def open(self, spec: JobSpec) -> OpenJob:
         """The open job for ``spec``; raise :class:`ProtocolError` with the code to answer with."""
@@ -111,12 +123,27 @@ class JobRegistry:
             return job
         table, pipeline = self._resolve(spec)
         self._check_limits(spec, pipeline)
-        if spec.span is not None and spec.span[1] > len(table):
+        mixture = self._mixture(spec, table) if isinstance(table, MixedTable) else None
+        if isinstance(table, MixedTable):
+            for source, own in zip(table.decl.sources, table.pipelines, strict=True):
+                if own is not None and own.sizes(spec.image_size) != pipeline.sizes(spec.image_size):
+                    raise ProtocolError(
+                        f"mixture {spec.dataset!r}: source {source!r}'s pipeline {own.name!r} gives views of "
+                        f"{own.sizes(spec.image_size)} px, pipeline {pipeline.name!r} {pipeline.sizes(spec.image_size)}"
+                        ": a batch needs one layout",
+                        ErrorCode.INVALID_JOB,
+                    )
+        if mixture is None and spec.reweights:
             raise ProtocolError(
-                f"span={list(spec.span)} reaches past the {len(table)} samples of {spec.dataset!r}",
+                f"reweights given, but {spec.dataset!r} is a dataset, not a mixture", ErrorCode.INVALID_JOB
+            )
+        samples = mixture.epoch_samples if mixture is not None else len(table)
+        if spec.span is not None and spec.span[1] > samples:
+            raise ProtocolError(
+                f"span={list(spec.span)} reaches past the {samples} samples of {spec.dataset!r}",
                 ErrorCode.INVALID_JOB,
             )
-        planned = span_length(spec.span, len(table))
+        planned = span_length(spec.span, samples)
         count = batches_per_rank(planned, spec.batch_size, spec.world_size, spec.drop_last)
         if count == 0:
             raise ProtocolError(
@@ -127,14 +154,47 @@ class JobRegistry:
         _, last = batch_sizes(planned, spec.batch_size, spec.world_size, spec.drop_last)
         entry = self.catalog.entry(spec.dataset)
         min_side = entry.decl.cache_min_side if entry is not None else 0
-        job = OpenJob(spec, job_id, table, pipeline, count, last, min_side)
+        job = OpenJob(spec, job_id, table, pipeline, count, last, min_side, mixture)  # type: ignore[arg-type]
         self._jobs[job_id] = job
         while len(self._jobs) > self._max_jobs:
             self._jobs.popitem(last=False)
         return job
 
+    def _mixture(self, spec: JobSpec, table: MixedTable) -> Mixture:
+        try:
+            reweights = [
+                (epoch, offset, table.mixture(spec.seed, spec.shuffle).weights_from(dict(weights)))
+                for epoch, offset, weights in spec.reweights
+            ]
+            return table.mixture(spec.seed, spec.shuffle, reweights)
+        except ValueError as exc:
+            raise ProtocolError(f"mixture {spec.dataset!r}: {exc}", ErrorCode.INVALID_JOB) from None
+
+    def _mixed_table(self, name: str) -> MixedTable | None:
+        """The table of mixture ``name`` once every source is listed; raises while one is not."""
+        decl = self.catalog.mixtures.get(name)
+        if decl is None:
+            return None
+        table = self._mixed.get(name)
+        if table is not None:
+            return table
+        tables, min_sides = [], []
+        for source in decl.sources:
+            entry = self.catalog.entry(source)
+            if entry is None or entry.table is None:
+                state = "still being listed" if entry is not None and entry.state == "loading" else "not available"
+                code = (
+                    ErrorCode.NOT_READY if entry is not None and entry.state == "loading" else ErrorCode.UNKNOWN_DATASET
+                )
+                raise ProtocolError(f"mixture {name!r}: its source {source!r} is {state}", code)
+            tables.append(entry.table)
+            min_sides.append(entry.decl.cache_min_side)
+        own = [self.pipelines.get(decl.pipelines[s]) if s in decl.pipelines else None for s in decl.sources]
+        table = self._mixed[name] = MixedTable(decl, tables, min_sides, own)
+        return table
+
     def _resolve(self, spec: JobSpec) -> tuple[SampleTable, Pipeline]:
-        table = self.catalog.get(spec.dataset)
+        table = self.catalog.get(spec.dataset) or self._mixed_table(spec.dataset)  # type: ignore[assignment]
         if table is None:
             entry = self.catalog.entry(spec.dataset)
             if entry is not None and entry.state == "loading":
@@ -143,7 +203,8 @@ class JobRegistry:
                     ErrorCode.NOT_READY,
                 )
             raise ProtocolError(
-                f"unknown dataset {spec.dataset!r}; this server declares {self.catalog.declared}",
+                f"unknown dataset {spec.dataset!r}; this server declares {self.catalog.declared}"
+                + (f" and mixtures {sorted(self.catalog.mixtures)}" if self.catalog.mixtures else ""),
                 ErrorCode.UNKNOWN_DATASET,
             )
         pipeline = self.pipelines.get(spec.pipeline)
@@ -182,15 +243,23 @@ class JobRegistry:
     def order(self, job: OpenJob, epoch: int) -> np.ndarray:
         """The epoch's permutation of the job's dataset (cached)."""
         spec = job.spec
-        key = (job.table.fingerprint, spec.seed, spec.shuffle, epoch)
+        key = (job.table.fingerprint, spec.seed, spec.shuffle, epoch, spec.reweights)
         order = self._orders.get(key)
         if order is None:
-            order = self._orders[key] = permutation(len(job.table), spec.seed, epoch, spec.shuffle)
+            order = self._orders[key] = self._new_order(job, epoch)
             while len(self._orders) > self._max_orders:
                 self._orders.popitem(last=False)
         else:
             self._orders.move_to_end(key)
         return order
+
+    @staticmethod
+    def _new_order(job: OpenJob, epoch: int) -> np.ndarray:
+        spec = job.spec
+        if job.mixture is None:
+            return permutation(len(job.table), spec.seed, epoch, spec.shuffle)
+        sources, indices = job.mixture.epoch_plan(epoch)
+        return job.table.offsets[sources] + indices  # type: ignore[attr-defined]
 
     def indices(self, job: OpenJob, epoch: int, rank: int, k: int) -> np.ndarray:
         """Dataset indices of batch ``k`` of ``rank`` (before bad-sample replacement)."""
@@ -199,9 +268,20 @@ class JobRegistry:
         return batch_indices(order, spec.batch_size, spec.world_size, spec.drop_last, rank, k, spec.span)
 
     @staticmethod
-    def sample_key(job: OpenJob, epoch: int, index: int) -> int:
-        """The augmentation RNG key of ``index`` in ``epoch``."""
-        return sample_seed(job.spec.seed, epoch, index)
+    def sample_key(job: OpenJob, epoch: int, index: int, rank: int = 0, k: int = 0, row: int = 0) -> int:
+        """The augmentation RNG key of ``index`` in ``epoch`` (at ``row`` of batch ``k`` of ``rank``).
+
+        A mixture keys a sample by its position in the epoch's order too: a small source drawn
+        several times in one epoch gets a fresh augmentation each time. Positions survive a re-plan
+        on another number of ranks (a span holds the epoch's own positions), so the bytes do too.
+        """
+        spec = job.spec
+        if job.mixture is None:
+            return sample_seed(spec.seed, epoch, index)
+        start, end = spec.span if spec.span is not None else (0, job.samples)
+        positions = batch_positions(end - start, spec.batch_size, spec.world_size, spec.drop_last, rank, k)
+        position = start + positions[row] % (end - start)  # padding repeats its sample's own key
+        return mix(_MIXED_SAMPLE_DOMAIN, spec.seed, epoch, position, index)
 
     @property
     def open_jobs(self) -> list[OpenJob]:

@@ -18,10 +18,12 @@ from collections.abc import Iterable
 
 from stoker.client.protocol.wire import ErrorCode
 from stoker.server.cache import DecodedCache
+from stoker.server.data.mixtures import MixedTable
 from stoker.server.engine.jobs import JobRegistry, OpenJob
 from stoker.server.engine.records import BatchKey, BatchWork, Task
 from stoker.server.engine.standins import BadSamplePolicy, BatchPlanner
 from stoker.server.engine.stats import EngineStats
+from stoker.server.imaging.pipelines import Pipeline
 from stoker.server.workers.messages import Outcome, SampleResult, SampleSpec, TaskMessage
 from stoker.server.workers.pool import PoolEvent, TaskDone, WorkerDied, WorkerPool
 from stoker.server.workers.slots import SlotPool
@@ -31,6 +33,40 @@ __all__ = ["Production", "KILLS_BEFORE_QUARANTINE"]
 log = logging.getLogger(__name__)
 KILLS_BEFORE_QUARANTINE = 2
 _MAX_ROWS_PER_TASK = 16
+
+
+def cache_entry(job: OpenJob, index: int) -> tuple[str, int, int]:
+    """``(dataset, index in it, its size)`` of a row's sample: a mixture's rows are cached per source."""
+    table = job.table
+    if isinstance(table, MixedTable):
+        return table.cache_key(index)
+    return table.name, index, len(table)
+
+
+def decode_rule(job: OpenJob, samples: list[tuple[int, int]]) -> int:
+    """The ``min_side`` of a task's rows: its dataset's, or (a mixture's task holds one source) its source's."""
+    table = job.table
+    if isinstance(table, MixedTable) and samples:
+        return table.min_side(samples[0][1])
+    return job.min_side
+
+
+def source_pipeline(job: OpenJob, samples: list[tuple[int, int]]) -> Pipeline:
+    """The pipeline of a task's rows: the job's, or its source's own in a mixture that declares one."""
+    table = job.table
+    own = table.pipeline(samples[0][1]) if isinstance(table, MixedTable) and samples else None
+    return own if own is not None else job.pipeline
+
+
+def source_groups(work: BatchWork, rows: list[int]) -> list[list[int]]:
+    """``rows`` in groups of one source each (one group for a dataset)."""
+    table = work.job.table
+    if not isinstance(table, MixedTable):
+        return [rows]
+    sources = table.source_of(work.indices[rows])
+    return [[row for row, s in zip(rows, sources, strict=True) if s == source] for source in sorted(set(sources))]
+
+
 _OUTCOME_LABELS = {
     Outcome.OK: "ok",
     Outcome.BAD: "bad",
@@ -154,8 +190,9 @@ class Production:
             rows = sorted(work.pending)
             # Small tasks spread one batch over every worker; a few rows each keep the pipe cheap.
             chunk = max(1, min(_MAX_ROWS_PER_TASK, math.ceil(len(rows) / (2 * workers))))
-            for start in range(0, len(rows), chunk):
-                self._enqueue(work, [(row, int(work.indices[row])) for row in rows[start : start + chunk]])
+            for group in source_groups(work, rows):  # a task decodes rows of one source (one decode rule)
+                for start in range(0, len(group), chunk):
+                    self._enqueue(work, [(row, int(work.indices[row])) for row in group[start : start + chunk]])
 
     def _enqueue(self, work: BatchWork, samples: list[tuple[int, int]], first: bool = False) -> None:
         task = Task(next(self._task_ids), work, samples)
@@ -184,29 +221,30 @@ class Production:
             raise RuntimeError("a task of a batch without a slot")  # unreachable: tasks are cut after acquire
         job, epoch = work.job, work.key[1]
         table = job.table
-        cached = self.cache.serves(table.name)
         specs, kept = [], []
         for row, index in task.samples:
             part = None
-            if cached:
-                part = self.cache.part(task, (table.name, index), len(table), (work, row))
+            name, local, size = cache_entry(job, index)
+            if self.cache.serves(name):
+                part = self.cache.part(task, (name, local), size, (work, row))
                 if part is None:
                     continue
-            specs.append(SampleSpec(row, table.locator(index), self.jobs.sample_key(job, epoch, index), part))
+            sample_key = self.jobs.sample_key(job, epoch, index, work.key[2], work.key[3], row)
+            specs.append(SampleSpec(row, table.locator(index), sample_key, part))
             kept.append((row, index))
         task.samples = kept
         if not specs:
             return None
-        pipeline, size = job.pipeline, job.spec.image_size
+        pipeline, size = source_pipeline(job, kept), job.spec.image_size
         return TaskMessage(
-            task.task_id, work.slot.name, len(work.originals), size, pipeline, tuple(specs), job.min_side,
+            task.task_id, work.slot.name, len(work.originals), size, pipeline, tuple(specs), decode_rule(job, kept),
             job.spec.layout,
         )  # fmt: skip
 
     def _release_claims(self, task: Task, index: int | None = None) -> None:
         """``task`` is done with its cache claims (on sample ``index``, or all): rows parked behind them
         go on, now reading the arena."""
-        sample = None if index is None else (task.work.job.table.name, index)
+        sample = None if index is None else cache_entry(task.work.job, index)[:2]
         for work, row in self.cache.release(task, sample):
             if work.failure is None and row in work.pending:
                 self._enqueue(work, [(row, int(work.indices[row]))], first=True)
@@ -227,8 +265,6 @@ class Production:
         work.tasks.discard(task)
         for stage, total, count in result.stages:
             self.stats.stage(stage, total / count, count)
-        table = work.job.table
-        cached = self.cache.serves(table.name)
         indices = dict(task.samples)
         for sample in result.samples:
             self.stats.samples_total.labels(_OUTCOME_LABELS[sample.outcome]).inc()
@@ -236,9 +272,10 @@ class Production:
                 continue
             if sample.outcome is Outcome.OK:
                 work.pending.discard(sample.row)
-                if cached and sample.row in indices:
-                    entry = (table.name, indices[sample.row])
-                    self.cache.reported(entry, len(table), sample.decoded, sample.stored, sample.header)
+                if sample.row in indices:
+                    name, local, size = cache_entry(work.job, indices[sample.row])
+                    if self.cache.serves(name):
+                        self.cache.reported((name, local), size, sample.decoded, sample.stored, sample.header)
             elif sample.outcome is Outcome.BAD:
                 if self.planner.stand_in(work, sample.row, sample.reason, policy):
                     self._enqueue(work, [(sample.row, int(work.indices[sample.row]))], first=True)
@@ -258,8 +295,9 @@ class Production:
         work.fail(ErrorCode.INTERNAL, f"a worker failed on {path}: {reason}", path=path, reason=reason, traceback=trace)
 
     def _fail_in_pipeline(self, work: BatchWork, sample: SampleResult) -> None:
-        pipeline = work.job.pipeline.name
-        path = work.job.table.display_path(int(work.indices[sample.row]))
+        index = int(work.indices[sample.row])
+        pipeline = source_pipeline(work.job, [(sample.row, index)]).name
+        path = work.job.table.display_path(index)
         self.stats.pipeline_failed(pipeline, sample.op, path, sample.reason)
         log.error("pipeline %r, op %r failed on %s: %s\n%s", pipeline, sample.op, path, sample.reason, sample.traceback)
         work.fail(

@@ -86,7 +86,7 @@ def job_info(job: OpenJob, granted_prefetch: int) -> dict[str, Any]:
     table, sizes = job.table, job.sizes
     info: dict[str, Any] = {
         "job_id": job.job_id,
-        "samples": len(table),
+        "samples": job.samples,
         "classes": list(table.classes) if len(table.classes) <= 10000 else [],
         "batches": job.batches,
         "image_shape": [sizes[0], sizes[0], 3],
@@ -96,6 +96,13 @@ def job_info(job: OpenJob, granted_prefetch: int) -> dict[str, Any]:
     }
     if job.pipeline.multi_view:
         info["views"] = [[side, side, 3] for side in sizes]
+    if job.mixture is not None:
+        info["mixture"] = {
+            "sources": list(job.mixture.names),
+            "sizes": list(job.mixture.sizes),
+            "weights": list(job.mixture.weights),
+            "epoch_samples": job.mixture.epoch_samples,
+        }
     return info
 
 

@@ -18,6 +18,7 @@ from stoker.server.engine.status_models import (
     DatasetStatus,
     Endpoints,
     JobStatus,
+    MixtureSourceStatus,
     PipelineStatus,
     PoolStatus,
     SecurityStatus,
@@ -157,6 +158,17 @@ def build_status(engine: Engine, http_url: str = "", log_level: str = "INFO") ->
         pool=pool_status(engine),
         datasets=[dataset_status(entry) for entry in engine.catalog.entries],
         jobs=[job_status(job) for job in engine.jobs.open_jobs],
+        mixtures=[
+            MixtureSourceStatus(
+                mixture=p.mixture,
+                source=p.source,
+                weight=round(p.weight, 6),
+                served_epoch=p.served_epoch,
+                pass_number=p.pass_,
+                position=p.position,
+            )
+            for p in stats.mixtures.sources()
+        ],
         pipelines=[PipelineStatus(**pipeline.describe()) for pipeline in engine.pipelines.values()],
         cache=cache_status(engine),
         security=security_status(engine),
@@ -193,6 +205,11 @@ def update_gauges(engine: Engine) -> None:
     stats.cache_hits.set(cache.hits)
     stats.cache_misses.set(cache.misses)
     stats.cache_decodes.set(cache.decodes_per_sample or 0.0)
+    for p in stats.mixtures.sources():
+        stats.mixture_weight.labels(p.mixture, p.source).set(p.weight)
+        stats.mixture_served.labels(p.mixture, p.source).set(p.served_epoch)
+        stats.mixture_pass.labels(p.mixture, p.source).set(p.pass_)
+        stats.mixture_position.labels(p.mixture, p.source).set(p.position)
     if engine.access is not None:
         stats.authorized_clients.set(engine.access.authorised)
         for reason, count in engine.access.refused.items():

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from stoker.server.engine.mixing import MixtureProgress
 from stoker.server.engine.status_models import PipelineErrorStatus, StageStatus
 
 __all__ = ["Window", "Throughput", "PeerStats", "BadSample", "BadSamples", "EngineStats", "STAGES"]
@@ -194,6 +195,19 @@ class EngineStats:
         self.cache_misses = Gauge("stoker_cache_misses", "Samples of cached datasets decoded", registry=r)
         self.cache_decodes = Gauge(
             "stoker_cache_decodes_per_sample", "Mean decodes per sample of the cached datasets", registry=r
+        )
+        self.mixtures = MixtureProgress()
+        """How far each mixture's jobs have got (see :mod:`stoker.server.engine.mixing`)."""
+        source = ["mixture", "source"]
+        self.mixture_weight = Gauge("stoker_mixture_weight", "A mixture source's weight now", source, registry=r)
+        self.mixture_served = Gauge(
+            "stoker_mixture_served_epoch", "Samples of a mixture source served this epoch", source, registry=r
+        )
+        self.mixture_pass = Gauge(
+            "stoker_mixture_pass", "A mixture source's current pass (0-based)", source, registry=r
+        )
+        self.mixture_position = Gauge(
+            "stoker_mixture_position", "A mixture source's position in its current pass", source, registry=r
         )
 
     def stage(self, name: str, seconds: float, count: int = 1) -> None:

@@ -75,6 +75,15 @@ class JobStatus(BaseModel):
     batches_per_rank: int
 
 
+class MixtureSourceStatus(BaseModel):
+    mixture: str
+    source: str
+    weight: float = Field(description="its weight now (normalised)")
+    served_epoch: int = Field(description="samples drawn from it this epoch, up to the furthest batch delivered")
+    pass_number: int = Field(description="its current pass (0-based): each pass gives each sample once")
+    position: int = Field(description="samples of the current pass drawn")
+
+
 class PipelineStatus(BaseModel):
     name: str
     views: list[dict[str, Any]] = Field(description="each view: geometry, size, count and post-ops with arguments")
@@ -156,6 +165,9 @@ class Status(BaseModel):
     pool: PoolStatus
     datasets: list[DatasetStatus]
     jobs: list[JobStatus]
+    mixtures: list[MixtureSourceStatus] = Field(
+        default_factory=list, description="each source of each mixture served, at the furthest batch delivered"
+    )
     pipelines: list[PipelineStatus] = Field(description="declared pipelines with their ops")
     pipeline_errors: list[PipelineErrorStatus] = Field(description="recent post-op failures, newest first")
     cache: CacheStatus

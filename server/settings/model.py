@@ -33,6 +33,7 @@ from typing import Any, ClassVar, Literal, Self
 from pydantic import BaseModel, ByteSize, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 from stoker.server.data.declarations import DatasetDecl, Kind
+from stoker.server.data.mixtures import MixtureDecl, check_mixtures
 from stoker.server.data.store_config import StoreConfig
 from stoker.server.imaging.limits import DecodeLimits
 from stoker.server.imaging.pipelines import BUILTIN_PIPELINES, Pipeline, pipeline_from_ops, pipeline_from_views
@@ -227,6 +228,16 @@ class PipelineSettings(BaseModel):
         return self
 
 
+class MixtureSettings(BaseModel):
+    """A declared mixture (see :mod:`stoker.server.data.mixtures`): declared datasets by weight."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    datasets: dict[str, Any]
+    """Source dataset -> weight (any positive numbers; normalised). Checked, naming the bad one, at start."""
+    epoch_samples: int | None = Field(None, gt=0)
+    pipelines: dict[str, str] = Field(default_factory=dict)
+
+
 class ServerSettings(EngineSettings):
     """Every option of ``stoker serve``: the engine's, plus the HTTP side, logging and the catalog."""
 
@@ -257,6 +268,9 @@ class ServerSettings(EngineSettings):
         json_schema_extra={"metavar": "NAME"},
     )
     pipelines: dict[str, PipelineSettings] = Field(default_factory=dict, description="declared pipelines by name")
+    mixtures: dict[str, MixtureSettings] = Field(
+        default_factory=dict, description="declared mixtures by name: datasets by weight"
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -317,6 +331,14 @@ class ServerSettings(EngineSettings):
             ).resolved()
             for name, e in self.datasets.items()
         ]
+
+    def mixture_decls(self) -> list[MixtureDecl]:
+        """Mixture declarations; raises ``ValueError`` naming what cannot be served."""
+        decls = [
+            MixtureDecl(name, dict(m.datasets), m.epoch_samples, dict(m.pipelines)) for name, m in self.mixtures.items()
+        ]
+        check_mixtures(decls, self.datasets, self.pipeline_map())
+        return decls
 
     def pipeline_map(self) -> dict[str, Pipeline]:
         """Built-in pipelines plus declared ones (a declared name overrides a built-in)."""

@@ -16,7 +16,7 @@ from stoker.server.settings.model import ServerSettings
 __all__ = ["load_settings", "from_environment", "ENV_PREFIX"]
 
 ENV_PREFIX = "STOKER_"
-_TABLES = ("datasets", "pipelines")
+_TABLES = ("datasets", "pipelines", "mixtures")
 _LISTS = ("cache",)
 """Settings holding a list: comma-separated in the environment (``STOKER_CACHE=a,b``)."""
 

@@ -66,7 +66,7 @@ def _add_serve(serve: argparse.ArgumentParser) -> None:
         serve.add_argument("unavailable", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     else:
         # Every other flag comes from a field of the settings model: declared once, there.
-        add_setting_flags(serve, ServerSettings, skip={"datasets", "pipelines"})
+        add_setting_flags(serve, ServerSettings, skip={"datasets", "pipelines", "mixtures"})
 
 
 def _add_demo(demo: argparse.ArgumentParser) -> None:
@@ -131,6 +131,11 @@ def _add_bench(bench: argparse.ArgumentParser) -> None:
         "this Python, whose environment has DALI",
     )
     bench.add_argument("--dali-script", type=Path, help="the DALI peer script (default: ../shared/peers/dali_dino.py)")
+    bench.add_argument(
+        "--mixture",
+        action="store_true",
+        help="also run stoker on a 3-source mixture of the data (0.6/0.3/0.1) against the one dataset: row (i)",
+    )
     bench.add_argument("--json", action="store_true", help="print the results as JSON")
 
 
@@ -203,6 +208,7 @@ def _bench(args: argparse.Namespace) -> int:
             dali_python=args.dali_python,
             dali_script=args.dali_script.resolve() if args.dali_script else None,
             curve=args.curve,
+            mixture=args.mixture,
         )
     except ValueError as exc:
         print(f"stoker bench: {exc}", file=sys.stderr)

@@ -117,10 +117,11 @@ def build_engine(settings: ServerSettings) -> Engine:
         decls = settings.dataset_decls()
         for decl in decls:
             decl.check()  # what needs no listing fails now; the listing runs once the server answers
+        mixtures = settings.mixture_decls()
     except (ValueError, OSError) as exc:
         raise ServeError(str(exc)) from exc
     check_security(settings)  # after the configuration's own errors, which a user fixes first
-    catalog = Catalog(decls=decls, index_dir=settings.index_dir)
+    catalog = Catalog(decls=decls, index_dir=settings.index_dir, mixtures=mixtures)
     return Engine(settings.engine_config(), catalog, pipelines)
 
 

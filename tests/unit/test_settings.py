@@ -137,7 +137,7 @@ def test_every_setting_has_a_flag_and_an_environment_variable_from_its_one_decla
     from stoker.server.settings.sources import from_environment
     from stoker.server.tools.cli import build_parser
 
-    scalars = [name for name in ServerSettings.model_fields if name not in ("datasets", "pipelines")]
+    scalars = [name for name in ServerSettings.model_fields if name not in ("datasets", "pipelines", "mixtures")]
     switches = {name for name in scalars if ServerSettings.model_fields[name].annotation is bool}
     lists = {name for name in scalars if typing.get_origin(ServerSettings.model_fields[name].annotation) is list}
     argv = ["serve"]

@@ -13,6 +13,8 @@ Rows, run one after another and repeated (interleaved, so drift hits all alike):
   with albumentations (:mod:`.peers`)
 - (h) ``dali`` (``--dali-python PY``): NVIDIA DALI's CPU pipeline for the DINO multi-crop recipe, run
   by that Python (:mod:`.peers`)
+- (i) ``stoker_mixture`` (``--mixture``): (d) reading a mixture of three sources (the data declared
+  three times, weights 0.6/0.3/0.1) instead of the one dataset: the cost of mixing
 
 plus the wire path alone (GB/s), and stoker's per-stage and per-op times from its ``/status``.
 Reported: images/s (median and range), MB/s, CPU-seconds per 1,000 images (the whole process tree),
@@ -23,6 +25,7 @@ Reported: images/s (median and range), MB/s, CPU-seconds per 1,000 images (the w
 from __future__ import annotations
 
 import contextlib
+import json
 import sys
 from collections.abc import Callable
 from contextlib import AbstractContextManager
@@ -72,6 +75,8 @@ class BenchConfig:
     """Also run DALI's DINO multi-crop pipeline under this Python (row (h))."""
     dali_script: Path | None = None
     """The DALI peer script (default: ``../shared/peers/dali_dino.py`` from the repository)."""
+    mixture: bool = False
+    """Also run stoker on a three-source mixture of the data (row (i))."""
 
     def __post_init__(self) -> None:
         if not self.folder and not _dataset_path(self.data):
@@ -173,6 +178,23 @@ def _loaders(
         )
     if folder is not None and config.dali_python:
         rows["dali"] = ("(h) DALI CPU, DINO recipe", None)
+    if config.mixture:
+        # The data as three sources, so (g) reads the same files as (d) and differs only by mixing.
+        mixed_args = [*server_args, "--dataset", f"bench_b={data}", "--dataset", f"bench_c={data}"]
+        mixture = {"bench_mix": {"datasets": {"bench": 0.6, "bench_b": 0.3, "bench_c": 0.1}}}
+        rows["stoker_mixture"] = (
+            "(i) stoker, 3-source mixture",
+            lambda: stoker_stream(
+                data,
+                size,
+                batch,
+                workers,
+                name,
+                server_args=mixed_args,
+                dataset="bench_mix",
+                env={"STOKER_MIXTURES": json.dumps(mixture)},
+            ),
+        )
     if config.poll_status_ms:
         poll = config.poll_status_ms
         rows["stoker_polled"] = (

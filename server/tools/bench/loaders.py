@@ -14,6 +14,7 @@ Both DataLoaders use ``persistent_workers`` so epoch boundaries cost them no wor
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 import urllib.request
@@ -159,12 +160,15 @@ def stoker_stream(
     server_args: Sequence[str] = (),
     client_keys: dict[str, str] | None = None,
     stages: dict[str, float] | None = None,
+    dataset: str = "bench",
+    env: dict[str, str] | None = None,
 ) -> Iterator[Stream]:
-    """A real server (child process, given ``server_args`` too) and a CPU client of uint8 batches;
-    optionally a thread polling ``/status``; ``stages`` gets the server's mean milliseconds per stage
-    (and per post-op: ``op:<pipeline>/<op>``) from ``/status`` when the stream ends."""
+    """A real server (child process, given ``server_args`` and ``env`` too) and a CPU client of uint8
+    batches of ``dataset`` (or a mixture the server declares); optionally a thread polling ``/status``;
+    ``stages`` gets the server's mean milliseconds per stage (and per post-op: ``op:<pipeline>/<op>``)
+    from ``/status`` when the stream ends."""
     args = loopback_args("bench", data, workers) + list(server_args)
-    with start_server(args) as server:
+    with start_server(args, env=None if env is None else {**os.environ, **env}) as server:
         stop = threading.Event()
 
         def poll() -> None:
@@ -175,7 +179,7 @@ def stoker_stream(
         poller = threading.Thread(target=poll, daemon=True) if poll_status_ms > 0 else None
         with stoker_client(
             server.data,
-            "bench",
+            dataset,
             pipeline=pipeline,
             image_size=size,
             batch_size=batch_size,

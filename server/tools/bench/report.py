@@ -32,6 +32,9 @@ def ratios(rows: dict[str, Series], cores: int) -> dict[str, float | None]:
         if key in rows:
             peer = rows[key].median().images_per_s
             out[name] = d / peer if peer else None
+    if "stoker_mixture" in rows:
+        g = rows["stoker_mixture"].median().images_per_s
+        out["mixture_vs_stoker"] = g / d if d else None
     if "stoker_polled" in rows:
         polled = rows["stoker_polled"].median().images_per_s
         out["status_polling_overhead"] = 1 - polled / d if d else None
@@ -92,6 +95,8 @@ def format_table(result: dict[str, Any]) -> str:
     if result.get("stoker_stages_ms"):
         stages = result["stoker_stages_ms"]
         lines.append("(d) stages, mean ms: " + ", ".join(f"{name} {ms:.2f}" for name, ms in sorted(stages.items())))
+    if ratios.get("mixture_vs_stoker") is not None:
+        lines.append(f"(i) / (d) = {show(ratios['mixture_vs_stoker'])}    (a 3-source mixture against one dataset)")
     if "status_polling_overhead" in ratios and ratios["status_polling_overhead"] is not None:
         lines.append(f"/status polling overhead on (d): {100 * ratios['status_polling_overhead']:.1f}%")
     return "\n".join(lines)
