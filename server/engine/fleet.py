@@ -10,6 +10,7 @@ autoscaling and verdicts, so that the engine's loop calls four methods and knows
 from __future__ import annotations
 
 import time
+from collections import deque
 from dataclasses import dataclass
 
 from stoker.server.data.catalog import Catalog
@@ -51,6 +52,8 @@ class Fleet:
         self.autoscaler = Autoscaler(bounds[0], bounds[1], config.autoscale_interval_s) if bounds else None
         self.sizing = Sizing(0.0, 0.0, None, None, None)
         self._busy_at: tuple[float, float] | None = None
+        self.resizes: deque[tuple[float, int, int]] = deque(maxlen=20)
+        """``(unix time, from, to)`` of the autoscaler's recent resizes."""
         self.busy_share = 0.0
         """Share of the pool's worker time spent on tasks since the last tick but one (smoothed)."""
 
@@ -98,7 +101,10 @@ class Fleet:
         if self.autoscaler is None:
             return None
         busy = sum(1 for w in pool.workers if w.tasks and not w.retiring)
-        return self.autoscaler.decide(now, pool.target_size, sizing.desired_workers, busy)
+        size = self.autoscaler.decide(now, pool.target_size, sizing.desired_workers, busy)
+        if size is not None:
+            self.resizes.append((time.time(), pool.target_size, size))
+        return size
 
     def job(self, job: OpenJob, config: EngineSettings, stats: EngineStats, workers: int) -> JobFigures:
         """One job's weight, share, rates and verdict."""

@@ -21,6 +21,7 @@ from stoker.server.engine.status_models import (
     JobStatus,
     PipelineStatus,
     PoolStatus,
+    ResizeStatus,
     SecurityStatus,
     Status,
     Throughput,
@@ -146,6 +147,7 @@ def fleet_status(engine: Engine) -> FleetStatus:
         headroom=config.demand_headroom,
         window_s=config.demand_window_s,
         autoscale=config.autoscale_workers,
+        resizes=[ResizeStatus(at=at, workers_from=a, workers_to=b) for at, a, b in fleet.resizes],
     )
 
 

@@ -16,6 +16,8 @@ __all__ = [
     "PoolStatus",
     "DatasetStatus",
     "JobStatus",
+    "FleetStatus",
+    "ResizeStatus",
     "PipelineStatus",
     "PipelineErrorStatus",
     "CacheStatus",
@@ -84,6 +86,12 @@ class JobStatus(BaseModel):
     advice: str | None = Field(None, description="the verdict's line: where the time goes and what to do")
 
 
+class ResizeStatus(BaseModel):
+    at: float = Field(description="unix time")
+    workers_from: int
+    workers_to: int
+
+
 class FleetStatus(BaseModel):
     """Running by demand: what the trainers ask for and the size it calls for (engine/demand.py)."""
 
@@ -96,6 +104,7 @@ class FleetStatus(BaseModel):
     headroom: float
     window_s: float
     autoscale: str | None = Field(description="MIN:MAX when the pool follows desired_workers, else None")
+    resizes: list[ResizeStatus] = Field(default_factory=list, description="the autoscaler's recent resizes")
 
 
 class PipelineStatus(BaseModel):
