@@ -55,6 +55,8 @@ class ClientRates:
     """Share of its loop spent waiting for data."""
     here: float
     """Share of its images this server sent (1 with one server)."""
+    span_s: float
+    """Seconds of the client's loop the window covers."""
 
 
 class ClientDemand:
@@ -92,6 +94,7 @@ class ClientDemand:
             consumed=images / elapsed,
             stall_share=waited / elapsed,
             here=min(1.0, served / images),
+            span_s=elapsed,
         )
 
 
@@ -160,16 +163,16 @@ class Demand:
         """A worker spent ``seconds`` on ``images`` samples of ``pipeline``."""
         self.capacity.add(pipeline, at, images, seconds)
 
-    def client(self, identity: bytes) -> ClientRates | None:
-        """One client's rates."""
-        client = self._clients.get(identity)
-        return client.rates() if client is not None else None
+    def _rates(self, client: ClientDemand) -> ClientRates | None:
+        # A client counts once its window covers half the span: its start-up wait no longer dominates.
+        rates = client.rates()
+        return rates if rates is not None and rates.span_s >= self.window_s / 2 else None
 
     def jobs(self) -> dict[str, list[ClientRates]]:
         """The rates of every measured client, by job."""
         found: dict[str, list[ClientRates]] = {}
         for client in self._clients.values():
-            rates = client.rates()
+            rates = self._rates(client)
             if rates is not None:
                 found.setdefault(client.job_id, []).append(rates)
         return found
@@ -180,7 +183,7 @@ class Demand:
         here = fleet = need_here = need_fleet = 0.0
         measured = True
         for client in self._clients.values():
-            rates = client.rates()
+            rates = self._rates(client)
             if rates is None:
                 continue
             per_worker = self.capacity.per_worker(client.pipeline) or self.capacity.per_worker()

@@ -92,8 +92,7 @@ class Fleet:
             alpha = min(1.0, span / self.demand.window_s * 2)
             self.busy_share = min(1.0, self.busy_share + alpha * (share - self.busy_share))
         self._busy_at = (now, busy_s)
-        replica_workers = self.autoscaler.high if self.autoscaler is not None else pool.target_size
-        sizing = self.sizing = self.demand.sizing(now, replica_workers)
+        sizing = self.resize_view(pool)
         stats.demand_ips.set(sizing.demand_ips)
         stats.capacity_ips.set(sizing.capacity_ips or 0.0)
         stats.desired_workers.set(sizing.desired_workers if sizing.desired_workers is not None else pool.target_size)
@@ -105,6 +104,12 @@ class Fleet:
         if size is not None:
             self.resizes.append((time.time(), pool.target_size, size))
         return size
+
+    def resize_view(self, pool: WorkerPool) -> Sizing:
+        """The sizes the window calls for now (kept in :attr:`sizing` for ``/status``)."""
+        replica_workers = self.autoscaler.high if self.autoscaler is not None else pool.target_size
+        self.sizing = self.demand.sizing(time.monotonic(), replica_workers)
+        return self.sizing
 
     def job(self, job: OpenJob, config: EngineSettings, stats: EngineStats, workers: int) -> JobFigures:
         """One job's weight, share, rates and verdict."""

@@ -178,6 +178,7 @@ def build_status(engine: Engine, http_url: str = "", log_level: str = "INFO") ->
     """Everything ``/status`` shows (run on the engine thread)."""
     now = time.monotonic()
     stats = engine.stats
+    engine.fleet.resize_view(engine.pool)  # the verdicts below and the sizes agree
     images_s, bytes_s = stats.throughput.rates(now)
     clients = [client_status(peer, now) for peer in engine.admission.peers]
     stalls = [c.stall_share for c in clients if c.stall_share is not None]

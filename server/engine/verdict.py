@@ -7,7 +7,8 @@
 - ``storage-bound``: clients wait and reading a sample's bytes takes most of its time in a worker
   (reads in flight saturated, read latency dominating).
 - ``loader-bound``: clients wait and the workers are the limit: add workers (up to the pool's cap),
-  then replicas; the number comes from ``desired_workers``.
+  then replicas; the number comes from ``desired_workers``. With enough workers idle, the latency of
+  each batch is the limit: add none, raise the clients' prefetch.
 """
 
 from __future__ import annotations
@@ -90,6 +91,12 @@ def judge(s: Signals) -> Verdict | None:
             "raise reads_in_flight, or cache the dataset",
         )
     wanted = s.desired_workers if s.desired_workers is not None else s.workers + 1
+    if wanted <= s.workers and s.busy_share < _BUSY_LIMIT:
+        # Enough workers, and idle ones: each batch's latency, not the rate, keeps the clients waiting.
+        return Verdict(
+            "loader-bound",
+            f"add 0 workers: they are {idle:.0%} idle yet {waiting}; raise the clients' prefetch",
+        )
     extra = max(1, wanted - s.workers)
     if s.workers + extra <= s.max_workers:
         return Verdict("loader-bound", f"add {extra} worker{'s' * (extra > 1)} ({waiting})", add_workers=extra)
