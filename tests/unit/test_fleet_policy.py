@@ -1,0 +1,99 @@
+"""The pure parts of running by demand: a client's demand window, capacity, the desired sizes, the
+autoscaler's hysteresis and the verdicts."""
+
+from __future__ import annotations
+
+import pytest
+
+from stoker.server.engine.autoscale import Autoscaler
+from stoker.server.engine.demand import Demand, Report
+from stoker.server.engine.verdict import Signals, judge
+
+
+def feed(demand: Demand, identity: bytes, rate: float, stall: float, seconds: float, served_share: float = 1.0) -> None:
+    """A client taking ``rate`` images/s while waiting ``stall`` of its loop, reported every 0.1 s."""
+    for i in range(int(seconds * 10) + 1):
+        t = i / 10
+        images = int(rate * t)
+        demand.report(identity, "job", "train", Report(t, images, stall * t, t, int(images * served_share)))
+
+
+def test_demand_is_what_the_loop_would_take_if_never_kept_waiting() -> None:
+    demand = Demand(window_s=2.0, headroom=0.15)
+    feed(demand, b"a", rate=300, stall=0.25, seconds=5)
+    for t in range(6):
+        demand.task_done("train", t, 100, 1.0)  # 100 images per busy worker-second
+    (rates,) = demand.jobs()["job"]
+    assert rates.consumed == pytest.approx(300, rel=0.02)
+    assert rates.demand == pytest.approx(400, rel=0.02)  # 300 images in 0.75 s of computing
+    assert rates.stall_share == pytest.approx(0.25, abs=0.01)
+    sizing = demand.sizing(5.0, replica_workers=2)
+    assert sizing.desired_workers == 5  # 400 / 100 * 1.15 = 4.6
+    assert sizing.desired_replicas == 3  # 4.6 workers over 2 per replica
+
+
+def test_a_server_sized_for_its_share_of_a_client_spread_over_several() -> None:
+    demand = Demand(window_s=2.0, headroom=0.0)
+    feed(demand, b"a", rate=400, stall=0.0, seconds=3, served_share=0.5)
+    demand.task_done("train", 3.0, 100, 1.0)
+    sizing = demand.sizing(3.0, replica_workers=2)
+    assert sizing.desired_workers == 2 and sizing.desired_replicas == 2
+    assert sizing.demand_ips == pytest.approx(200, rel=0.05)
+
+
+def test_no_size_until_capacity_is_measured_and_gone_clients_count_no_more() -> None:
+    demand = Demand(window_s=2.0, headroom=0.15)
+    feed(demand, b"a", rate=100, stall=0.0, seconds=3)
+    assert demand.sizing(3.0, 1).desired_workers is None
+    demand.forget(b"a")
+    demand.task_done("train", 3.0, 10, 1.0)
+    assert demand.sizing(3.0, 1).desired_workers == 1
+
+
+def test_autoscaler_grows_at_once_shrinks_after_a_sustained_surplus_and_keeps_its_interval() -> None:
+    scaler = Autoscaler(1, 4, interval_s=30)
+    assert scaler.decide(0, current=1, desired=3, busy=1) == 3
+    assert scaler.decide(10, current=3, desired=4, busy=3) is None  # within the interval
+    assert scaler.decide(31, current=3, desired=6, busy=3) == 4  # capped at MAX
+    assert scaler.decide(70, current=4, desired=1, busy=0) is None  # surplus starts
+    assert scaler.decide(80, current=4, desired=4, busy=4) is None  # and ends: a lull
+    assert scaler.decide(90, current=4, desired=1, busy=0) is None
+    assert scaler.decide(121, current=4, desired=1, busy=2) == 2  # never below the busy workers
+    assert scaler.decide(121.5, current=2, desired=None, busy=0) is None
+
+
+def test_autoscaler_brings_a_pool_inside_its_bounds_at_once() -> None:
+    assert Autoscaler(2, 4, 30).decide(0, current=8, desired=None, busy=0) == 4
+    with pytest.raises(ValueError):
+        Autoscaler(3, 2, 30)
+
+
+def signals(**changes: object) -> Signals:
+    base = dict(
+        stall_share=0.5,
+        busy_share=0.98,
+        workers=2,
+        max_workers=8,
+        desired_workers=5,
+        read_ms=0.1,
+        work_ms=2.0,
+        send_ms=0.1,
+        latency_ms=20.0,
+        mb_per_s=50.0,
+    )
+    return Signals(**(base | changes))  # type: ignore[arg-type]
+
+
+def test_verdicts() -> None:
+    trainer = judge(signals(stall_share=0.02, busy_share=0.6))
+    assert trainer is not None and trainer.line == "trainer-bound: loader 40% idle: the trainer is the bottleneck"
+    loader = judge(signals())
+    assert loader is not None and loader.kind == "loader-bound" and loader.add_workers == 3
+    assert loader.advice.startswith("add 3 workers")
+    replicas = judge(signals(workers=8, desired_workers=20))
+    assert replicas is not None and replicas.add_replicas == 2 and "replicas" in replicas.advice
+    network = judge(signals(busy_share=0.3, send_ms=15.0))
+    assert network is not None and network.kind == "network-bound"
+    storage = judge(signals(read_ms=1.5))
+    assert storage is not None and storage.kind == "storage-bound"
+    assert judge(signals(stall_share=None)) is None
