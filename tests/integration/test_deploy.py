@@ -613,9 +613,10 @@ def test_demand_overlay_scales_on_desired_replicas_through_a_valid_scaled_object
     assert scaled["spec"]["scaleTargetRef"] == hpa["spec"]["scaleTargetRef"]
     assert scaled["spec"]["scaleTargetRef"]["name"] == deployment["metadata"]["name"]
     assert scaled["spec"]["minReplicaCount"] >= hpa["spec"]["minReplicas"]
-    assert scaled["spec"]["advanced"]["horizontalPodAutoscalerConfig"]["behavior"]["scaleDown"] == hpa["spec"][
-        "behavior"
-    ]["scaleDown"]
+    assert (
+        scaled["spec"]["advanced"]["horizontalPodAutoscalerConfig"]["behavior"]["scaleDown"]
+        == hpa["spec"]["behavior"]["scaleDown"]
+    )
     (trigger,) = scaled["spec"]["triggers"]
     assert trigger["type"] == "prometheus" and trigger["metricType"] == "AverageValue"
     found = re.fullmatch(r'max\((\w+)\{job="([\w-]+)"\}\)', trigger["metadata"]["query"])

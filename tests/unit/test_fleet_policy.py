@@ -3,6 +3,8 @@ autoscaler's hysteresis and the verdicts."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
 from stoker.server.engine.autoscale import Autoscaler
@@ -97,3 +99,14 @@ def test_verdicts() -> None:
     storage = judge(signals(read_ms=1.5))
     assert storage is not None and storage.kind == "storage-bound"
     assert judge(signals(stall_share=None)) is None
+
+
+def test_the_fleet_simulation_feeds_16_trainers_sooner_on_demand_than_on_cpu() -> None:
+    from stoker.server.tools.fleet_sim import Model, simulate, summary
+
+    model = Model()
+    on_demand, on_cpu = simulate(model, on_demand=True), simulate(model, on_demand=False)
+    assert on_demand.fed_at is not None and on_cpu.fed_at is not None and on_demand.fed_at < on_cpu.fed_at
+    need = math.ceil(16 * model.rate * 1.15 / (model.workers * model.per_worker))
+    assert on_demand.serving == need and on_demand.timeline[-1][3] == need
+    assert "fed after" in summary(model)
