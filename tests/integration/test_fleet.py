@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 import yaml
 
+from stoker.server.tools.status import fetch_status, format_status
 from tests.helpers import DEMO_DATA, ROOT, BackgroundClient, Cluster, http_json, metrics, open_client, wait_until
 
 pytestmark = pytest.mark.slow
@@ -134,7 +135,11 @@ def test_a_fast_trainer_on_one_worker_is_loader_bound_and_told_how_many_to_add(s
 def test_a_slow_trainer_is_trainer_bound(shared) -> None:
     with Trainer(shared.data, "a", step_s=0.1, batch_size=4):
         job = settled_verdict(shared, "a", "trainer-bound")
+        text = format_status(fetch_status(shared.http))
     assert "idle: the trainer is the bottleneck" in job["advice"], job
+    # `stoker status` says it in one line per job.
+    (line,) = [line for line in text.splitlines() if line.startswith(f"job {job['job_id'][:8]}")]
+    assert "(a, weight 1" in line and "trainer-bound: loader" in line, text
     assert job["stall_share"] < 0.1
 
 
