@@ -99,28 +99,34 @@ class ClientDemand:
 
 
 class Capacity:
-    """Images per busy worker-second, per pipeline, over the window."""
+    """Images per busy worker-second, per pipeline, over the window (running sums: read every tick)."""
 
     def __init__(self) -> None:
         self._done: dict[str, deque[tuple[float, int, float]]] = {}
+        self._sums: dict[str, tuple[int, float]] = {}
 
     def add(self, pipeline: str, at: float, images: int, seconds: float) -> None:
         """A task of ``images`` samples took a worker ``seconds``."""
         if seconds > 0 and images > 0:
             self._done.setdefault(pipeline, deque()).append((at, images, seconds))
+            total_images, total_seconds = self._sums.get(pipeline, (0, 0.0))
+            self._sums[pipeline] = (total_images + images, total_seconds + seconds)
 
     def trim(self, now: float, window_s: float) -> None:
         """Forget results older than the window (the newest kept, so a quiet pipeline keeps a figure)."""
-        for done in self._done.values():
+        for pipeline, done in self._done.items():
+            total_images, total_seconds = self._sums[pipeline]
             while len(done) > 1 and done[0][0] < now - window_s:
-                done.popleft()
+                _, images, seconds = done.popleft()
+                total_images, total_seconds = total_images - images, total_seconds - seconds
+            self._sums[pipeline] = (total_images, total_seconds)
 
     def per_worker(self, pipeline: str | None = None) -> float | None:
         """Images per busy worker-second of ``pipeline`` (``None``: every pipeline), if measured."""
-        lists = self._done.values() if pipeline is None else [self._done.get(pipeline, deque())]
-        images = sum(i for done in lists for _, i, _ in done)
-        seconds = sum(s for done in lists for _, _, s in done)
-        return images / seconds if seconds > 0 else None
+        sums = self._sums.values() if pipeline is None else [self._sums.get(pipeline, (0, 0.0))]
+        images = sum(i for i, _ in sums)
+        seconds = sum(s for _, s in sums)
+        return images / seconds if seconds > 1e-9 else None
 
 
 @dataclass(frozen=True, slots=True)
