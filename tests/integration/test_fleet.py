@@ -157,7 +157,7 @@ def test_weights_1_and_3_share_worker_time_1_to_3_and_a_newcomer_is_served_at_on
         assert jobs["a"]["weight"] == 1 and jobs["b"]["weight"] == 3
         assert abs(ratio - 3) <= 0.3, f"worker time b:a = {ratio:.2f} (samples {ratios}), want 3 within 10 %"
         # A third job arriving mid-contention, with a slow trainer: served within 2 s, then fed.
-        with Trainer(shared.data, "demo", step_s=0.05) as slow:
+        with Trainer(shared.data, "demo", step_s=0.05, prefetch=2) as slow:
             wait_until(lambda: len(slow.waits) >= 20, 20, 0.05, "the slow trainer's batches")
         assert slow.first_batch_s is not None and slow.first_batch_s < 2.0, slow.first_batch_s
         stall = sum(slow.waits) / (sum(slow.waits) + 0.05 * len(slow.waits))
