@@ -5,8 +5,9 @@
   outside ``MIN:MAX`` is brought inside it).
 - Growing follows the demand at once (trainers waiting cost GPU time); shrinking waits until the
   surplus has lasted a whole interval (a passing lull costs nothing but CPU).
-- Never below the workers holding tasks now: a shrink retires idle workers, and a retiring worker
-  finishes every task it holds first (``WorkerPool.resize``), so no batch loses work.
+- Never below the workers the in-flight work keeps busy (the pool's busy share over the window):
+  a shrink retires the least loaded workers, and a retiring worker finishes every task it holds
+  first (``WorkerPool.resize``), so no batch loses work.
 """
 
 from __future__ import annotations
@@ -34,7 +35,8 @@ class Autoscaler:
             raise ValueError(f"autoscaling needs 1 <= MIN={self.low} <= MAX={self.high} and interval_s > 0")
 
     def decide(self, now: float, current: int, desired: int | None, busy: int) -> int | None:
-        """The size to resize to now, or ``None`` to leave the pool as it is."""
+        """The size to resize to now, or ``None`` to leave the pool as it is; ``busy``: the workers
+        the in-flight work keeps busy."""
         target = current if desired is None else desired
         target = min(self.high, max(self.low, target, min(busy, self.high)))
         if target == current:

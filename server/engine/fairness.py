@@ -77,6 +77,8 @@ class FairQueue:
         """Jobs with work at the last pick."""
         self._used: deque[tuple[float, str, float]] = deque()
         """``(when, job, seconds)`` over the window: the shares ``/status`` shows."""
+        self._recent: dict[str, float] = {}
+        """Worker-seconds per job over the window (the sums of :attr:`_used`)."""
 
     # -- choosing --------------------------------------------------------------------------------
 
@@ -102,9 +104,10 @@ class FairQueue:
         chosen = min(by_job, key=lambda j: self._key(j, jobs[j]))
         return by_job[chosen]
 
-    def _key(self, job_id: str, job: OpenJob) -> float:
+    def _key(self, job_id: str, job: OpenJob) -> tuple[float, float]:
         weight = self.weights.of(job)
-        return self._virtual.get(job_id, 0.0) + self._out.get(job_id, 0.0) / weight
+        # Ties (a newcomer lifted level with the busy jobs) go to the job that used the least lately.
+        return self._virtual.get(job_id, 0.0) + self._out.get(job_id, 0.0) / weight, self._recent.get(job_id, 0.0)
 
     # -- accounts --------------------------------------------------------------------------------
 
@@ -128,6 +131,7 @@ class FairQueue:
             old = self._cost.get(job_id)
             self._cost[job_id] = per_sample if old is None else old + _SMOOTHING * (per_sample - old)
         self._used.append((now, job_id, seconds))
+        self._recent[job_id] = self._recent.get(job_id, 0.0) + seconds
         self._trim(now)
 
     def dropped(self, task: Task) -> None:
@@ -137,16 +141,18 @@ class FairQueue:
 
     def _trim(self, now: float) -> None:
         while self._used and self._used[0][0] < now - self.window_s:
-            self._used.popleft()
+            _, job_id, seconds = self._used.popleft()
+            left = self._recent[job_id] - seconds
+            if left <= 1e-9:
+                del self._recent[job_id]
+            else:
+                self._recent[job_id] = left
 
     def shares(self, now: float) -> dict[str, float]:
         """Each job's share of the worker time used over the window."""
         self._trim(now)
-        total = sum(s for _, _, s in self._used)
-        shares: dict[str, float] = {}
-        for _, job_id, seconds in self._used:
-            shares[job_id] = shares.get(job_id, 0.0) + seconds / total
-        return shares
+        total = sum(self._recent.values())
+        return {job_id: seconds / total for job_id, seconds in self._recent.items()} if total > 0 else {}
 
     def forget(self, job_ids: Iterable[str]) -> None:
         """Jobs closed: drop their accounts."""

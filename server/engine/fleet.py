@@ -9,6 +9,7 @@ autoscaling and verdicts, so that the engine's loop calls four methods and knows
 
 from __future__ import annotations
 
+import math
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -99,7 +100,9 @@ class Fleet:
         stats.desired_replicas.set(sizing.desired_replicas if sizing.desired_replicas is not None else 1)
         if self.autoscaler is None:
             return None
-        busy = sum(1 for w in pool.workers if w.tasks and not w.retiring)
+        # The workers the in-flight work keeps busy (over the window: a tick right after a dispatch
+        # finds every worker holding a row of the same small batch).
+        busy = math.ceil(self.busy_share * pool.target_size - 0.05)
         size = self.autoscaler.decide(now, pool.target_size, sizing.desired_workers, busy)
         if size is not None:
             self.resizes.append((time.time(), pool.target_size, size))

@@ -110,3 +110,52 @@ def test_the_fleet_simulation_feeds_16_trainers_sooner_on_demand_than_on_cpu() -
     need = math.ceil(16 * model.rate * 1.15 / (model.workers * model.per_worker))
     assert on_demand.serving == need and on_demand.timeline[-1][3] == need
     assert "fed after" in summary(model)
+
+
+def fair_setup() -> tuple:
+    import numpy as np
+
+    from stoker.client.protocol.job import JobSpec
+    from stoker.server.engine.fairness import FairQueue, Weights
+    from stoker.server.engine.jobs import OpenJob
+    from stoker.server.engine.records import BatchWork, Task
+
+    def job(dataset: str, world_size: int = 1) -> OpenJob:
+        spec = JobSpec(dataset, world_size=world_size)
+        return OpenJob(spec, spec.job_id, None, None, 100, 64)  # type: ignore[arg-type]  # fairness reads spec and id
+
+    def work(on: OpenJob, rank: int, k: int) -> BatchWork:
+        rows = np.arange(4)
+        return BatchWork((on.job_id, 0, rank, k), on, rows, rows, {}, {}, set(range(4)))
+
+    fair = FairQueue(Weights({"light": 1, "heavy": 3}))
+    return fair, job, work, Task
+
+
+def test_weighted_fair_queuing_gives_worker_time_by_weight_and_the_laggard_rank_first() -> None:
+    fair, job, work, Task = fair_setup()
+    light, heavy = job("light"), job("heavy")
+    queue = [work(light, 0, k) for k in range(200)] + [work(heavy, 0, k) for k in range(200)]
+    used = {light.job_id: 0.0, heavy.job_id: 0.0}
+    for task_id in range(200):
+        chosen = fair.pick(queue)
+        queue.remove(chosen)
+        task = Task(task_id, chosen, [(0, 0)])
+        fair.cut(task)
+        fair.done(task, 0.01, float(task_id))
+        used[chosen.key[0]] += 0.01
+    assert used[heavy.job_id] / used[light.job_id] == pytest.approx(3, rel=0.05)
+    # Within a job, the rank furthest behind first.
+    ddp = job("light", world_size=2)
+    assert fair.pick([work(ddp, 0, 7), work(ddp, 1, 5), work(ddp, 0, 6)]).key[2:] == (1, 5)
+
+
+def test_a_newcomer_starts_level_with_busy_jobs_and_is_served_next() -> None:
+    fair, job, work, Task = fair_setup()
+    old, new = job("heavy"), job("other")
+    for task_id in range(50):
+        chosen = fair.pick([work(old, 0, task_id)])
+        task = Task(task_id, chosen, [(0, 0)])
+        fair.cut(task)
+        fair.done(task, 1.0, float(task_id))
+    assert fair.pick([work(old, 0, 50), work(new, 0, 0)]).key[0] == new.job_id
