@@ -121,6 +121,10 @@ class Capacity:
                 total_images, total_seconds = total_images - images, total_seconds - seconds
             self._sums[pipeline] = (total_images, total_seconds)
 
+    def by_pipeline(self) -> dict[str, float]:
+        """Images per busy worker-second of each pipeline measured."""
+        return {name: i / s for name, (i, s) in self._sums.items() if s > 1e-9}
+
     def per_worker(self, pipeline: str | None = None) -> float | None:
         """Images per busy worker-second of ``pipeline`` (``None``: every pipeline), if measured."""
         sums = self._sums.values() if pipeline is None else [self._sums.get(pipeline, (0, 0.0))]

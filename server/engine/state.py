@@ -143,6 +143,7 @@ def fleet_status(engine: Engine) -> FleetStatus:
         demand_images_per_s=round(sizing.demand_ips, 1),
         fleet_demand_images_per_s=round(sizing.fleet_demand_ips, 1),
         capacity_images_per_s=None if sizing.capacity_ips is None else round(sizing.capacity_ips, 1),
+        capacity_by_pipeline={name: round(v, 1) for name, v in fleet.demand.capacity.by_pipeline().items()},
         busy_share=round(fleet.busy_share, 4),
         headroom=config.demand_headroom,
         window_s=config.demand_window_s,

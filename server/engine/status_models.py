@@ -100,6 +100,9 @@ class FleetStatus(BaseModel):
     demand_images_per_s: float = Field(description="images/s this server's clients would take if never kept waiting")
     fleet_demand_images_per_s: float = Field(description="images/s every client would take from the whole fleet")
     capacity_images_per_s: float | None = Field(description="images/s one busy worker renders (measured)")
+    capacity_by_pipeline: dict[str, float] = Field(
+        default_factory=dict, description="images/s one busy worker renders, per pipeline"
+    )
     busy_share: float = Field(description="share of the pool's worker time spent on tasks")
     headroom: float
     window_s: float

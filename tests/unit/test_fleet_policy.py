@@ -159,3 +159,15 @@ def test_a_newcomer_starts_level_with_busy_jobs_and_is_served_next() -> None:
         fair.cut(task)
         fair.done(task, 1.0, float(task_id))
     assert fair.pick([work(old, 0, 50), work(new, 0, 0)]).key[0] == new.job_id
+
+
+def test_a_client_weight_is_checked_and_sent_with_its_demand_figures() -> None:
+    from stoker.client import RemoteBatches
+    from stoker.client.runtime.stats import Stats
+
+    for bad in (0, -1, 1001, "x"):
+        with pytest.raises(ValueError, match="weight"):
+            RemoteBatches("tcp://127.0.0.1:1", "demo", weight=bad)  # type: ignore[arg-type]
+    assert RemoteBatches("tcp://127.0.0.1:1", "demo", weight=0.5).weight == 0.5
+    assert Stats(0.5).progress() == {"waited_s": 0.0, "elapsed_s": 0.0, "images": 0, "weight": 0.5}
+    assert "weight" not in Stats().progress()
