@@ -18,10 +18,9 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from collections.abc import Iterable
 from dataclasses import dataclass
 
-__all__ = ["Report", "ClientDemand", "Capacity", "Sizing", "Demand"]
+__all__ = ["Report", "ClientRates", "ClientDemand", "Capacity", "Sizing", "Demand"]
 
 _MIN_SPAN_S = 0.2
 """A window shorter than this says nothing yet."""
@@ -220,8 +219,3 @@ class Demand:
 def _size(needed: float) -> int:
     """Whole units for ``needed`` (at least one; a hair over a whole number does not add one)."""
     return max(1, math.ceil(needed - 1e-6))
-
-
-def total(rates: Iterable[ClientRates], field: str) -> float:
-    """The sum of one rate over clients."""
-    return sum(getattr(r, field) for r in rates)

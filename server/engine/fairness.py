@@ -154,12 +154,6 @@ class FairQueue:
         total = sum(self._recent.values())
         return {job_id: seconds / total for job_id, seconds in self._recent.items()} if total > 0 else {}
 
-    def forget(self, job_ids: Iterable[str]) -> None:
-        """Jobs closed: drop their accounts."""
-        for job_id in job_ids:
-            for table in (self._virtual, self._out, self._cost):
-                table.pop(job_id, None)
-
 
 def _behind(work: BatchWork) -> tuple[int, int, float, int]:
     """Order of a job's batches: lowest epoch and batch number first (the rank furthest behind)."""
