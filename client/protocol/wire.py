@@ -195,6 +195,8 @@ _SCHEMA: dict[Kind, dict[str, tuple[str, bool]]] = {
         "fingerprint": (_STR, False),
         "waited_s": (_FLOAT, False),
         "elapsed_s": (_FLOAT, False),
+        "images": (_INT, False),
+        "weight": (_FLOAT, False),
     },
     Kind.BATCH: {
         "job_id": (_STR, True),

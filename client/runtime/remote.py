@@ -67,6 +67,9 @@ class RemoteBatches(IterableDataset):
     ``STOKER_CLIENT_KEY_FILE``, every connection is authenticated and encrypted with CURVE; a server
     that refuses the client raises :class:`~stoker.client.AuthenticationError` within seconds.
 
+    ``weight`` asks the servers for this share of their worker time among contending jobs (the
+    operator's ``weight`` of the dataset is the most a client gets; ``None`` takes it as declared).
+
     A pickled or forked copy (DataLoader workers) never uses the original's sockets: it connects on first use.
     """
 
@@ -95,6 +98,7 @@ class RemoteBatches(IterableDataset):
         memory_format: torch.memory_format = torch.contiguous_format,
         server_key: KeySource = None,
         client_key: KeySource = None,
+        weight: float | None = None,
     ) -> None:
         super().__init__()
         keys = client_keys(server_key, client_key)
@@ -113,6 +117,9 @@ class RemoteBatches(IterableDataset):
             raise ValueError(f"{prefetch=} must be an int in [1, 1024]")
         if not timeout_s > 0:
             raise ValueError(f"{timeout_s=} must be > 0")
+        if weight is not None and not (isinstance(weight, int | float) and 0 < weight <= 1000):
+            raise ValueError(f"{weight=} must be a number in (0, 1000]")
+        self.weight = None if weight is None else float(weight)
         self.prefetch = prefetch
         self.device = (
             torch.device(device)
@@ -126,7 +133,7 @@ class RemoteBatches(IterableDataset):
         self.timeout_s = float(timeout_s)
         self.return_sources = return_sources
         self._output = BatchOutput(converter, return_indices, return_sources)
-        self._stats = Stats()
+        self._stats = Stats(self.weight)
         self._keys = keys
         self._bind(self.spec)
 

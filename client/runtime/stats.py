@@ -14,7 +14,9 @@ __all__ = ["Stats"]
 class Stats:
     """Counters of delivered batches, images and image bytes, and the time spent waiting for them."""
 
-    def __init__(self) -> None:
+    def __init__(self, weight: float | None = None) -> None:
+        self.weight = weight
+        """The share of the servers' worker time this client's job asks for (``None``: as declared)."""
         self.batches = 0
         self.images = 0
         self.bytes = 0
@@ -43,7 +45,14 @@ class Stats:
 
     def progress(self) -> dict[str, float]:
         """The figures sent with every request."""
-        return {"waited_s": round(self.wait_s, 6), "elapsed_s": round(self.elapsed_s(), 6)}
+        figures: dict[str, float] = {
+            "waited_s": round(self.wait_s, 6),
+            "elapsed_s": round(self.elapsed_s(), 6),
+            "images": self.images,  # with the two above, the server's view of the loop's demand
+        }
+        if self.weight is not None:
+            figures["weight"] = self.weight
+        return figures
 
     def summary(self) -> dict[str, float | int]:
         """Batches, images and bytes received, seconds spent waiting for data and the wait share."""

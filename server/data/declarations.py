@@ -41,6 +41,8 @@ class DatasetDecl:
     """Keep its decoded images in the decoded-sample cache."""
     cache_min_side: int = 0
     """Its images decode down to this shorter side (0: full size), cached or not."""
+    weight: float = 1.0
+    """Its jobs' share of worker time among contending jobs (``engine/fairness.py``)."""
 
     @property
     def location(self) -> str:

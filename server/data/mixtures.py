@@ -32,8 +32,12 @@ class MixtureDecl:
     weights: Mapping[str, float]
     epoch_samples: int | None = None
     pipelines: Mapping[str, str] = field(default_factory=dict)
+    weight: float = 1.0
+    """The fair-share weight of the mixture's jobs (``weight = 3`` in its table), not a source's."""
 
     def __post_init__(self) -> None:
+        if not self.weight > 0:
+            raise ValueError(f"mixture {self.name!r}: weight={self.weight!r} must be > 0")
         if not self.weights:
             raise ValueError(f"mixture {self.name!r}: 'datasets' names no dataset")
         try:

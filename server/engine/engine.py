@@ -39,6 +39,7 @@ from stoker.server.data.stores import configure_stores
 from stoker.server.engine.access import DataAccess
 from stoker.server.engine.admission import Admission, Verdict
 from stoker.server.engine.delivery import Delivery
+from stoker.server.engine.fleet import Fleet
 from stoker.server.engine.jobs import JobRegistry, OpenJob
 from stoker.server.engine.mailbox import Mailbox
 from stoker.server.engine.production import Production
@@ -85,7 +86,9 @@ class Engine:
         self.slots = SlotPool(self.shm_budget)
         self.admission = Admission(config.max_prefetch)
         planner = BatchPlanner(self.jobs, self.bad, self.stats)
-        self.production = Production(self.pool, self.slots, self.jobs, planner, self.stats, self.cache)
+        self.fleet = Fleet(config, catalog)
+        """Demand, capacity, fair shares, autoscaling and verdicts (engine/fleet.py)."""
+        self.production = Production(self.pool, self.slots, self.jobs, planner, self.stats, self.cache, self.fleet.fair)
         self.delivery: Delivery | None = None
         """Exists once started (it needs the bound socket)."""
         self.endpoint = ""
@@ -188,6 +191,7 @@ class Engine:
             self._mailbox.run_pending()
         for fd in registered & events.keys():
             for event in self.pool.handle(fd):
+                self.fleet.measured(event)
                 self._finish(self.production.on_event(event, self._policy()))
         self._reap()
         for incoming in plane.on_events(events):
@@ -244,6 +248,7 @@ class Engine:
         request = read_request(header, self.jobs)
         failpoints.check("engine.request")
         self.admission.note(peer, request)
+        self.fleet.requested(identity, peer, request, time.monotonic())
         verdict = self.admission.decide(peer, request.key)
         if verdict in (Verdict.DEFER, Verdict.BUSY):
             self._reap()  # a send may have completed since the loop last looked: parked keys move up
@@ -297,6 +302,7 @@ class Engine:
 
     def _forget(self, identity: bytes) -> None:
         peer = self.admission.forget(identity)
+        self.fleet.forget(identity)
         if peer is not None:
             self.production.abandon(identity, peer.inflight)
 
@@ -315,6 +321,9 @@ class Engine:
         for name in self.slots.destroyed:
             self.pool.forget_slot(name)
         self.slots.destroyed.clear()
+        size = self.fleet.tick(self.pool, self.config, self.stats)
+        if size is not None and not self._stopping:
+            self.reconfigure(workers=size)
         update_gauges(self)
 
     def _begin_drain(self, timeout_s: float) -> None:

@@ -19,6 +19,7 @@ from collections.abc import Iterable
 from stoker.client.protocol.wire import ErrorCode
 from stoker.server.cache import DecodedCache
 from stoker.server.data.mixtures import MixedTable
+from stoker.server.engine.fairness import FairQueue, Weights
 from stoker.server.engine.jobs import JobRegistry, OpenJob
 from stoker.server.engine.records import BatchKey, BatchWork, Task
 from stoker.server.engine.standins import BadSamplePolicy, BatchPlanner
@@ -87,7 +88,10 @@ class Production:
         planner: BatchPlanner,
         stats: EngineStats,
         cache: DecodedCache,
+        fair: FairQueue | None = None,
     ) -> None:
+        self.fair = fair if fair is not None else FairQueue(Weights())
+        """Which queued batch is cut next (weighted fair shares between jobs and ranks)."""
         self.pool = pool
         self.slots = slots
         self.jobs = jobs
@@ -174,6 +178,7 @@ class Production:
                 message = self._message(task)
                 if message is None:  # every row waits for another task's decode
                     task.work.tasks.discard(task)
+                    self.fair.dropped(task)
                     continue
                 self.pool.submit(worker, task, message)
         return self._take_finished()
@@ -181,12 +186,13 @@ class Production:
     def _cut(self, capacity: int) -> None:
         workers = max(1, len(self.pool.workers))
         while self._queue and len(self._ready) < capacity:
-            work = self._queue[0]
+            work = self.fair.pick(self._queue) or self._queue[0]
             slot = self.slots.acquire(work.nbytes)
             if slot is None:
                 return  # the shared-memory budget is spent; wait for sends to finish
-            self._queue.popleft()
+            self._queue.remove(work)
             work.slot, work.dispatched_at = slot, time.monotonic()
+            self.stats.stage("queue", work.dispatched_at - work.created_at)
             rows = sorted(work.pending)
             # Small tasks spread one batch over every worker; a few rows each keep the pipe cheap.
             chunk = max(1, min(_MAX_ROWS_PER_TASK, math.ceil(len(rows) / (2 * workers))))
@@ -197,6 +203,7 @@ class Production:
     def _enqueue(self, work: BatchWork, samples: list[tuple[int, int]], first: bool = False) -> None:
         task = Task(next(self._task_ids), work, samples)
         work.tasks.add(task)
+        self.fair.cut(task)
         if first:
             self._ready.appendleft(task)
         else:
@@ -208,6 +215,7 @@ class Production:
             if task.work.failure is None:
                 return task
             task.work.tasks.discard(task)  # its batch failed meanwhile: nobody needs these rows
+            self.fair.dropped(task)
             self._release_claims(task)
             self._settle(task.work)
         return None
@@ -263,6 +271,7 @@ class Production:
         task, result = event.task, event.result
         work = task.work
         work.tasks.discard(task)
+        self.fair.done(task, event.seconds, time.monotonic())
         for stage, total, count in result.stages:
             self.stats.stage(stage, total / count, count)
         indices = dict(task.samples)
@@ -321,6 +330,7 @@ class Production:
                 self._ready.appendleft(task)  # it keeps its claims: the redo decodes and stores
             else:
                 task.work.tasks.discard(task)
+                self.fair.dropped(task)
                 self._release_claims(task)
                 self._settle(task.work)
 

@@ -38,6 +38,10 @@ class BatchRequest:
     client: str
     waited_s: float | None
     elapsed_s: float | None
+    images: int | None = None
+    """The client's cumulative images handed to its loop (with the two above: its demand)."""
+    weight: float | None = None
+    """The share of worker time the client's job asks for (capped at the declared weight)."""
 
 
 def _open(jobs: JobRegistry, raw_job: dict[str, Any]) -> OpenJob:
@@ -72,12 +76,22 @@ def read_request(header: Header, jobs: JobRegistry) -> BatchRequest:
             ErrorCode.DATASET_CHANGED,
         )
     waited, elapsed = fields.get("waited_s"), fields.get("elapsed_s")
+    images, weight = fields.get("images"), fields.get("weight")
+    if images is not None and images < 0:
+        raise ProtocolError(f"images={images} must be >= 0", ErrorCode.BAD_MESSAGE)
+    if weight is not None and not 0 < weight <= 1000:
+        raise ProtocolError(f"weight={weight} must be in (0, 1000]", ErrorCode.BAD_MESSAGE)
+    for name, value in (("waited_s", waited), ("elapsed_s", elapsed)):
+        if value is not None and not 0 <= value < 1e12:
+            raise ProtocolError(f"{name}={value} must be a duration >= 0", ErrorCode.BAD_MESSAGE)
     return BatchRequest(
         job,
         (job.job_id, epoch, rank, k),
         fields["client"][:_MAX_CLIENT_ID],
         None if waited is None else float(waited),
         None if elapsed is None else float(elapsed),
+        images,
+        None if weight is None else float(weight),
     )
 
 

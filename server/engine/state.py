@@ -17,10 +17,12 @@ from stoker.server.engine.status_models import (
     ClientStatus,
     DatasetStatus,
     Endpoints,
+    FleetStatus,
     JobStatus,
     MixtureSourceStatus,
     PipelineStatus,
     PoolStatus,
+    ResizeStatus,
     SecurityStatus,
     Status,
     Throughput,
@@ -105,9 +107,21 @@ def dataset_status(entry: DatasetEntry) -> DatasetStatus:
     )
 
 
-def job_status(job: OpenJob) -> JobStatus:
-    """One open job."""
+def job_status(job: OpenJob, engine: Engine | None = None) -> JobStatus:
+    """One open job (with ``engine``: its weight, share, rates and verdict)."""
     spec = job.spec
+    figures = {}
+    if engine is not None:
+        f = engine.fleet.job(job, engine.config, engine.stats, engine.pool.target_size)
+        figures = dict(
+            weight=f.weight,
+            share=round(f.share, 4),
+            images_per_s=round(f.images_per_s, 1),
+            demand_images_per_s=None if f.demand_images_per_s is None else round(f.demand_images_per_s, 1),
+            stall_share=None if f.stall_share is None else round(f.stall_share, 4),
+            verdict=f.verdict.kind if f.verdict else None,
+            advice=f.verdict.advice if f.verdict else None,
+        )
     return JobStatus(
         job_id=job.job_id,
         dataset=spec.dataset,
@@ -116,6 +130,26 @@ def job_status(job: OpenJob) -> JobStatus:
         batch_size=spec.batch_size,
         world_size=spec.world_size,
         batches_per_rank=job.batches,
+        **figures,
+    )
+
+
+def fleet_status(engine: Engine) -> FleetStatus:
+    """Demand, capacity and the sizes they call for."""
+    fleet, config = engine.fleet, engine.config
+    sizing = fleet.sizing
+    return FleetStatus(
+        desired_workers=sizing.desired_workers,
+        desired_replicas=sizing.desired_replicas,
+        demand_images_per_s=round(sizing.demand_ips, 1),
+        fleet_demand_images_per_s=round(sizing.fleet_demand_ips, 1),
+        capacity_images_per_s=None if sizing.capacity_ips is None else round(sizing.capacity_ips, 1),
+        capacity_by_pipeline={name: round(v, 1) for name, v in fleet.demand.capacity.by_pipeline().items()},
+        busy_share=round(fleet.busy_share, 4),
+        headroom=config.demand_headroom,
+        window_s=config.demand_window_s,
+        autoscale=config.autoscale_workers,
+        resizes=[ResizeStatus(at=at, workers_from=a, workers_to=b) for at, a, b in fleet.resizes],
     )
 
 
@@ -146,6 +180,7 @@ def build_status(engine: Engine, http_url: str = "", log_level: str = "INFO") ->
     """Everything ``/status`` shows (run on the engine thread)."""
     now = time.monotonic()
     stats = engine.stats
+    engine.fleet.resize_view(engine.pool)  # the verdicts below and the sizes agree
     images_s, bytes_s = stats.throughput.rates(now)
     clients = [client_status(peer, now) for peer in engine.admission.peers]
     stalls = [c.stall_share for c in clients if c.stall_share is not None]
@@ -157,7 +192,7 @@ def build_status(engine: Engine, http_url: str = "", log_level: str = "INFO") ->
         ready=engine.ready,
         pool=pool_status(engine),
         datasets=[dataset_status(entry) for entry in engine.catalog.entries],
-        jobs=[job_status(job) for job in engine.jobs.open_jobs],
+        jobs=[job_status(job, engine) for job in engine.jobs.open_jobs],
         mixtures=[
             MixtureSourceStatus(
                 mixture=p.mixture,
@@ -189,6 +224,9 @@ def build_status(engine: Engine, http_url: str = "", log_level: str = "INFO") ->
             ],
         ),
         config=LiveConfig(**live, log_level=log_level),
+        desired_workers=engine.fleet.sizing.desired_workers,
+        desired_replicas=engine.fleet.sizing.desired_replicas,
+        fleet=fleet_status(engine),
     )
 
 

@@ -18,7 +18,7 @@ from stoker.server.engine.status_models import PipelineErrorStatus, StageStatus
 
 __all__ = ["Window", "Throughput", "PeerStats", "BadSample", "BadSamples", "EngineStats", "STAGES"]
 
-STAGES = ("read", "decode", "augment", "geometry", "postops", "batch", "send")
+STAGES = ("read", "decode", "augment", "geometry", "postops", "batch", "queue", "send")
 """Stages always shown; per-op stages (``op:<pipeline>/<op>``) appear once an op has run."""
 _STAGE_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
 
@@ -193,6 +193,21 @@ class EngineStats:
             registry=r,
         )
         self.cache_misses = Gauge("stoker_cache_misses", "Samples of cached datasets decoded", registry=r)
+        # Running by demand (engine/demand.py): what the trainers ask for and the size it calls for.
+        self.desired_workers = Gauge(
+            "stoker_desired_workers", "Workers this server's share of the demand needs, with headroom", registry=r
+        )
+        self.desired_replicas = Gauge(
+            "stoker_desired_replicas", "Loader replicas every client's demand needs, with headroom", registry=r
+        )
+        self.demand_ips = Gauge(
+            "stoker_demand_images_per_second",
+            "Images/s this server's clients would take if never kept waiting",
+            registry=r,
+        )
+        self.capacity_ips = Gauge(
+            "stoker_capacity_images_per_second", "Images/s one busy worker renders (measured)", registry=r
+        )
         self.cache_decodes = Gauge(
             "stoker_cache_decodes_per_sample", "Mean decodes per sample of the cached datasets", registry=r
         )

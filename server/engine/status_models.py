@@ -16,6 +16,8 @@ __all__ = [
     "PoolStatus",
     "DatasetStatus",
     "JobStatus",
+    "FleetStatus",
+    "ResizeStatus",
     "PipelineStatus",
     "PipelineErrorStatus",
     "CacheStatus",
@@ -73,6 +75,39 @@ class JobStatus(BaseModel):
     batch_size: int
     world_size: int
     batches_per_rank: int
+    weight: float = Field(1.0, description="its share of contended worker time (declared, or less if asked)")
+    share: float = Field(0.0, description="its share of the worker time used over the demand window")
+    images_per_s: float = Field(0.0, description="images/s its clients' loops took from this server (window)")
+    demand_images_per_s: float | None = Field(None, description="images/s they would take if never kept waiting")
+    stall_share: float | None = Field(None, description="its clients' share of their loop spent waiting (window)")
+    verdict: str | None = Field(
+        None, description="trainer-bound, loader-bound, network-bound or storage-bound (None: not measured yet)"
+    )
+    advice: str | None = Field(None, description="the verdict's line: where the time goes and what to do")
+
+
+class ResizeStatus(BaseModel):
+    at: float = Field(description="unix time")
+    workers_from: int
+    workers_to: int
+
+
+class FleetStatus(BaseModel):
+    """Running by demand: what the trainers ask for and the size it calls for (engine/demand.py)."""
+
+    desired_workers: int | None = Field(description="workers this server's share of the demand needs, with headroom")
+    desired_replicas: int | None = Field(description="replicas every client's demand needs, with headroom")
+    demand_images_per_s: float = Field(description="images/s this server's clients would take if never kept waiting")
+    fleet_demand_images_per_s: float = Field(description="images/s every client would take from the whole fleet")
+    capacity_images_per_s: float | None = Field(description="images/s one busy worker renders (measured)")
+    capacity_by_pipeline: dict[str, float] = Field(
+        default_factory=dict, description="images/s one busy worker renders, per pipeline"
+    )
+    busy_share: float = Field(description="share of the pool's worker time spent on tasks")
+    headroom: float
+    window_s: float
+    autoscale: str | None = Field(description="MIN:MAX when the pool follows desired_workers, else None")
+    resizes: list[ResizeStatus] = Field(default_factory=list, description="the autoscaler's recent resizes")
 
 
 class MixtureSourceStatus(BaseModel):
@@ -182,3 +217,6 @@ class Status(BaseModel):
     errors: dict[str, int] = Field(description="ERROR replies by code")
     bad_samples: BadSamples
     config: LiveConfig
+    desired_workers: int | None = Field(None, description="as fleet.desired_workers")
+    desired_replicas: int | None = Field(None, description="as fleet.desired_replicas")
+    fleet: FleetStatus | None = None

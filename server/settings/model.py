@@ -27,6 +27,7 @@ Example ``stoker.toml``::
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Any, ClassVar, Literal, Self
 
@@ -113,6 +114,18 @@ class EngineSettings(BaseModel):
     engine_stall_timeout_s: float = Field(
         60.0, gt=0, description="/healthz fails when the engine loop has not turned for this long"
     )
+    autoscale_workers: str | None = Field(
+        None,
+        description="MIN:MAX: grow and shrink the pool live toward desired_workers (off by default)",
+        json_schema_extra={"metavar": "MIN:MAX"},
+    )
+    autoscale_interval_s: float = Field(
+        30.0, gt=0, le=86400, description="autoscaling: no pool change more often than this (shrink after as long)"
+    )
+    demand_headroom: float = Field(0.15, ge=0, le=10, description="desired_workers/replicas: headroom over demand")
+    demand_window_s: float = Field(
+        10.0, gt=0, le=3600, description="window of the clients' demand, workers' capacity and jobs' shares"
+    )
     s3_tries: int = Field(3, ge=1, le=100, description="object storage: tries per request (retries with backoff)")
     s3_backoff_s: float = Field(0.1, gt=0, description="object storage: first retry's wait (doubles, with jitter)")
     s3_connect_timeout_s: float = Field(5.0, gt=0, description="object storage: time to connect")
@@ -129,14 +142,35 @@ class EngineSettings(BaseModel):
                 workers = int(data["workers"]) if data.get("workers") is not None else usable_cores()
             except (TypeError, ValueError):
                 return data  # the field's own validation names the bad value
-            data = {**data, "max_workers": max(workers, 4 * usable_cores())}
+            high = 0
+            if isinstance(data.get("autoscale_workers"), str):
+                with contextlib.suppress(ValueError):
+                    high = _bounds(data["autoscale_workers"])[1]  # the field's own check names a bad one
+            data = {**data, "max_workers": max(workers, 4 * usable_cores(), high)}
         return data
 
     @model_validator(mode="after")
     def _check_workers(self) -> Self:
         if self.max_workers is not None and self.workers > self.max_workers:
             raise ValueError(f"workers={self.workers} must be <= max_workers={self.max_workers}")
+        bounds = self.autoscale_bounds
+        if bounds is not None and self.max_workers is not None and bounds[1] > self.max_workers:
+            raise ValueError(
+                f"autoscale_workers={self.autoscale_workers!r}: MAX must be <= max_workers={self.max_workers}"
+            )
         return self
+
+    @field_validator("autoscale_workers")
+    @classmethod
+    def _check_autoscale(cls, value: str | None) -> str | None:
+        if value is not None:
+            _bounds(value)
+        return value
+
+    @property
+    def autoscale_bounds(self) -> tuple[int, int] | None:
+        """``autoscale_workers`` as ``(MIN, MAX)``; ``None``: off."""
+        return None if self.autoscale_workers is None else _bounds(self.autoscale_workers)
 
     @field_validator("bind")
     @classmethod
@@ -178,6 +212,18 @@ class EngineSettings(BaseModel):
         return type(self).model_validate({**self.model_dump(), **changes})
 
 
+def _bounds(text: str) -> tuple[int, int]:
+    """``"MIN:MAX"`` as two ints with 1 <= MIN <= MAX <= 1024; ``ValueError`` otherwise."""
+    low, sep, high = text.partition(":")
+    try:
+        bounds = int(low), int(high)
+    except ValueError:
+        bounds = (0, 0)
+    if not sep or not 1 <= bounds[0] <= bounds[1] <= 1024:
+        raise ValueError(f"autoscale_workers={text!r} must be MIN:MAX with 1 <= MIN <= MAX <= 1024 (e.g. 2:16)")
+    return bounds
+
+
 def _live(model: type[BaseModel]) -> tuple[str, ...]:
     return tuple(name for name, info in model.model_fields.items() if info.json_schema_extra == LIVE)
 
@@ -199,6 +245,8 @@ class DatasetSettings(BaseModel):
     kwargs: dict[str, Any] = Field(default_factory=dict)
     cache: bool = False
     """Keep its decoded images in the server's decoded-sample cache (``cache_bytes``)."""
+    weight: float = Field(1.0, gt=0, le=1000)
+    """Its jobs' share of worker time among contending jobs (fair queuing; a client may ask for less)."""
     cache_min_side: int = Field(0, ge=0, le=65536)
     """A cached dataset's images are decoded down (in the DCT domain) as far as keeps their shorter
     side at least this; 0 keeps them full size. The same rule holds with or without the cache, so the
@@ -236,6 +284,8 @@ class MixtureSettings(BaseModel):
     """Source dataset -> weight (any positive numbers; normalised). Checked, naming the bad one, at start."""
     epoch_samples: int | None = Field(None, gt=0)
     pipelines: dict[str, str] = Field(default_factory=dict)
+    weight: float = Field(1.0, gt=0, le=1000)
+    """The mixture's jobs' share of contended workers among other jobs (weighted fair queuing)."""
 
 
 class ServerSettings(EngineSettings):
@@ -327,7 +377,16 @@ class ServerSettings(EngineSettings):
         """Dataset declarations (their kind decided from what they name when ``auto``)."""
         return [
             DatasetDecl(
-                name, e.path, e.kind, e.root, e.label_pattern, e.plugin, dict(e.kwargs), e.cache, e.cache_min_side
+                name,
+                e.path,
+                e.kind,
+                e.root,
+                e.label_pattern,
+                e.plugin,
+                dict(e.kwargs),
+                e.cache,
+                e.cache_min_side,
+                weight=e.weight,
             ).resolved()
             for name, e in self.datasets.items()
         ]
@@ -335,7 +394,8 @@ class ServerSettings(EngineSettings):
     def mixture_decls(self) -> list[MixtureDecl]:
         """Mixture declarations; raises ``ValueError`` naming what cannot be served."""
         decls = [
-            MixtureDecl(name, dict(m.datasets), m.epoch_samples, dict(m.pipelines)) for name, m in self.mixtures.items()
+            MixtureDecl(name, dict(m.datasets), m.epoch_samples, dict(m.pipelines), m.weight)
+            for name, m in self.mixtures.items()
         ]
         check_mixtures(decls, self.datasets, self.pipeline_map())
         return decls

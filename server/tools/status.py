@@ -48,6 +48,7 @@ def format_status(status: dict[str, Any]) -> str:
         f"clients' data stall {_pct(status['stall_share'])}; {status['inflight_batches']} batches in flight",
         "",
     ]
+    lines += _fleet(status)
     lines += _clients(status["clients"])
     lines.append("")
     stages = dict(status["stages"], latency=status["latency"])
@@ -64,6 +65,28 @@ def format_status(status: dict[str, Any]) -> str:
     ]
     lines += [f"  {b['path']}: {b['reason']}" for b in bad["recent"][:10]]
     return "\n".join(lines)
+
+
+def _fleet(status: dict[str, Any]) -> list[str]:
+    """Demand, the desired sizes and one verdict line per job (servers before 0.x lack them)."""
+    fleet = status.get("fleet")
+    lines = []
+    if fleet:
+        capacity = fleet["capacity_images_per_s"]
+        lines.append(
+            f"demand {fleet['demand_images_per_s']:.0f} images/s; one worker renders "
+            + ("-" if capacity is None else f"{capacity:.0f}")
+            + f" images/s; desired {fleet['desired_workers'] or '-'} workers, "
+            f"{fleet['desired_replicas'] or '-'} replicas"
+            + (f" (autoscaling {fleet['autoscale']})" if fleet["autoscale"] else "")
+        )
+    for job in status.get("jobs", []):
+        if job.get("verdict"):
+            lines.append(
+                f"job {job['job_id'][:8]} ({job['dataset']}, weight {job['weight']:g}, "
+                f"{_pct(job['share'])} of worker time): {job['verdict']}: {job['advice']}"
+            )
+    return [*lines, ""] if lines else []
 
 
 def _clients(clients: list[dict[str, Any]]) -> list[str]:

@@ -78,6 +78,9 @@ class TaskDone(Generic[T]):
     worker: WorkerHandle[T]
     task: T
     result: TaskResult
+    seconds: float = 0.0
+    """The worker's time on this task (from its start or the previous task's end): what fair shares
+    and capacity count."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -241,8 +244,7 @@ class WorkerPool(Generic[T]):
                 worker.process.kill()
                 return None
             task = worker.tasks.popleft()
-            self._account(worker)
-            return TaskDone(worker, task, message)
+            return TaskDone(worker, task, message, self._account(worker))
         if kind is Message.READY and isinstance(message, Ready):
             worker.ready = True
             self._failures.started(worker.worker_id)
@@ -255,11 +257,15 @@ class WorkerPool(Generic[T]):
         log.error("worker %d sent an unknown message %r; ignoring it", worker.worker_id, type(message).__name__)
         return None
 
-    def _account(self, worker: WorkerHandle[T]) -> None:
+    def _account(self, worker: WorkerHandle[T]) -> float:
+        """Count the task just finished as busy time; returns its seconds."""
         now = time.monotonic()
+        seconds = 0.0
         if worker.task_started_at is not None:
-            worker.busy_s += now - worker.task_started_at
+            seconds = now - worker.task_started_at
+            worker.busy_s += seconds
         worker.task_started_at = now if worker.tasks else None
+        return seconds
 
     def _on_death(self, worker: WorkerHandle[T]) -> WorkerDied[T]:
         worker.process.join(0)

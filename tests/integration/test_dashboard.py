@@ -48,7 +48,7 @@ def chromium() -> str:
 
 def test_dashboard_shows_live_numbers(cluster, chromium: str) -> None:
     sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is part of the test extra")
-    server = cluster.start()
+    server = cluster.start("--demand-window-s", "1")
     # A client streams until the page has been checked, so the numbers it shows are live.
     with BackgroundClient(server.data, epochs=None, batch_size=8, image_size=64) as client:
         with sync_api.sync_playwright() as playwright:
@@ -78,6 +78,12 @@ def test_dashboard_shows_live_numbers(cluster, chromium: str) -> None:
                 assert page.text_content("#workers-alive") == "2 / 2"
                 assert "%" in page.text_content("#stall-share")
                 assert "max_prefetch" in page.text_content("#config")
+                # Running by demand: the desired sizes and each job's verdict line.
+                page.wait_for_function(
+                    "() => /-bound: /.test(document.getElementById('jobs').textContent)", timeout=30000
+                )
+                assert int(page.text_content("#desired-workers")) >= 1
+                assert int(page.text_content("#desired-replicas")) >= 1
                 first = float(page.text_content("#images-per-s"))
                 assert first > 0
                 # The chart gets drawn once two polls are in: canvas pixels stop being transparent.

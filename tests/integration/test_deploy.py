@@ -594,6 +594,44 @@ def test_kubernetes_services_budget_autoscaler_and_trainer_point_at_the_loaders(
     assert re.fullmatch(rf"{name}(\.[a-z0-9-]+\.svc\.cluster\.local)?", host), host
 
 
+def test_demand_overlay_scales_on_desired_replicas_through_a_valid_scaled_object() -> None:
+    """deploy/kubernetes/demand: KEDA's ScaledObject (schema of the fields it uses) on the metric the
+    loaders export, in place of the CPU HPA, with the same slow, draining scale-down."""
+    import jsonschema
+
+    from stoker.server.engine.stats import EngineStats
+
+    schema = json.loads((ROOT / "tests" / "data" / "keda-scaledobject.schema.json").read_text())
+    scaled = yaml.safe_load((K8S / "demand" / "scaledobject.yaml").read_text())
+    jsonschema.Draft202012Validator.check_schema(schema)
+    jsonschema.Draft202012Validator(schema).validate(scaled)
+    broken = json.loads(json.dumps(scaled))
+    broken["spec"]["triggers"][0]["metadata"]["treshold"] = "1"  # a misspelling is refused
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.Draft202012Validator(schema).validate(broken)
+    deployment, hpa = k8s_object("Deployment", "stoker-loader"), k8s_object("HorizontalPodAutoscaler")
+    assert scaled["spec"]["scaleTargetRef"] == hpa["spec"]["scaleTargetRef"]
+    assert scaled["spec"]["scaleTargetRef"]["name"] == deployment["metadata"]["name"]
+    assert scaled["spec"]["minReplicaCount"] >= hpa["spec"]["minReplicas"]
+    assert (
+        scaled["spec"]["advanced"]["horizontalPodAutoscalerConfig"]["behavior"]["scaleDown"]
+        == hpa["spec"]["behavior"]["scaleDown"]
+    )
+    (trigger,) = scaled["spec"]["triggers"]
+    assert trigger["type"] == "prometheus" and trigger["metricType"] == "AverageValue"
+    found = re.fullmatch(r'max\((\w+)\{job="([\w-]+)"\}\)', trigger["metadata"]["query"])
+    assert found, trigger["metadata"]["query"]
+    exported = {m.name for m in EngineStats().registry.collect()}
+    assert found[1] == "stoker_desired_replicas" and found[1] in exported
+    scrape_jobs = [job["job_name"] for job in yaml.safe_load(PROMETHEUS.read_text())["scrape_configs"]]
+    assert found[2] in scrape_jobs
+    overlay = yaml.safe_load((K8S / "demand" / "kustomization.yaml").read_text())
+    assert overlay["kind"] == "Kustomization" and set(overlay["resources"]) == {"../", "scaledobject.yaml"}
+    (patch,) = overlay["patches"]
+    assert patch["target"] == {"kind": "HorizontalPodAutoscaler", "name": hpa["metadata"]["name"]}
+    assert yaml.safe_load(patch["patch"])["$patch"] == "delete"
+
+
 # -- systemd ----------------------------------------------------------------------------------
 
 
