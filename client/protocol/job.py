@@ -37,6 +37,9 @@ class JobSpec:
     span: tuple[int, int] | None = None
     """Positions ``[start, end)`` of each epoch's order that this job plans (a job resumed on another
     number of ranks asks for the rest of its epoch this way); ``None``: the whole epoch."""
+    targets: tuple[str, ...] = ()
+    """Per-sample fields to deliver beyond the images (``("all",)``: every one the dataset declares);
+    empty: ``(images, labels)`` as always."""
 
     def __post_init__(self) -> None:
         for name in ("dataset", "pipeline"):
@@ -65,11 +68,22 @@ class JobSpec:
             ):
                 raise ValueError(f"span={span!r} must be [start, end] with 0 <= start < end")
             object.__setattr__(self, "span", (int(span[0]), int(span[1])))
+        targets = self.targets
+        if isinstance(targets, str) or not isinstance(targets, tuple | list) or len(targets) > 64:
+            raise ValueError(f"targets={targets!r} must be a list of at most 64 field names")
+        for name in targets:
+            if not isinstance(name, str) or not _NAME.match(name):
+                raise ValueError(f"targets: {name!r} must be a name of letters, digits, '_', '.', '-'")
+        if len(set(targets)) != len(targets):
+            raise ValueError(f"targets={list(targets)!r} names a field twice")
+        object.__setattr__(self, "targets", tuple(targets))
 
     def _values(self) -> list[Any]:
-        # ``span`` only when set: jobs without it keep the ids (and wire form) they always had.
-        values = [getattr(self, f.name) for f in fields(self) if f.name != "span"]
-        return values if self.span is None else [*values, list(self.span)]
+        # ``span`` and ``targets`` only when set: jobs without them keep the ids (and wire form) they
+        # always had.
+        values = [getattr(self, f.name) for f in fields(self) if f.name not in ("span", "targets")]
+        values = values if self.span is None else [*values, list(self.span)]
+        return values if not self.targets else [*values, {"targets": list(self.targets)}]
 
     @property
     def job_id(self) -> str:
@@ -84,6 +98,10 @@ class JobSpec:
             del wire["span"]
         else:
             wire["span"] = list(self.span)
+        if self.targets:
+            wire["targets"] = list(self.targets)
+        else:
+            del wire["targets"]
         return wire
 
     @classmethod
@@ -97,6 +115,8 @@ class JobSpec:
         unknown = sorted(str(k) for k in raw if k not in known)
         if unknown:
             raise ProtocolError(f"unknown job fields {unknown}; known: {sorted(known)}", ErrorCode.INVALID_JOB)
+        if isinstance(raw.get("targets"), list):
+            raw = {**raw, "targets": tuple(raw["targets"])}
         try:
             return cls(**raw)
         except (TypeError, ValueError) as exc:

@@ -4,9 +4,12 @@ the images themselves are the :class:`~stoker.client.runtime.tensors.Converter`'
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import torch
+
+from stoker.client.protocol.wire import box_labels_name
 
 from stoker.client.runtime.buffers import PinnedPool
 from stoker.client.runtime.session import RawBatch
@@ -21,16 +24,45 @@ class BatchOutput:
     def __init__(self, converter: Converter, return_indices: bool) -> None:
         self.converter = converter
         self.return_indices = return_indices
+        self.kinds: dict[str, str] | None = None
+        """The job's targets, field -> kind (from the servers' job info), when it asked for any."""
 
     def __call__(self, raw: RawBatch, pinned: PinnedPool | None) -> tuple[Any, ...]:
         """The tuple for ``raw``; ``pinned`` gets back the pinned buffer ``raw`` arrived in, if any."""
         fields = raw.fields
         views = self.converter.images(raw, pinned)
-        labels = torch.tensor(fields["labels"], dtype=torch.int64).to(self.converter.device, non_blocking=True)
         images: Any = views if "views" in fields else views[0]  # a multi-view pipeline: one tensor per view
+        if "targets" in fields:
+            second: Any = self._targets(raw)
+        else:
+            second = torch.tensor(fields["labels"], dtype=torch.int64).to(self.converter.device, non_blocking=True)
         if self.return_indices:
-            return images, labels, torch.tensor(fields["indices"], dtype=torch.int64)
-        return images, labels
+            return images, second, torch.tensor(fields["indices"], dtype=torch.int64)
+        return images, second
+
+    def _targets(self, raw: RawBatch) -> dict[str, Any]:
+        """The targets dict: each field as its kind says (see ``RemoteBatches``)."""
+        device = self.converter.device
+        kinds = self.kinds or {}
+        values = raw.targets or {}
+        out: dict[str, Any] = {}
+        for name in raw.fields["targets"]:
+            kind = kinds.get(name, "label")
+            if kind == "mask":
+                shape = raw.fields["mask"]
+                data = raw.mask.buffer if raw.mask is not None else b""
+                out[name] = torch.frombuffer(data, dtype=torch.uint8).view(*shape).to(device)
+            elif kind == "label":
+                out[name] = torch.tensor(values.get(name, []), dtype=torch.int64).to(device, non_blocking=True)
+            elif kind == "text":
+                out[name] = list(values.get(name, []))
+            elif kind == "json":
+                out[name] = [json.loads(text) for text in values.get(name, [])]
+            elif kind == "boxes":
+                labels_name = box_labels_name(name)
+                out[name] = [torch.frombuffer(bytearray(b), dtype=torch.float32).view(-1, 4) for b in values[name]]
+                out[labels_name] = [torch.frombuffer(bytearray(b), dtype=torch.int64) for b in values[labels_name]]
+        return out
 
     def forget_device_state(self) -> None:
         """Drop cached device tensors (a forked copy must not reuse its parent's CUDA objects)."""

@@ -60,6 +60,13 @@ class RemoteBatches(IterableDataset):
     multi-view pipeline (self-supervised multi-crop) ``images`` is a list with one such tensor per
     view, in the order the server's pipeline declares them.
 
+    ``targets=["caption", "boxes"]`` (or ``"all"``: every field the dataset declares) yields
+    ``(images, targets)`` instead, ``targets`` a dict: ``label`` fields as ``int64`` tensors on the
+    device, ``text`` as a list of ``str``, ``json`` as a list of Python values, ``boxes`` as a list of
+    per-sample ``float32 N_i x 4`` ``xyxy`` tensors in output pixels plus ``box_labels`` (a list of
+    ``int64`` tensors), ``mask`` as one ``uint8 B x H x W`` tensor on the device. Boxes and mask
+    follow the first view's geometry and post-ops. With ``return_indices`` the indices still come last.
+
     With ``server_key`` (the server's public key: Z85 text or its ``NAME.key`` file) and
     ``client_key`` (this client's ``NAME.key_secret`` file), or ``STOKER_SERVER_KEY`` and
     ``STOKER_CLIENT_KEY_FILE``, every connection is authenticated and encrypted with CURVE; a server
@@ -92,6 +99,7 @@ class RemoteBatches(IterableDataset):
         memory_format: torch.memory_format = torch.contiguous_format,
         server_key: KeySource = None,
         client_key: KeySource = None,
+        targets: Sequence[str] | str | None = None,
     ) -> None:
         super().__init__()
         keys = client_keys(server_key, client_key)
@@ -101,7 +109,12 @@ class RemoteBatches(IterableDataset):
             raise ValueError(f"{resolve_interval_s=} must be > 0")
         self.resolve_interval_s = float(resolve_interval_s)
         self.rank, world_size = _distributed_defaults(rank, world_size)
-        self.spec = JobSpec(dataset, pipeline, image_size, batch_size, seed, shuffle, drop_last, world_size)
+        if isinstance(targets, str) and targets != "all":
+            raise ValueError(f"targets={targets!r} must be 'all' or a list of field names")
+        wanted = ("all",) if targets == "all" else tuple(targets or ())
+        self.spec = JobSpec(
+            dataset, pipeline, image_size, batch_size, seed, shuffle, drop_last, world_size, targets=wanted
+        )
         if not isinstance(prefetch, int) or not 1 <= prefetch <= 1024:
             raise ValueError(f"{prefetch=} must be an int in [1, 1024]")
         if not timeout_s > 0:
@@ -239,4 +252,5 @@ class RemoteBatches(IterableDataset):
             self._output.forget_device_state()
         info = self._connection.open()
         self._position.apply_replan(info.samples)
+        self._output.kinds = info.targets
         return info

@@ -12,8 +12,9 @@ from contextlib import contextmanager
 from typing import BinaryIO
 
 from stoker.server.data.index_cache import IndexCache, content_key
-from stoker.server.data.shards import ShardIndex, concatenate, expand_pattern, index_shard
+from stoker.server.data.shards import ShardIndex, concatenate, expand_pattern, index_shard, labelled_only
 from stoker.server.data.table import SampleTable
+from stoker.server.data.targets import TargetDecl
 
 __all__ = ["list_shards", "table_of"]
 
@@ -65,11 +66,22 @@ def table_of(name: str, index: ShardIndex) -> SampleTable:
         index.shard_ids,
         index.data_offsets,
         index.sizes,
+        targets=index.targets,
     )
 
 
-def list_shards(name: str, pattern: str, progress: Progress, cache: IndexCache) -> SampleTable:
-    """The table of every shard ``pattern`` names, from the cache when the shards have not changed."""
+def list_shards(
+    name: str,
+    pattern: str,
+    progress: Progress,
+    cache: IndexCache,
+    targets: tuple[TargetDecl, ...] = (),
+    box_format: str = "xyxy",
+) -> SampleTable:
+    """The table of every shard ``pattern`` names, from the cache when the shards have not changed.
+
+    Labels (``.cls``) are optional: a dataset declaring other targets, or one whose keys have no label
+    at all (images alone), gets label -1; one where only some keys lack a label leaves those out."""
     try:
         shards = expand_pattern(pattern)
     except ValueError as exc:
@@ -80,7 +92,7 @@ def list_shards(name: str, pattern: str, progress: Progress, cache: IndexCache) 
         indexes, listed = [], 0
         for shard in shards:
             with _opened(shard) as stream:
-                index = index_shard(stream, shard)
+                index = index_shard(stream, shard, targets=targets, box_format=box_format)
             indexes.append(index)
             listed += len(index)
             progress(listed)
@@ -88,8 +100,15 @@ def list_shards(name: str, pattern: str, progress: Progress, cache: IndexCache) 
                 examples = "; ".join(str(problem) for problem in index.problems[:3])
                 log.warning("dataset %r: %d problems in %s, e.g. %s", name, index.problem_count, shard, examples)
         combined = concatenate(indexes)
+        unlabelled = int((combined.labels < 0).sum())
+        if not targets and 0 < unlabelled < len(combined):
+            log.warning("dataset %r: %d samples have no .cls member; left out", name, unlabelled)
+            combined = labelled_only(combined)
         if not len(combined):
-            raise ValueError(f"dataset {name!r}: no complete sample (image + .cls) in {len(shards)} shards")
+            raise ValueError(f"dataset {name!r}: no complete sample (an image member) in {len(shards)} shards")
         return table_of(name, combined)
 
-    return cache.cached(content_key("shards", identities), name, build)
+    parts: list[object] = [identities]
+    if targets:  # only then: the key of shards without targets stays the one it had
+        parts += [[(t.name, t.kind, t.extension) for t in targets], box_format]
+    return cache.cached(content_key("shards", *parts), name, build)

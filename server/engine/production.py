@@ -21,6 +21,7 @@ from stoker.server.cache import DecodedCache
 from stoker.server.engine.jobs import JobRegistry, OpenJob
 from stoker.server.engine.records import BatchKey, BatchWork, Task
 from stoker.server.engine.standins import BadSamplePolicy, BatchPlanner
+from stoker.server.engine.targets import raw_targets
 from stoker.server.engine.stats import EngineStats
 from stoker.server.workers.messages import Outcome, SampleResult, SampleSpec, TaskMessage
 from stoker.server.workers.pool import PoolEvent, TaskDone, WorkerDied, WorkerPool
@@ -192,14 +193,23 @@ class Production:
                 part = self.cache.part(task, (table.name, index), len(table), (work, row))
                 if part is None:
                     continue
-            specs.append(SampleSpec(row, table.locator(index), self.jobs.sample_key(job, epoch, index), part))
+            key = self.jobs.sample_key(job, epoch, index)
+            specs.append(SampleSpec(row, table.locator(index), key, part, raw_targets(job, index)))
             kept.append((row, index))
         task.samples = kept
         if not specs:
             return None
         pipeline, size = job.pipeline, job.spec.image_size
         return TaskMessage(
-            task.task_id, work.slot.name, len(work.originals), size, pipeline, tuple(specs), job.min_side
+            task.task_id,
+            work.slot.name,
+            len(work.originals),
+            size,
+            pipeline,
+            tuple(specs),
+            job.min_side,
+            job.mask_side,
+            job.min_box_visibility,
         )
 
     def _release_claims(self, task: Task, index: int | None = None) -> None:
@@ -235,6 +245,8 @@ class Production:
                 continue
             if sample.outcome is Outcome.OK:
                 work.pending.discard(sample.row)
+                if sample.targets is not None:
+                    work.targets[sample.row] = sample.targets
                 if cached and sample.row in indices:
                     entry = (table.name, indices[sample.row])
                     self.cache.reported(entry, len(table), sample.decoded, sample.stored, sample.header)

@@ -96,6 +96,8 @@ def job_info(job: OpenJob, granted_prefetch: int) -> dict[str, Any]:
     }
     if job.pipeline.multi_view:
         info["views"] = [[side, side, 3] for side in sizes]
+    if job.targets:
+        info["targets"] = dict(job.targets)
     return info
 
 

@@ -18,6 +18,7 @@ from stoker.server.data.locators import Locator
 from stoker.server.data.store_config import StoreConfig
 from stoker.server.imaging.limits import DecodeLimits
 from stoker.server.imaging.pipelines import Pipeline
+from stoker.server.imaging.targets import RawTarget
 
 __all__ = [
     "WorkerSetup",
@@ -89,6 +90,8 @@ class SampleSpec:
     locator: Locator
     key: int
     cache: CachePart | None = None
+    targets: tuple[RawTarget, ...] = ()
+    """The job's requested targets of this sample, raw (parsed and checked by the worker)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,6 +161,8 @@ class SampleResult:
     """Where the worker wrote the decoded sample in the arena (only once the whole write is done)."""
     header: SampleHeader | None = None
     """The image's header, with ``stored``."""
+    targets: dict | None = None
+    """For ``OK`` with requested targets: the small ones' values (boxes as little-endian bytes)."""
 
 
 @dataclass(frozen=True, slots=True)
