@@ -10,7 +10,6 @@ from typing import Any
 import torch
 
 from stoker.client.protocol.wire import box_labels_name
-
 from stoker.client.runtime.buffers import PinnedPool
 from stoker.client.runtime.session import RawBatch
 from stoker.client.runtime.tensors import Converter

@@ -73,9 +73,8 @@ def resolve_targets(declared: Mapping[str, str]) -> tuple[TargetDecl, ...]:
         elif lowered.endswith(".png"):
             kind, extension = "mask", lowered
         else:
-            raise ValueError(
-                f"target {name!r} = {value!r}: not a kind {TARGET_KINDS} nor a known extension {sorted(_EXTENSION_KINDS)}"
-            )
+            known = sorted(_EXTENSION_KINDS)
+            raise ValueError(f"target {name!r} = {value!r}: not a kind {TARGET_KINDS} nor a known extension {known}")
         out.append(TargetDecl(name, kind, extension))
     if sum(1 for decl in out if decl.kind == "mask") > 1:
         raise ValueError("at most one target of kind 'mask' per dataset")

@@ -21,8 +21,8 @@ from stoker.server.cache import DecodedCache
 from stoker.server.engine.jobs import JobRegistry, OpenJob
 from stoker.server.engine.records import BatchKey, BatchWork, Task
 from stoker.server.engine.standins import BadSamplePolicy, BatchPlanner
-from stoker.server.engine.targets import raw_targets
 from stoker.server.engine.stats import EngineStats
+from stoker.server.engine.targets import raw_targets
 from stoker.server.workers.messages import Outcome, SampleResult, SampleSpec, TaskMessage
 from stoker.server.workers.pool import PoolEvent, TaskDone, WorkerDied, WorkerPool
 from stoker.server.workers.slots import SlotPool

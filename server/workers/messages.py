@@ -111,6 +111,10 @@ class TaskMessage:
     """The dataset's ``cache_min_side``: > 0 decodes every image at the reduction that keeps its shorter
     side at least this, whatever the crop; 0 reduces as far as the crop allows (the same rule on every
     server, cached or not)."""
+    mask_side: int = 0
+    """> 0: the job carries a mask; its ``rows x side x side`` block follows the views in the slot."""
+    min_box_visibility: float = 0.0
+    """The dataset's ``min_box_visibility``."""
 
 
 @dataclass(frozen=True, slots=True)

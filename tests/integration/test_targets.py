@@ -1,0 +1,173 @@
+"""Targets beyond the class label on a real server: COCO boxes moved exactly like the image (checked
+against torchvision v2's own transform of ``BoundingBoxes`` under the same crop), masks aligned with
+their image through crops, flips and a ``RandomRotation``, image-text shards written by ``webdataset``
+with every caption on its image exactly once over 2 ranks, byte-identical targets across worker counts."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from stoker.client.protocol.plan import sample_seed
+from stoker.server.imaging.decode import probe
+from stoker.server.imaging.pipelines import pipeline_from_ops
+from stoker.server.imaging.render import plan_views
+from tests.helpers import DEMO_DATA, LIMITS, Cluster, fetch_epoch
+from tests.targets_data import caption_shards, coco_dataset, key_of_colour, square_dataset
+
+PHOTOS = sorted((DEMO_DATA / "scenes").glob("*.jpg"))[:6]
+DETECTION_OPS = {
+    "detect": [{"op": "random_resized_crop", "scale": [0.3, 1.0]}, {"op": "hflip"}],
+    "yolo": [{"op": "letterbox", "fill": 114}, {"op": "hflip"}],
+}
+CONFIG = """
+[pipelines.detect]
+ops = [{{op = "random_resized_crop", scale = [0.3, 1.0]}}, {{op = "hflip"}}]
+
+[pipelines.yolo]
+ops = [{{op = "letterbox", fill = 114}}, {{op = "hflip"}}]
+
+[pipelines.rotate]
+ops = [
+  {{op = "random_resized_crop", scale = [0.5, 1.0]}}, {{op = "hflip"}},
+  {{op = "torchvision.RandomRotation", degrees = 25}},
+]
+
+[datasets.coco]
+kind = "coco"
+path = "{coco}"
+root = "{root}"
+
+[datasets.squares]
+path = "{squares}"
+targets = {{mask = "mask", caption = "text"}}
+
+[datasets.pairs]
+path = "{pairs}"
+targets = {{caption = "txt", meta = "json"}}
+"""
+OPTIONS = dict(batch_size=4, image_size=48, seed=3)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> dict[str, Path | str]:
+    folder = tmp_path_factory.mktemp("targets")
+    return {
+        "folder": folder,
+        "coco": coco_dataset(folder, PHOTOS, DEMO_DATA),
+        "squares": square_dataset(folder / "squares"),
+        "pairs": caption_shards(folder / "pairs"),
+    }
+
+
+@pytest.fixture(scope="module")
+def servers(data) -> tuple:
+    folder = data["folder"]
+    config = folder / "stoker.toml"
+    config.write_text(CONFIG.format(coco=data["coco"], root=DEMO_DATA, squares=data["squares"], pairs=data["pairs"]))
+    cluster = Cluster(folder)
+    try:
+        yield (
+            cluster.start("--config", str(config), datasets={}, workers=1),
+            cluster.start("--config", str(config), datasets={}, workers=2),
+        )
+    finally:
+        cluster.close()
+
+
+def torchvision_boxes(boxes: torch.Tensor, photo: Path, index: int, pipeline: str, size: int) -> torch.Tensor:
+    """The boxes torchvision v2 gives for the same crop parameters as the server planned."""
+    from torchvision import tv_tensors
+    from torchvision.transforms.v2 import functional as F
+
+    data = photo.read_bytes()
+    info = probe(data, LIMITS)
+    declared = pipeline_from_ops(pipeline, DETECTION_OPS[pipeline])
+    plan, _ = plan_views(info, sample_seed(OPTIONS["seed"], 0, index), declared, size)[0]
+    out = tv_tensors.BoundingBoxes(boxes, format="XYWH", canvas_size=(info.height, info.width))
+    out = F.convert_bounding_box_format(out, new_format=tv_tensors.BoundingBoxFormat.XYXY)
+    left, top, right, bottom = plan.box
+    out = F.resized_crop(out, top, left, bottom - top, right - left, list(plan.resize))
+    if plan.crop is not None:  # letterbox: the padding torchvision's Pad adds
+        c_left, c_top, c_right, c_bottom = plan.crop
+        out = F.pad(out, [-c_left, -c_top, c_right - plan.resize[1], c_bottom - plan.resize[0]])
+    if plan.flip:
+        out = F.horizontal_flip(out)
+    return F.clamp_bounding_boxes(out).as_subclass(torch.Tensor)
+
+
+@pytest.mark.parametrize("pipeline", ["detect", "yolo"])
+def test_coco_boxes_match_torchvision_under_the_same_crop(servers, data, pipeline: str) -> None:
+    one, two = servers
+    document = json.loads(Path(data["coco"]).read_text())
+    batches = fetch_epoch(one.data, "coco", pipeline=pipeline, targets=["boxes"], **OPTIONS)
+    seen = 0
+    for images, targets, indices in batches:
+        assert images.shape[1:] == (3, 48, 48)
+        assert set(targets) == {"boxes", "box_labels"}
+        for row, index in enumerate(indices.tolist()):
+            entry = document["images"][index]
+            annotations = [a for a in document["annotations"] if a["image_id"] == entry["id"] and not a.get("iscrowd")]
+            source = torch.tensor([a["bbox"] for a in annotations], dtype=torch.float32)
+            classes = torch.tensor([a["category_id"] for a in annotations])
+            expected = torchvision_boxes(source, DEMO_DATA / entry["file_name"], index, pipeline, 48)
+            kept = ((expected[:, 2] - expected[:, 0]) * (expected[:, 3] - expected[:, 1])) > 0
+            got = targets["boxes"][row]
+            assert got.dtype == torch.float32 and got.shape == (int(kept.sum()), 4)
+            assert torch.allclose(got, expected[kept], atol=0.5), (got, expected[kept])
+            assert torch.equal(targets["box_labels"][row], classes[kept]), "dropped boxes drop their classes"
+            seen += 1
+    assert seen == len(PHOTOS)
+    again = fetch_epoch(two.data, "coco", pipeline=pipeline, targets=["boxes"], **OPTIONS)
+    for (i1, t1, _), (i2, t2, _) in zip(batches, again, strict=True):
+        assert torch.equal(i1, i2)
+        assert all(torch.equal(a, b) for a, b in zip(t1["boxes"], t2["boxes"], strict=True)), "1 vs 2 workers"
+
+
+def test_masks_stay_aligned_through_crops_flips_and_rotation(servers) -> None:
+    one, two = servers
+    options = {**OPTIONS, "image_size": 64}  # at 48 px a square's edge pixel is too much of its area
+    batches = fetch_epoch(one.data, "squares", pipeline="rotate", targets="all", **options)
+    count = 0
+    for images, targets, indices in batches:
+        mask = targets["mask"]
+        assert mask.dtype == torch.uint8 and mask.shape == (images.shape[0], 64, 64)
+        assert targets["caption"] == [f"square {i}" for i in indices.tolist()]
+        for row, index in enumerate(indices.tolist()):
+            image = images[row].int()
+            red = (image[0] - image[1]) > 63  # nearer red than the grey background (edges blend)
+            foreground = mask[row] > 0
+            assert set(mask[row].unique().tolist()) <= {0, 1 + index % 3}, "nearest: classes never blend"
+            union = (red | foreground).sum().item()
+            if union == 0:
+                continue  # the crop missed the square: nothing to compare
+            iou = (red & foreground).sum().item() / union
+            assert iou >= 0.95, f"sample {index}: IoU {iou:.3f}"
+            count += 1
+    assert count >= 4
+    again = fetch_epoch(two.data, "squares", pipeline="rotate", targets="all", **options)
+    assert all(torch.equal(a[1]["mask"], b[1]["mask"]) for a, b in zip(batches, again, strict=True))
+
+
+def test_image_text_shards_every_caption_with_its_image_exactly_once_over_two_ranks(servers) -> None:
+    one, two = servers
+    keys = []
+    for rank, server in enumerate((one, two)):
+        for images, targets, _ in fetch_epoch(
+            server.data, "pairs", pipeline="resize", targets=["caption", "meta"], rank=rank, world_size=2, **OPTIONS
+        ):
+            for row, caption in enumerate(targets["caption"]):
+                key = int(caption.rsplit(" ", 1)[1])
+                assert targets["meta"][row] == {"key": key, "tags": ["flat", "colour"]}
+                assert key_of_colour(images[row][0].float().mean().item()) == key, "the caption is its image's"
+                keys.append(key)
+    assert sorted(keys) == list(range(12)), "every sample exactly once over 2 ranks"
+
+
+def test_without_targets_the_client_yields_labels_as_always(servers) -> None:
+    one, _ = servers
+    images, labels, indices = fetch_epoch(one.data, "pairs", pipeline="resize", **OPTIONS)[0]
+    assert labels.dtype == torch.int64 and labels.tolist() == [-1] * len(indices)
