@@ -23,6 +23,8 @@ from stoker.client.protocol.wire import (
     encode,
 )
 
+V = PROTOCOL_VERSION
+
 JOB = {
     "dataset": "demo",
     "pipeline": "train",
@@ -106,15 +108,15 @@ def test_wrong_version_is_its_own_error_code() -> None:
         (b"\xc1garbage", "msgpack"),
         (msgpack.packb({"a": 1}), "4-element"),
         (msgpack.packb(["other", 1, 1, {}]), "magic"),
-        (msgpack.packb(["stoker", PROTOCOL_VERSION, 99, {}]), "unknown message kind"),
-        (msgpack.packb(["stoker", PROTOCOL_VERSION, True, {}]), "unknown message kind"),
-        (msgpack.packb(["stoker", PROTOCOL_VERSION, 6, []]), "map"),
-        (msgpack.packb(["stoker", PROTOCOL_VERSION, 6, {}]), "lacks the field 'client'"),
-        (msgpack.packb(["stoker", PROTOCOL_VERSION, 6, {"client": 5}]), "must be str"),
-        (msgpack.packb(["stoker", PROTOCOL_VERSION, 3, {**SAMPLES[Kind.REQUEST], "k": True}]), "must be int"),
-        (msgpack.packb(["stoker", PROTOCOL_VERSION, 3, {**SAMPLES[Kind.REQUEST], "waited_s": float("nan")}]), "must be float"),
-        (msgpack.packb(["stoker", PROTOCOL_VERSION, 4, {**SAMPLES[Kind.BATCH], "labels": [1, "x"]}]), "must be ints"),
-        (msgpack.packb(["stoker", PROTOCOL_VERSION, 6, {"client": "x"}]) + b"trailing", "msgpack"),
+        (msgpack.packb(["stoker", V, 99, {}]), "unknown message kind"),
+        (msgpack.packb(["stoker", V, True, {}]), "unknown message kind"),
+        (msgpack.packb(["stoker", V, 6, []]), "map"),
+        (msgpack.packb(["stoker", V, 6, {}]), "lacks the field 'client'"),
+        (msgpack.packb(["stoker", V, 6, {"client": 5}]), "must be str"),
+        (msgpack.packb(["stoker", V, 3, {**SAMPLES[Kind.REQUEST], "k": True}]), "must be int"),
+        (msgpack.packb(["stoker", V, 3, {**SAMPLES[Kind.REQUEST], "waited_s": float("nan")}]), "must be float"),
+        (msgpack.packb(["stoker", V, 4, {**SAMPLES[Kind.BATCH], "labels": [1, "x"]}]), "must be ints"),
+        (msgpack.packb(["stoker", V, 6, {"client": "x"}]) + b"trailing", "msgpack"),
     ],
 )
 def test_malformed_headers_are_protocol_errors(frame: bytes, needle: str) -> None:
