@@ -114,3 +114,58 @@ def caption_shards(folder: Path, shards: int = 2, per_shard: int = 6, size: tupl
                 )
                 key += 1
     return str(folder / f"pairs-{{000..{shards - 1:03d}}}.tar")
+
+
+def broken_datasets(folder: Path, squares: Path, photos: Sequence[Path], root: Path) -> dict[str, object]:
+    """One dataset per source with a bad target on some samples; returns their paths and, per dataset,
+    the bad samples' names with a word their reason must contain. ``squares``: a :func:`square_dataset`'s
+    folder (96 x 72 images)."""
+    import webdataset
+
+    folder.mkdir(parents=True, exist_ok=True)
+    Image.new("L", (50, 50), 0).save(folder / "small-mask.png")
+    lines = [
+        {"boxes": [[10, 10, 40, 40, 1]]},
+        {"boxes": [[10, 10, 400, 40, 1]]},  # outside the 96 x 72 image
+        {"boxes": [[40, 10, 10, 40, 1]]},  # negative width
+        {"mask": str(folder / "small-mask.png")},  # not the image's size
+        {"caption": None},  # missing
+        {},
+        {"mask": "ann/none.png"},  # no such file
+        {},
+    ]
+    rows = []
+    for i, line in enumerate(lines):
+        row = {"path": f"img/{i}.png", "mask": f"ann/{i}.png", "caption": f"square {i}", "boxes": []}
+        row.update(line)
+        rows.append(json.dumps({k: v for k, v in row.items() if v is not None}))
+    manifest = squares / "broken.jsonl"
+    manifest.write_text("\n".join(rows) + "\n")
+    with webdataset.TarWriter(str(folder / "broken-000.tar")) as sink:
+        for key in range(6):
+            sample: dict[str, object] = {"__key__": f"s{key}", "jpg": _jpeg(Image.new("RGB", (40, 32), colour_of(key)))}
+            sample["txt"] = {1: None, 2: b"\xff\xfe broken"}.get(key, f"caption {key}")
+            sample["json"] = b"{not json" if key == 3 else {"key": key}
+            sink.write({name: value for name, value in sample.items() if value is not None})
+    images = [{"id": n, "file_name": str(p.relative_to(root))} for n, p in enumerate(photos[:2])]
+    images.append({"id": 99, "file_name": "no/such/photo.jpg"})
+    coco = folder / "broken-coco.json"
+    coco.write_text(
+        json.dumps({"images": images, "annotations": [{"image_id": 0, "bbox": [1, 1, 5, 5], "category_id": 3}]})
+    )
+    return {
+        "manifest": manifest,
+        "shards": str(folder / "broken-000.tar"),
+        "coco": coco,
+        "bad": {
+            "broken_rows": {
+                "img/1.png": "outside",
+                "img/2.png": "negative",
+                "img/3.png": "mask is 50x50",
+                "img/4.png": "missing",
+                "img/6.png": "mask",
+            },
+            "broken_pairs": {"s1.jpg": "missing", "s2.jpg": "UTF-8", "s3.jpg": "JSON"},
+            "broken_coco": {"no/such/photo.jpg": "cannot read"},
+        },
+    }

@@ -17,6 +17,13 @@ from stoker.client.runtime.tensors import Converter
 __all__ = ["BatchOutput"]
 
 
+def _array(data: bytes, dtype: torch.dtype) -> torch.Tensor:
+    """A little-endian array from the targets frame (a copy: the frame is read-only; empty is fine)."""
+    if not data:
+        return torch.zeros(0, dtype=dtype)
+    return torch.frombuffer(bytearray(data), dtype=dtype)
+
+
 class BatchOutput:
     """Turns a :class:`RawBatch` into the tuple a training step takes, on the converter's device."""
 
@@ -59,8 +66,8 @@ class BatchOutput:
                 out[name] = [json.loads(text) for text in values.get(name, [])]
             elif kind == "boxes":
                 labels_name = box_labels_name(name)
-                out[name] = [torch.frombuffer(bytearray(b), dtype=torch.float32).view(-1, 4) for b in values[name]]
-                out[labels_name] = [torch.frombuffer(bytearray(b), dtype=torch.int64) for b in values[labels_name]]
+                out[name] = [_array(b, torch.float32).view(-1, 4) for b in values[name]]
+                out[labels_name] = [_array(b, torch.int64) for b in values[labels_name]]
         return out
 
     def forget_device_state(self) -> None:

@@ -15,8 +15,9 @@ from stoker.client.protocol.plan import sample_seed
 from stoker.server.imaging.decode import probe
 from stoker.server.imaging.pipelines import pipeline_from_ops
 from stoker.server.imaging.render import plan_views
-from tests.helpers import DEMO_DATA, LIMITS, Cluster, fetch_epoch
-from tests.targets_data import caption_shards, coco_dataset, key_of_colour, square_dataset
+from stoker.client import BadSampleError
+from tests.helpers import DEMO_DATA, LIMITS, Cluster, fetch_epoch, http_json
+from tests.targets_data import broken_datasets, caption_shards, coco_dataset, key_of_colour, square_dataset
 
 PHOTOS = sorted((DEMO_DATA / "scenes").glob("*.jpg"))[:6]
 DETECTION_OPS = {
@@ -48,6 +49,19 @@ targets = {{mask = "mask", caption = "text"}}
 [datasets.pairs]
 path = "{pairs}"
 targets = {{caption = "txt", meta = "json"}}
+
+[datasets.broken_rows]
+path = "{broken_rows}"
+targets = {{mask = "mask", caption = "text", boxes = "boxes"}}
+
+[datasets.broken_pairs]
+path = "{broken_pairs}"
+targets = {{caption = "txt", meta = "json"}}
+
+[datasets.broken_coco]
+kind = "coco"
+path = "{broken_coco}"
+root = "{root}"
 """
 OPTIONS = dict(batch_size=4, image_size=48, seed=3)
 
@@ -55,11 +69,18 @@ OPTIONS = dict(batch_size=4, image_size=48, seed=3)
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> dict[str, Path | str]:
     folder = tmp_path_factory.mktemp("targets")
+    squares = square_dataset(folder / "squares")
+    broken = broken_datasets(folder / "broken", squares.parent, PHOTOS, DEMO_DATA)
     return {
         "folder": folder,
         "coco": coco_dataset(folder, PHOTOS, DEMO_DATA),
-        "squares": square_dataset(folder / "squares"),
+        "squares": squares,
         "pairs": caption_shards(folder / "pairs"),
+        "broken_rows": broken["manifest"],
+        "broken_pairs": broken["shards"],
+        "broken_coco": broken["coco"],
+        "bad": broken["bad"],
+        "bad_indices": {"broken_rows": [1, 2, 3, 4, 6], "broken_pairs": [1, 2, 3], "broken_coco": [2]},
     }
 
 
@@ -67,7 +88,8 @@ def data(tmp_path_factory) -> dict[str, Path | str]:
 def servers(data) -> tuple:
     folder = data["folder"]
     config = folder / "stoker.toml"
-    config.write_text(CONFIG.format(coco=data["coco"], root=DEMO_DATA, squares=data["squares"], pairs=data["pairs"]))
+    paths = {name: data[name] for name in ("coco", "squares", "pairs", "broken_rows", "broken_pairs", "broken_coco")}
+    config.write_text(CONFIG.format(root=DEMO_DATA, **paths))
     cluster = Cluster(folder)
     try:
         yield (
@@ -171,3 +193,28 @@ def test_without_targets_the_client_yields_labels_as_always(servers) -> None:
     one, _ = servers
     images, labels, indices = fetch_epoch(one.data, "pairs", pipeline="resize", **OPTIONS)[0]
     assert labels.dtype == torch.int64 and labels.tolist() == [-1] * len(indices)
+
+
+@pytest.mark.parametrize("dataset", ["broken_rows", "broken_pairs", "broken_coco"])
+def test_bad_targets_are_skipped_or_raised_by_policy_and_named_in_status(servers, data, dataset: str) -> None:
+    one, _ = servers
+    bad = data["bad"][dataset]
+    pipeline = "detect" if dataset != "broken_pairs" else "resize"
+    delivered = []
+    for _, targets, indices in fetch_epoch(one.data, dataset, pipeline=pipeline, targets="all", **OPTIONS):
+        delivered += indices.tolist()
+        if "caption" in targets:
+            assert all(isinstance(caption, str) for caption in targets["caption"])
+    status = http_json(one.http + "/status")[1]
+    reasons = {entry["path"]: entry["reason"] for entry in status["bad_samples"]["recent"]}
+    for name, word in bad.items():
+        (path,) = [path for path in reasons if path.endswith(name)]
+        assert word in reasons[path], (name, reasons[path])
+    assert not set(delivered) & set(data["bad_indices"][dataset]), "no bad target is ever delivered"
+    assert http_json(one.http + "/config", "PATCH", {"on_error": "raise"})[0] == 200
+    try:
+        with pytest.raises(BadSampleError) as info:
+            fetch_epoch(one.data, dataset, pipeline=pipeline, targets="all", **{**OPTIONS, "seed": 11})
+        assert any(info.value.path.endswith(name) for name in bad) and info.value.reason
+    finally:
+        assert http_json(one.http + "/config", "PATCH", {"on_error": "skip"})[0] == 200
