@@ -235,27 +235,6 @@ def concatenate(indexes: Sequence[ShardIndex]) -> ShardIndex:
     )
 
 
-def labelled_only(index: ShardIndex) -> ShardIndex:
-    """The samples of ``index`` that have a label (the rare mixed dataset without declared targets)."""
-    keep = np.flatnonzero(index.labels >= 0)
-    starts, ends = index.name_offsets[keep], index.name_offsets[keep + 1]
-    names = b"".join(index.names[start:end].tobytes() for start, end in zip(starts, ends, strict=True))
-    offsets = np.zeros(len(keep) + 1, np.int64)
-    offsets[1:] = np.cumsum(ends - starts)
-    return ShardIndex(
-        index.shards,
-        index.shard_ids[keep],
-        np.frombuffer(names, np.uint8),
-        offsets,
-        index.key_lengths[keep],
-        index.data_offsets[keep],
-        index.sizes[keep],
-        index.labels[keep],
-        index.problems,
-        index.problem_count,
-    )
-
-
 def split_name(name: str) -> tuple[str, str] | None:
     """WebDataset's rule: the key is the name up to the first dot of its basename, the extension is the
     rest (``a/b/c.seg.jpg`` is key ``a/b/c``, extension ``seg.jpg``). Only the LAST part of the extension

@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from stoker.client import BadSampleError
 from stoker.client.protocol.plan import sample_seed
 from stoker.server.imaging.decode import probe
 from stoker.server.imaging.pipelines import pipeline_from_ops
 from stoker.server.imaging.render import plan_views
-from stoker.client import BadSampleError
 from tests.helpers import DEMO_DATA, LIMITS, Cluster, fetch_epoch, http_json
 from tests.targets_data import broken_datasets, caption_shards, coco_dataset, key_of_colour, square_dataset
 
