@@ -119,6 +119,12 @@ def _add_bench(bench: argparse.ArgumentParser) -> None:
         default=0.0,
         help="also run stoker with /status polled this often, to show the HTTP side's cost",
     )
+    bench.add_argument(
+        "--targets",
+        choices=("detection", "captions"),
+        help="targets rows instead: COCO boxes vs torchvision v2 + tv_tensors, or image-text shards vs "
+        "webdataset's pipeline (both written from --data's JPEGs), and stoker without the targets",
+    )
     bench.add_argument("--json", action="store_true", help="print the results as JSON")
 
 
@@ -188,6 +194,7 @@ def _bench(args: argparse.Namespace) -> int:
             server_args=("--reads-in-flight", str(args.reads_in_flight)) if args.reads_in_flight else (),
             cache_bytes=args.cache,
             curve=args.curve,
+            targets=args.targets,
         )
     except ValueError as exc:
         print(f"stoker bench: {exc}", file=sys.stderr)

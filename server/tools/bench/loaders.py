@@ -157,6 +157,8 @@ def stoker_stream(
     prefetch: int = 4,
     server_args: Sequence[str] = (),
     client_keys: dict[str, str] | None = None,
+    dataset: str = "bench",
+    targets: Sequence[str] | None = None,
 ) -> Iterator[Stream]:
     """A real server (child process, given ``server_args`` too) and a CPU client of uint8 batches;
     optionally a thread polling ``/status``."""
@@ -172,7 +174,7 @@ def stoker_stream(
         poller = threading.Thread(target=poll, daemon=True) if poll_status_ms > 0 else None
         with stoker_client(
             server.data,
-            "bench",
+            dataset,
             pipeline=pipeline,
             image_size=size,
             batch_size=batch_size,
@@ -184,6 +186,7 @@ def stoker_stream(
             prefetch=prefetch,
             timeout_s=120,
             **(client_keys or {}),
+            **({"targets": list(targets)} if targets else {}),
         ) as stream:
             if poller is not None:
                 poller.start()
