@@ -70,7 +70,7 @@ def _jpeg(image: Image.Image) -> bytes:
     return out.getvalue()
 
 
-def square_dataset(folder: Path, count: int = 8, size: tuple[int, int] = (96, 72), seed: int = 0) -> Path:
+def square_dataset(folder: Path, count: int = 8, size: tuple[int, int] = (128, 96), seed: int = 0) -> Path:
     """PNG images of a coloured square on grey and their masks (the square is class 1 + i % 3); a JSON
     Lines manifest ``{"path", "mask", "caption"}``. Returns the manifest."""
     rng = random.Random(seed)

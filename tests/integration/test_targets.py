@@ -16,8 +16,10 @@ from stoker.client.protocol.plan import sample_seed
 from stoker.server.imaging.decode import probe
 from stoker.server.imaging.pipelines import pipeline_from_ops
 from stoker.server.imaging.render import plan_views
-from tests.helpers import DEMO_DATA, LIMITS, Cluster, fetch_epoch, http_json
+from tests.helpers import DEMO_DATA, LIMITS, Cluster, fetch_epoch, fetch_epochs, http_json
 from tests.targets_data import broken_datasets, caption_shards, coco_dataset, key_of_colour, square_dataset
+
+pytestmark = pytest.mark.slow
 
 PHOTOS = sorted((DEMO_DATA / "scenes").glob("*.jpg"))[:6]
 DETECTION_OPS = {
@@ -45,6 +47,7 @@ root = "{root}"
 [datasets.squares]
 path = "{squares}"
 targets = {{mask = "mask", caption = "text"}}
+cache = true
 
 [datasets.pairs]
 path = "{pairs}"
@@ -93,7 +96,7 @@ def servers(data) -> tuple:
     cluster = Cluster(folder)
     try:
         yield (
-            cluster.start("--config", str(config), datasets={}, workers=1),
+            cluster.start("--config", str(config), "--cache-bytes", "64MiB", datasets={}, workers=1),
             cluster.start("--config", str(config), datasets={}, workers=2),
         )
     finally:
@@ -152,7 +155,9 @@ def test_coco_boxes_match_torchvision_under_the_same_crop(servers, data, pipelin
 def test_masks_stay_aligned_through_crops_flips_and_rotation(servers) -> None:
     one, two = servers
     options = {**OPTIONS, "image_size": 64}  # at 48 px a square's edge pixel is too much of its area
-    batches = fetch_epoch(one.data, "squares", pipeline="rotate", targets="all", **options)
+    # Server one keeps the squares in its decoded-sample cache: its second epoch renders from it.
+    epochs = fetch_epochs(one.data, 2, "squares", pipeline="rotate", targets="all", **options)
+    batches = epochs[0] + epochs[1]
     count = 0
     for images, targets, indices in batches:
         mask = targets["mask"]
@@ -160,7 +165,7 @@ def test_masks_stay_aligned_through_crops_flips_and_rotation(servers) -> None:
         assert targets["caption"] == [f"square {i}" for i in indices.tolist()]
         for row, index in enumerate(indices.tolist()):
             image = images[row].int()
-            red = (image[0] - image[1]) > 63  # nearer red than the grey background (edges blend)
+            red = (image[0] - image[1]) > 127  # more than half red: R - G is 255 x the red share of a blend
             foreground = mask[row] > 0
             assert set(mask[row].unique().tolist()) <= {0, 1 + index % 3}, "nearest: classes never blend"
             union = (red | foreground).sum().item()
@@ -169,9 +174,12 @@ def test_masks_stay_aligned_through_crops_flips_and_rotation(servers) -> None:
             iou = (red & foreground).sum().item() / union
             assert iou >= 0.95, f"sample {index}: IoU {iou:.3f}"
             count += 1
-    assert count >= 4
-    again = fetch_epoch(two.data, "squares", pipeline="rotate", targets="all", **options)
-    assert all(torch.equal(a[1]["mask"], b[1]["mask"]) for a, b in zip(batches, again, strict=True))
+    assert count >= 8
+    again = fetch_epochs(two.data, 2, "squares", pipeline="rotate", targets="all", **options)
+    for a, b in zip(batches, again[0] + again[1], strict=True):
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1]["mask"], b[1]["mask"]), "cached or not, 1 or 2 workers"
+        assert a[1]["caption"] == b[1]["caption"]
+    assert http_json(one.http + "/status")[1]["cache"]["hits"] >= 8, "the second epoch rendered from the cache"
 
 
 def test_image_text_shards_every_caption_with_its_image_exactly_once_over_two_ranks(servers) -> None:
