@@ -31,14 +31,15 @@ class BatchOutput:
         self.converter = converter
         self.return_indices = return_indices
         self.kinds: dict[str, str] | None = None
-        """The job's targets, field -> kind (from the servers' job info), when it asked for any."""
+        """The job's targets, field -> kind (from the servers' job info), when it asked for any (an
+        empty dict: it asked, and the dataset has none: the dict yielded is empty)."""
 
     def __call__(self, raw: RawBatch, pinned: PinnedPool | None) -> tuple[Any, ...]:
         """The tuple for ``raw``; ``pinned`` gets back the pinned buffer ``raw`` arrived in, if any."""
         fields = raw.fields
         views = self.converter.images(raw, pinned)
         images: Any = views if "views" in fields else views[0]  # a multi-view pipeline: one tensor per view
-        if "targets" in fields:
+        if "targets" in fields or self.kinds is not None:
             second: Any = self._targets(raw)
         else:
             second = torch.tensor(fields["labels"], dtype=torch.int64).to(self.converter.device, non_blocking=True)
@@ -52,7 +53,7 @@ class BatchOutput:
         kinds = self.kinds or {}
         values = raw.targets or {}
         out: dict[str, Any] = {}
-        for name in raw.fields["targets"]:
+        for name in raw.fields.get("targets", []):
             kind = kinds.get(name, "label")
             if kind == "mask":
                 shape = raw.fields["mask"]

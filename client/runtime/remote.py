@@ -252,5 +252,5 @@ class RemoteBatches(IterableDataset):
             self._output.forget_device_state()
         info = self._connection.open()
         self._position.apply_replan(info.samples)
-        self._output.kinds = info.targets
+        self._output.kinds = (info.targets or {}) if self.spec.targets else None
         return info

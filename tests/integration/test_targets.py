@@ -11,12 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from stoker.client import BadSampleError
+from stoker.client import BadSampleError, InvalidJobError
 from stoker.client.protocol.plan import sample_seed
 from stoker.server.imaging.decode import probe
 from stoker.server.imaging.pipelines import pipeline_from_ops
 from stoker.server.imaging.render import plan_views
-from tests.helpers import DEMO_DATA, LIMITS, Cluster, fetch_epoch, fetch_epochs, http_json
+from tests.helpers import DEMO_DATA, LIMITS, Cluster, fetch_epoch, fetch_epochs, http_json, interrupted_epoch
 from tests.targets_data import broken_datasets, caption_shards, coco_dataset, key_of_colour, square_dataset
 
 pytestmark = pytest.mark.slow
@@ -201,6 +201,19 @@ def test_without_targets_the_client_yields_labels_as_always(servers) -> None:
     one, _ = servers
     images, labels, indices = fetch_epoch(one.data, "pairs", pipeline="resize", **OPTIONS)[0]
     assert labels.dtype == torch.int64 and labels.tolist() == [-1] * len(indices)
+    with pytest.raises(InvalidJobError, match="no target 'nope'"):
+        fetch_epoch(one.data, "pairs", pipeline="resize", targets=["nope"], **OPTIONS)
+
+
+def test_a_resumed_epoch_carries_the_same_targets(servers) -> None:
+    one, two = servers
+    options = dict(pipeline="detect", targets="all", **OPTIONS)
+    whole = fetch_epoch(one.data, "coco", **options)
+    resumed = interrupted_epoch(two.data, "coco", stop_after=1, **options)
+    assert len(whole) == len(resumed)
+    for (xa, ta, ia), (xb, tb, ib) in zip(whole, resumed, strict=True):
+        assert torch.equal(ia, ib) and torch.equal(xa, xb)
+        assert all(torch.equal(a, b) for a, b in zip(ta["boxes"], tb["boxes"], strict=True))
 
 
 @pytest.mark.parametrize("dataset", ["broken_rows", "broken_pairs", "broken_coco"])
