@@ -80,11 +80,12 @@ class SampleTargets:
         sx, sy = resize_w / max(1, right - left), resize_h / max(1, bottom - top)
         c_left, c_top = (plan.crop[0], plan.crop[1]) if plan.crop is not None else (0, 0)
         if self.boxes is not None:
-            boxes = self.boxes.astype(np.float64)
-            boxes[:, [0, 2]] = (boxes[:, [0, 2]] - left) * sx - c_left
-            boxes[:, [1, 3]] = (boxes[:, [1, 3]] - top) * sy - c_top
+            # One affine map per coordinate (x, y, x, y), then the mirror: as the image's pixels move.
+            scale = np.array([sx, sy, sx, sy])
+            offset = np.array([-left * sx - c_left, -top * sy - c_top, -left * sx - c_left, -top * sy - c_top])
+            boxes = self.boxes.astype(np.float64) * scale + offset
             if plan.flip:
-                boxes[:, [0, 2]] = side - boxes[:, [2, 0]]
+                boxes = np.stack([side - boxes[:, 2], boxes[:, 1], side - boxes[:, 0], boxes[:, 3]], axis=1)
             self.full_area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
             self.boxes = boxes.astype(np.float32)
             self.clip(side, side, use_visibility=True)
@@ -96,9 +97,7 @@ class SampleTargets:
         no area (or less than ``min_visibility`` of it)."""
         if self.boxes is None or self.box_labels is None:
             return
-        boxes = self.boxes.astype(np.float64)
-        boxes[:, [0, 2]] = boxes[:, [0, 2]].clip(0, width)
-        boxes[:, [1, 3]] = boxes[:, [1, 3]].clip(0, height)
+        boxes = np.minimum(np.maximum(self.boxes.astype(np.float64), 0.0), np.array([width, height, width, height]))
         area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
         keep = area > 0
         if use_visibility and self.min_visibility > 0 and self.full_area is not None:
@@ -181,18 +180,10 @@ def _boxes(target: RawTarget, width: int, height: int) -> tuple[np.ndarray, np.n
     else:
         boxes = labels = None
     if not isinstance(boxes, list) or not isinstance(labels, list) or len(boxes) != len(labels):
-        raise BadTarget(
-            target.name, 'must be {"boxes": [[4 numbers], ...], "labels": [ints]} or [[4 numbers, class], ...]'
-        )
-    for number, (box, label) in enumerate(zip(boxes, labels, strict=True)):
-        if (
-            not isinstance(box, list)
-            or len(box) != 4
-            or not all(isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) for v in box)
-        ):
-            raise BadTarget(target.name, f"box {number} {box!r} is not 4 finite numbers")
-        if not isinstance(label, int) or isinstance(label, bool):
-            raise BadTarget(target.name, f"box {number} has class {label!r}, not an integer")
+        shape = '{"boxes": [[4 numbers], ...], "labels": [ints]} or [[4 numbers, class], ...]'
+        raise BadTarget(target.name, f"must be {shape}")
+    if not _well_formed(boxes, labels, target.raw or b""):
+        _name_malformed(target.name, boxes, labels)
     array = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
     fmt = target.box_format
     if fmt in ("xywh", "cxcywh"):
@@ -213,6 +204,37 @@ def _boxes(target: RawTarget, width: int, height: int) -> tuple[np.ndarray, np.n
         bad = int(np.flatnonzero(outside)[0])
         raise BadTarget(target.name, f"box {bad} {boxes[bad]} lies outside the {width}x{height} image")
     return array.astype(np.float32), np.asarray(labels, dtype=np.int64)
+
+
+def _well_formed(boxes: list[Any], labels: list[Any], raw: bytes) -> bool:
+    """Whether every box is 4 finite numbers and every class an integer, checked in numpy (JSON's
+    ``true``/``false`` anywhere: the slow check, as numpy would take them for numbers)."""
+    if not boxes:
+        return True
+    if b"true" in raw or b"false" in raw:
+        return False
+    try:
+        array = np.asarray(boxes)  # not dtype=float: numpy would read "1" as a number
+        classes = np.asarray(labels)
+    except (TypeError, ValueError):
+        return False
+    if array.shape != (len(boxes), 4) or array.dtype.kind not in "iuf" or classes.dtype.kind not in "iu":
+        return False
+    return bool(np.isfinite(array).all())
+
+
+def _name_malformed(name: str, boxes: list[Any], labels: list[Any]) -> None:
+    """Raise :class:`BadTarget` naming the first malformed box or class."""
+    for number, (box, label) in enumerate(zip(boxes, labels, strict=True)):
+        if (
+            not isinstance(box, list)
+            or len(box) != 4
+            or not all(isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) for v in box)
+        ):
+            raise BadTarget(name, f"box {number} {box!r} is not 4 finite numbers")
+        if not isinstance(label, int) or isinstance(label, bool):
+            raise BadTarget(name, f"box {number} has class {label!r}, not an integer")
+    raise BadTarget(name, "boxes or classes are not numbers")  # unreachable in practice: numpy refused them
 
 
 def _decode_mask(name: str, data: bytes, info: ImageInfo) -> np.ndarray:
