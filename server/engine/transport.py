@@ -98,8 +98,13 @@ class Transport:
         The tracker is the last frame's: ZeroMQ writes frames in order, so when it is done all are.
         """
         parts = [payload[offset : offset + length] for offset, length in payload_parts(len(payload), sample_bytes)]
+        frames: list[Any] = [identity, header, *parts, *tail]
+        if tail:
+            # The tracker is the last frame's; a small one (the targets frame) would be copied and
+            # report done at once while the slot's frames are still queued: track it without copying.
+            frames[-1] = zmq.Frame(frames[-1], copy=False, track=True)
         try:
-            return self.socket.send_multipart([identity, header, *parts, *tail], zmq.NOBLOCK, copy=False, track=True)
+            return self.socket.send_multipart(frames, zmq.NOBLOCK, copy=False, track=True)
         except zmq.ZMQError as exc:
             log.debug("dropping a batch to a gone peer: %s", exc)
             return None
