@@ -186,3 +186,33 @@ def test_job_ids_of_jobs_without_targets_do_not_change() -> None:
     assert JobSpec.from_wire(with_targets.to_wire()) == with_targets
     with pytest.raises(ValueError, match="targets"):
         JobSpec("demo", targets="caption")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("into", [False, True])
+def test_image_frames_then_the_target_frames_are_received_apart(into: bool) -> None:
+    """The image bytes (into a caller's buffer, as pinned memory on CUDA, or as frames) stop where the
+    images end; the mask and targets frames stay for the session to read."""
+    import zmq
+
+    from stoker.client.runtime.framing import receive_payload
+
+    context = zmq.Context()
+    sender, receiver = context.socket(zmq.PAIR), context.socket(zmq.PAIR)
+    try:
+        port = sender.bind_to_random_port("tcp://127.0.0.1")
+        receiver.connect(f"tcp://127.0.0.1:{port}")
+        receiver.setsockopt(zmq.RCVTIMEO, 10_000)
+        # Frames of whole samples; a batch under 16 MiB comes in one frame (the server's rule).
+        images = [b"a" * 6, b"b" * 6] if into else [b"a" * 6 + b"b" * 6]
+        sender.send_multipart([b"header", *images, b"mask", b"targets"])
+        assert receiver.recv() == b"header"
+        buffer = bytearray(12)
+        receive_into = (lambda n: (memoryview(buffer)[:n], buffer)) if into else None
+        data, received = receive_payload(receiver, 12, receive_into, tail=True)
+        assert received == 12 and receiver.getsockopt(zmq.RCVMORE)
+        assert bytes(buffer if into else data.buffer) == b"a" * 6 + b"b" * 6
+        assert receiver.recv() == b"mask" and receiver.recv() == b"targets"
+    finally:
+        sender.close(0)
+        receiver.close(0)
+        context.term()
