@@ -216,3 +216,14 @@ def test_image_frames_then_the_target_frames_are_received_apart(into: bool) -> N
         sender.close(0)
         receiver.close(0)
         context.term()
+
+
+def test_a_state_resumes_whatever_targets_the_resumed_job_asks_for() -> None:
+    from stoker.client.runtime.checkpoint import read_state, state_dict
+    from stoker.client.runtime.position import Position
+
+    plain = JobSpec("demo", batch_size=4)
+    state = state_dict(plain, 0, Position(plain).saved())
+    assert read_state(state, JobSpec("demo", batch_size=4, targets=("caption",))).epoch == 0
+    with pytest.raises(ValueError, match="another job"):
+        read_state(state, JobSpec("demo", batch_size=8, targets=("caption",)))
