@@ -227,3 +227,32 @@ def test_a_state_resumes_whatever_targets_the_resumed_job_asks_for() -> None:
     assert read_state(state, JobSpec("demo", batch_size=4, targets=("caption",))).epoch == 0
     with pytest.raises(ValueError, match="another job"):
         read_state(state, JobSpec("demo", batch_size=8, targets=("caption",)))
+
+
+@pytest.mark.parametrize(
+    "op",
+    [
+        {"op": "torchvision.RandomRotation", "degrees": 30},
+        {"op": "torchvision.RandomAffine", "degrees": 15, "translate": [0.1, 0.1], "scale": [0.8, 1.2]},
+        {"op": "torchvision.RandomPerspective", "distortion_scale": 0.4, "p": 1.0},
+    ],
+)
+def test_geometric_post_ops_move_boxes_and_mask_with_the_image(op: dict) -> None:
+    from stoker.server.imaging.pipelines import pipeline_from_ops
+    from stoker.server.imaging.targets import SampleTargets, run_ops_with_targets
+
+    pipeline = pipeline_from_ops(f"geo{len(op)}", [{"op": "resize"}, op])
+    for key in range(5):
+        mask = np.zeros((64, 64), np.uint8)
+        mask[16:40, 20:48] = 2
+        image = torch.from_numpy(np.repeat(mask[None] * 100, 3, axis=0))
+        targets = SampleTargets(
+            boxes=np.array([[20, 16, 48, 40]], np.float32), box_labels=np.array([7]), mask=mask, boxes_name="boxes"
+        )
+        out = run_ops_with_targets(pipeline.name, 0, pipeline.views[0].post_ops, image, targets, key, 64, {})
+        foreground = targets.mask > 0
+        drawn = (out[0] > 100).numpy()  # more than half of the square's 200 (perspective is bilinear)
+        assert (foreground & drawn).sum() / (foreground | drawn).sum() >= 0.95, "the mask moved as the image"
+        ys, xs = np.nonzero(foreground)
+        (x0, y0, x1, y1), (label,) = targets.boxes[0], targets.box_labels
+        assert label == 7 and x0 - 1 <= xs.min() and xs.max() + 1 <= x1 + 1 and y0 - 1 <= ys.min() and ys.max() <= y1
