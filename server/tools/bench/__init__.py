@@ -139,12 +139,12 @@ def _target_loaders(
     server_args = ["--config", str(config_file), *config.server_args]
     if config.targets == "detection":
         baseline = (
-            "(b) DataLoader, torchvision v2 + tv_tensors",
+            "(b) DataLoader, v2 + tv_tensors",
             lambda: detection_loader(Path(data), folder, pipeline, size, batch, workers),
         )
     else:
         baseline = (
-            "(b) webdataset's pipeline in a DataLoader",
+            "(b) DataLoader, webdataset pipeline",
             lambda: captions_loader(data, pipeline, size, batch, workers),
         )
     return {
