@@ -18,7 +18,7 @@ MAX_IMAGE_SIZE = 4096
 MAX_WORLD_SIZE = 65536
 LAYOUTS = ("nhwc", "nchw")
 """How a batch's image bytes are laid out: ``[n, H, W, 3]`` (the default) or ``[n, 3, H, W]``."""
-_OPTIONAL = ("span", "reweights", "layout")
+_OPTIONAL = ("span", "reweights", "layout", "targets")
 """Fields a first-version job lacks: in its id and wire form only when set."""
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
 
@@ -47,6 +47,9 @@ class JobSpec:
     layout: str = "nhwc"
     """The image bytes' layout (:data:`LAYOUTS`): the workers write the rows in it, so the client
     receives straight into the tensor it yields (``nchw``: contiguous, ``nhwc``: channels-last)."""
+    targets: tuple[str, ...] = ()
+    """Per-sample fields to deliver beyond the images (``("all",)``: every one the dataset declares);
+    empty: ``(images, labels)`` as always."""
 
     def __post_init__(self) -> None:
         for name in ("dataset", "pipeline"):
@@ -78,10 +81,21 @@ class JobSpec:
                 raise ValueError(f"span={span!r} must be [start, end] with 0 <= start < end")
             object.__setattr__(self, "span", (int(span[0]), int(span[1])))
         object.__setattr__(self, "reweights", _reweights(self.reweights))
+        targets = self.targets
+        if isinstance(targets, str) or not isinstance(targets, tuple | list) or len(targets) > 64:
+            raise ValueError(f"targets={targets!r} must be a list of at most 64 field names")
+        for name in targets:
+            if not isinstance(name, str) or not _NAME.match(name):
+                raise ValueError(f"targets: {name!r} must be a name of letters, digits, '_', '.', '-'")
+        if len(set(targets)) != len(targets):
+            raise ValueError(f"targets={list(targets)!r} names a field twice")
+        object.__setattr__(self, "targets", tuple(targets))
 
     def _values(self) -> list[Any]:
         values = [getattr(self, f.name) for f in fields(self) if f.name not in _OPTIONAL]
-        return [*values, *(value for _, value in self._optional())]
+        # ``span`` as it always was; the later ones tagged by name, so no two jobs' values coincide.
+        optional = self._optional()
+        return [*values, *(value if name == "span" else {name: value} for name, value in optional)]
 
     def _optional(self) -> list[tuple[str, Any]]:
         """The fields added after the first version, in wire form, each only when not its default: jobs
@@ -93,6 +107,8 @@ class JobSpec:
             out.append(("reweights", _reweights_wire(self.reweights)))
         if self.layout != "nhwc":
             out.append(("layout", self.layout))
+        if self.targets:
+            out.append(("targets", list(self.targets)))
         return out
 
     @property
@@ -118,6 +134,8 @@ class JobSpec:
         unknown = sorted(str(k) for k in raw if k not in known)
         if unknown:
             raise ProtocolError(f"unknown job fields {unknown}; known: {sorted(known)}", ErrorCode.INVALID_JOB)
+        if isinstance(raw.get("targets"), list):
+            raw = {**raw, "targets": tuple(raw["targets"])}
         try:
             return cls(**raw)
         except (TypeError, ValueError) as exc:

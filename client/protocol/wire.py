@@ -32,10 +32,15 @@ __all__ = [
     "payload_parts",
     "view_blocks",
     "MAX_PART_BYTES",
+    "MAX_TARGETS_BYTES",
+    "box_labels_name",
+    "decode_targets",
 ]
 
 MAGIC: Final = "stoker"
-PROTOCOL_VERSION: Final = 1
+PROTOCOL_VERSION: Final = 2
+# Version 2 added the BATCH frames after the images (a mask block, the targets frame): a version-1
+# client would read them as image bytes, so the versions refuse each other with UNSUPPORTED_VERSION.
 # A header holds a job spec and at most a few thousand labels; anything bigger is hostile or broken.
 MAX_HEADER_BYTES: Final = 256 * 1024
 MAX_BATCH_SAMPLES: Final = 16384
@@ -43,6 +48,8 @@ MAX_BATCH_SAMPLES: Final = 16384
 # up to 32 MiB from its reusable heap but maps larger ones fresh, so one 38 MB frame per batch would
 # cost the receiver a page fault per 4 KiB: 1.4 GB/s instead of 3-4 GB/s on loopback.
 MAX_PART_BYTES: Final = 16 * 1024 * 1024
+# A batch's targets frame (captions, JSON records, boxes): generous, but bounded.
+MAX_TARGETS_BYTES: Final = 256 * 1024 * 1024
 
 
 class Kind(IntEnum):
@@ -136,7 +143,8 @@ def decode(frame: bytes | memoryview) -> Header:
         raise ProtocolError(f"bad magic {magic!r}: not a stoker message")
     if version != PROTOCOL_VERSION:
         raise ProtocolError(
-            f"protocol version {version!r} is not supported; this side speaks {PROTOCOL_VERSION}",
+            f"protocol version {version!r} is not supported; this side speaks {PROTOCOL_VERSION} "
+            "(install the same stoker version on the trainer and the loader servers)",
             code=ErrorCode.UNSUPPORTED_VERSION,
         )
     if not isinstance(kind, int) or isinstance(kind, bool) or kind not in Kind._value2member_map_:
@@ -170,6 +178,25 @@ def payload_parts(nbytes: int, sample_bytes: int) -> list[tuple[int, int]]:
     return [(offset, min(step, nbytes - offset)) for offset in range(0, nbytes, step)] or [(0, 0)]
 
 
+def box_labels_name(field: str) -> str:
+    """The targets-frame key of a boxes field's classes: ``box_labels`` for ``boxes``, else ``<field>_labels``."""
+    return "box_labels" if field == "boxes" else f"{field}_labels"
+
+
+def decode_targets(frame: bytes | memoryview, rows: int) -> dict[str, list[Any]]:
+    """Parse and check a BATCH's targets frame: a map with one list of ``rows`` values per field (a
+    boxes field also has its ``box_labels``)."""
+    if len(frame) > MAX_TARGETS_BYTES:
+        raise ProtocolError(f"targets frame of {len(frame)} bytes exceeds {MAX_TARGETS_BYTES}")
+    try:
+        obj = msgpack.unpackb(frame, raw=False, strict_map_key=True, max_ext_len=0)
+    except Exception as exc:  # msgpack raises many types for garbage; all mean the same here
+        raise ProtocolError(f"targets frame is not valid msgpack: {type(exc).__name__}: {exc}") from None
+    if not isinstance(obj, dict) or any(not isinstance(v, list) or len(v) != rows for v in obj.values()):
+        raise ProtocolError(f"targets frame must map each field to a list of {rows} values")
+    return obj
+
+
 # Field checks: name -> (type, required). ``int`` rejects bools; ``float`` accepts ints.
 _INT, _FLOAT, _STR, _MAP, _INTS, _STRS, _SHAPES = "int", "float", "str", "map", "ints", "strs", "shapes"
 _SCHEMA: dict[Kind, dict[str, tuple[str, bool]]] = {
@@ -185,6 +212,7 @@ _SCHEMA: dict[Kind, dict[str, tuple[str, bool]]] = {
         "server": (_STR, False),
         "views": (_SHAPES, False),
         "mixture": (_MAP, False),
+        "targets": (_MAP, False),
     },
     Kind.REQUEST: {
         "job": (_MAP, True),
@@ -209,6 +237,8 @@ _SCHEMA: dict[Kind, dict[str, tuple[str, bool]]] = {
         "indices": (_INTS, True),
         "views": (_SHAPES, False),
         "sources": (_INTS, False),
+        "targets": (_STRS, False),
+        "mask": (_INTS, False),
     },
     Kind.ERROR: {
         "code": (_INT, True),

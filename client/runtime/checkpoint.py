@@ -55,7 +55,8 @@ def state_dict(
 
 def read_state(state: Mapping[str, Any], spec: JobSpec) -> SavedPosition:
     """The position in one rank's ``state``, checked against this client's job ``spec``: every field
-    but ``world_size`` must match (any number of ranks may resume a state). Raises ``ValueError``."""
+    but ``world_size`` and ``targets`` must match (any number of ranks may resume a state, asking for
+    any targets: they do not change which samples come when). Raises ``ValueError``."""
     if not isinstance(state, Mapping):
         raise ValueError(f"a state is a dict from state_dict(), not {type(state).__name__}")
     missing = [key for key in _REQUIRED if key not in state]
@@ -67,9 +68,11 @@ def read_state(state: Mapping[str, Any], spec: JobSpec) -> SavedPosition:
     if not isinstance(state["job"], Mapping):
         raise ValueError(f"state's job={state['job']!r} is not a job spec's map")
     saved = JobSpec.from_wire(dict(state["job"]))
-    # The layout orders the same bytes differently (any may resume a state); a mixture's re-weightings
-    # are the saved job's to carry on, not a difference of job.
-    ours = replace(spec, world_size=saved.world_size, layout=saved.layout, reweights=saved.reweights)
+    # The layout orders the same bytes differently and targets ride beside them (any may resume a state);
+    # a mixture's re-weightings are the saved job's to carry on, not a difference of job.
+    ours = replace(
+        spec, world_size=saved.world_size, layout=saved.layout, reweights=saved.reweights, targets=saved.targets
+    )
     if saved != ours:
         diff = {k: (v, getattr(ours, k)) for k, v in saved.to_wire().items() if getattr(ours, k) != v}
         raise ValueError(f"state is for another job; differing fields (saved, current): {diff}")

@@ -24,11 +24,14 @@ def discard_rest(socket: zmq.Socket, more: int) -> None:
         more = socket.getsockopt(zmq.RCVMORE)
 
 
-def receive_parts(socket: zmq.Socket, view: memoryview, nbytes: int) -> int:
+def receive_parts(socket: zmq.Socket, view: memoryview, nbytes: int, tail: bool = False) -> int:
     """Receive the remaining frames one after another into ``view``; return the bytes received, or -1
-    when they overflow ``nbytes`` (the rest is discarded)."""
+    when they overflow ``nbytes`` (the rest is discarded). ``tail``: frames after the first ``nbytes``
+    (a mask, the targets) are left for the caller."""
     offset = 0
     while True:
+        if tail and offset == nbytes and nbytes:
+            return offset
         size = socket.recv_into(view[offset:nbytes]) if offset < nbytes else socket.recv_into(bytearray())
         offset += size
         more = socket.getsockopt(zmq.RCVMORE)
@@ -40,21 +43,27 @@ def receive_parts(socket: zmq.Socket, view: memoryview, nbytes: int) -> int:
 
 
 def receive_payload(
-    socket: zmq.Socket, nbytes: int, receive_into: Callable[[int], tuple[memoryview, Any]] | None
+    socket: zmq.Socket,
+    nbytes: int,
+    receive_into: Callable[[int], tuple[memoryview, Any]] | None,
+    tail: bool = False,
 ) -> tuple[Any, int]:
     """Receive a batch's image frames (the header was read, more frames follow): ``(data, received)``.
 
     ``data`` is what ``receive_into`` gave for the bytes (a pinned tensor), ZeroMQ's own frame when
     the batch came in one frame, or a numpy array the frames were gathered into. ``received`` is the
-    byte count, or -1 when the frames hold more than ``nbytes``; the message is read to its end.
+    byte count, or -1 when the frames hold more than ``nbytes``; the message is read to its end, unless
+    ``tail``: then the frames after the images are left for the caller.
     """
     if receive_into is not None:
         view, data = receive_into(nbytes)
-        return data, receive_parts(socket, view, nbytes)
+        return data, receive_parts(socket, view, nbytes, tail)
     if nbytes <= MAX_PART_BYTES:
         frame = socket.recv(copy=False)  # one frame: hand ZeroMQ's buffer over, no copy
         more = socket.getsockopt(zmq.RCVMORE)
+        if tail:
+            return frame, len(frame.buffer)
         discard_rest(socket, more)
         return frame, -1 if more else len(frame.buffer)
     data = np.empty(nbytes, dtype=np.uint8)  # several frames: gather them into one array
-    return data, receive_parts(socket, memoryview(data), nbytes)
+    return data, receive_parts(socket, memoryview(data), nbytes, tail)

@@ -62,6 +62,13 @@ class RemoteBatches(IterableDataset):
     multi-view pipeline (self-supervised multi-crop) ``images`` is a list with one such tensor per
     view, in the order the server's pipeline declares them.
 
+    ``targets=["caption", "boxes"]`` (or ``"all"``: every field the dataset declares) yields
+    ``(images, targets)`` instead, ``targets`` a dict: ``label`` fields as ``int64`` tensors on the
+    device, ``text`` as a list of ``str``, ``json`` as a list of Python values, ``boxes`` as a list of
+    per-sample ``float32 N_i x 4`` ``xyxy`` tensors in output pixels plus ``box_labels`` (a list of
+    ``int64`` tensors), ``mask`` as one ``uint8 B x H x W`` tensor on the device. Boxes and mask
+    follow the first view's geometry and post-ops. With ``return_indices`` the indices still come last.
+
     With ``server_key`` (the server's public key: Z85 text or its ``NAME.key`` file) and
     ``client_key`` (this client's ``NAME.key_secret`` file), or ``STOKER_SERVER_KEY`` and
     ``STOKER_CLIENT_KEY_FILE``, every connection is authenticated and encrypted with CURVE; a server
@@ -99,6 +106,7 @@ class RemoteBatches(IterableDataset):
         server_key: KeySource = None,
         client_key: KeySource = None,
         weight: float | None = None,
+        targets: Sequence[str] | str | None = None,
     ) -> None:
         super().__init__()
         keys = client_keys(server_key, client_key)
@@ -110,8 +118,20 @@ class RemoteBatches(IterableDataset):
         self.rank, world_size = _distributed_defaults(rank, world_size)
         # The workers write rows in the layout the loop gets, so receiving copies nothing.
         layout = "nchw" if memory_format == torch.contiguous_format else "nhwc"
+        if isinstance(targets, str) and targets != "all":
+            raise ValueError(f"targets={targets!r} must be 'all' or a list of field names")
+        wanted = ("all",) if targets == "all" else tuple(targets or ())
         self.spec = JobSpec(
-            dataset, pipeline, image_size, batch_size, seed, shuffle, drop_last, world_size, layout=layout
+            dataset,
+            pipeline,
+            image_size,
+            batch_size,
+            seed,
+            shuffle,
+            drop_last,
+            world_size,
+            layout=layout,
+            targets=wanted,
         )
         if not isinstance(prefetch, int) or not 1 <= prefetch <= 1024:
             raise ValueError(f"{prefetch=} must be an int in [1, 1024]")
@@ -299,4 +319,5 @@ class RemoteBatches(IterableDataset):
             self._output.forget_device_state()
         info = self._connection.open()
         self._position.apply_replan(info.samples)
+        self._output.kinds = (info.targets or {}) if self.spec.targets else None
         return info

@@ -20,7 +20,7 @@ import zmq
 
 from stoker.client.protocol.errors import ProtocolError, StokerTimeoutError
 from stoker.client.protocol.job import JobSpec
-from stoker.client.protocol.wire import Header, Kind, batch_nbytes, decode
+from stoker.client.protocol.wire import Header, Kind, batch_nbytes, decode, decode_targets
 from stoker.client.runtime.endpoints import parse_endpoints
 from stoker.client.runtime.framing import discard_rest, receive_payload
 from stoker.client.runtime.links import ClientKeys, ServerLink
@@ -54,6 +54,8 @@ class JobInfo:
     """``(H, W, 3)`` per view for a multi-view pipeline (the client then yields a list of tensors)."""
     mixture: dict[str, Any] | None = None
     """A mixture's sources, sizes, base weights and ``epoch_samples`` (``None`` for a dataset)."""
+    targets: dict[str, str] | None = None
+    """The job's targets, field -> kind, when it asked for any."""
 
     @property
     def shapes(self) -> tuple[tuple[int, int, int], ...]:
@@ -70,6 +72,10 @@ class RawBatch:
     fields: dict[str, Any]
     data: Any
     endpoint: str
+    mask: Any = None
+    """The mask block's frame (``B x H x W`` ``uint8``), when the job carries a mask."""
+    targets: dict[str, list[Any]] | None = None
+    """The targets frame, parsed: field -> one value per sample."""
 
 
 @dataclass(slots=True)
@@ -233,6 +239,7 @@ class Session:
             max(1, min(self.prefetch, fields["prefetch"])),
             tuple(tuple(view) for view in fields["views"]) if "views" in fields else None,  # type: ignore[misc]
             fields.get("mixture"),
+            dict(fields["targets"]) if "targets" in fields else None,
         )
         if self.info is None:
             self.info = info
@@ -314,10 +321,32 @@ class Session:
             discard_rest(link.socket, more)  # e.g. a late duplicate of a batch that was asked again
             return
         nbytes = sum(batch_nbytes(view) for view in shapes)
-        data, received = receive_payload(link.socket, nbytes, self._receive_into)
+        tail = "targets" in fields
+        data, received = receive_payload(link.socket, nbytes, self._receive_into, tail)
         if received != nbytes:
+            discard_rest(link.socket, link.socket.getsockopt(zmq.RCVMORE) if tail else 0)
             raise ProtocolError(f"server {link.endpoint} sent {received} image bytes for shapes {shapes}")
-        arrivals.batches.append((link, RawBatch(epoch, k, fields, data, link.endpoint)))
+        batch = RawBatch(epoch, k, fields, data, link.endpoint)
+        if tail:
+            self._receive_targets(link, batch, shape[0])
+        arrivals.batches.append((link, batch))
+
+    def _receive_targets(self, link: ServerLink, batch: RawBatch, rows: int) -> None:
+        """The frames after the images: the mask block (when the header has ``mask``), then the targets."""
+        socket, fields = link.socket, batch.fields
+        frames = []
+        while socket.getsockopt(zmq.RCVMORE) and len(frames) < 3:
+            frames.append(socket.recv(copy=False))
+        discard_rest(socket, socket.getsockopt(zmq.RCVMORE))
+        mask = fields.get("mask")
+        expected = 2 if mask is not None else 1
+        if len(frames) != expected or (
+            mask is not None and (len(mask) != 3 or mask[0] != rows or len(frames[0].buffer) != batch_nbytes(mask))
+        ):
+            raise ProtocolError(f"server {link.endpoint} sent a BATCH whose target frames do not match its header")
+        if mask is not None:
+            batch.mask = frames[0]
+        batch.targets = decode_targets(frames[-1].buffer, rows)
 
     # -- sending ---------------------------------------------------------------------------------
 

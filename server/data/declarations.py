@@ -13,10 +13,12 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
+from stoker.server.data.targets import BOX_FORMATS, TargetDecl, resolve_targets
+
 __all__ = ["DatasetDecl", "Kind", "KINDS", "IMAGE_EXTENSIONS", "MANIFEST_SUFFIXES"]
 
-Kind = Literal["auto", "image_folder", "file_list", "manifest", "flat", "shards", "plugin"]
-KINDS: tuple[str, ...] = ("auto", "image_folder", "file_list", "manifest", "flat", "shards", "plugin")
+Kind = Literal["auto", "image_folder", "file_list", "manifest", "flat", "shards", "plugin", "coco"]
+KINDS: tuple[str, ...] = ("auto", "image_folder", "file_list", "manifest", "flat", "shards", "plugin", "coco")
 # The same extensions torchvision's ImageFolder accepts, matched case-insensitively.
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 MANIFEST_SUFFIXES = (".csv", ".tsv", ".tab", ".jsonl", ".json", ".ndjson", ".txt")
@@ -43,6 +45,21 @@ class DatasetDecl:
     """Its images decode down to this shorter side (0: full size), cached or not."""
     weight: float = 1.0
     """Its jobs' share of worker time among contending jobs (``engine/fairness.py``)."""
+    targets: dict[str, str] = field(default_factory=dict)
+    """Per-sample fields beyond the label: ``{field: kind or member extension}`` (:mod:`.targets`)."""
+    box_format: str = "xyxy"
+    """How a ``boxes`` field's boxes are written in the source: ``xyxy``, ``xywh`` or ``cxcywh``."""
+    min_box_visibility: float = 0.0
+    """A box keeps (with its class) when at least this share of it remains in the output (0: any area)."""
+    crowd: bool = False
+    """COCO: keep ``iscrowd`` boxes too."""
+
+    def target_decls(self) -> tuple[TargetDecl, ...]:
+        """The declared targets, checked (a COCO instances file declares ``boxes`` itself)."""
+        declared = dict(self.targets)
+        if self.kind == "coco":
+            declared.setdefault("boxes", "boxes")
+        return resolve_targets(declared)
 
     @property
     def location(self) -> str:
@@ -82,6 +99,16 @@ class DatasetDecl:
         where = f"dataset {self.name!r}"
         if decl.kind not in KINDS:
             raise ValueError(f"{where}: kind={decl.kind!r} must be one of {KINDS}")
+        try:
+            decl.target_decls()
+        except ValueError as exc:
+            raise ValueError(f"{where}: {exc}") from None
+        if decl.box_format not in BOX_FORMATS:
+            raise ValueError(f"{where}: box_format={decl.box_format!r} must be one of {BOX_FORMATS}")
+        if not 0.0 <= decl.min_box_visibility <= 1.0:
+            raise ValueError(f"{where}: min_box_visibility={decl.min_box_visibility!r} must be in [0, 1]")
+        if decl.targets and decl.kind in ("image_folder", "flat", "file_list", "plugin"):
+            raise ValueError(f"{where}: targets come from JSON Lines fields, shard members or COCO, not a {decl.kind}")
         if decl.kind == "plugin":
             if not isinstance(decl.plugin, str) or not _PLUGIN_CALL.match(decl.plugin):
                 raise ValueError(f"{where}: plugin={decl.plugin!r} must be 'module:attribute'")
@@ -100,5 +127,5 @@ class DatasetDecl:
         path = Path(decl.location)
         if decl.kind in ("image_folder", "flat") and not path.is_dir():
             raise ValueError(f"{where}: {str(path)!r} is not a directory")
-        if decl.kind in ("manifest", "file_list") and not path.is_file():
+        if decl.kind in ("manifest", "file_list", "coco") and not path.is_file():
             raise ValueError(f"{where}: file list {str(path)!r} does not exist")

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from stoker.server.data.table import SampleTable
+from stoker.server.data.targets import TargetColumn
 
 __all__ = ["IndexCache", "content_key"]
 
@@ -66,6 +67,10 @@ class IndexCache:
             arrays.get("starts"),
             arrays.get("lengths"),
             meta["fingerprint"],
+            targets={
+                name: TargetColumn.from_arrays(kind, box_format, arrays, f"target.{name}")
+                for name, (kind, box_format) in meta.get("targets", {}).items()
+            },
         )
         table.from_cache = True  # type: ignore[attr-defined]
         return table
@@ -80,6 +85,8 @@ class IndexCache:
             "containers": list(table.containers),
             "fingerprint": table.fingerprint,
         }
+        if table.targets:
+            meta["targets"] = {name: [column.kind, column.box_format] for name, column in table.targets.items()}
         try:
             os.makedirs(self.directory, exist_ok=True)
             handle, temporary = tempfile.mkstemp(dir=self.directory, suffix=".tmp")

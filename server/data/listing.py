@@ -35,7 +35,11 @@ def list_dataset(decl: DatasetDecl, progress: Progress, cache: IndexCache | None
     if decl.kind == "shards":
         from stoker.server.data.sharded import list_shards
 
-        return list_shards(decl.name, location, progress, cache)
+        return list_shards(decl.name, location, progress, cache, decl.target_decls(), decl.box_format)
+    if decl.kind == "coco":
+        from stoker.server.data.coco import list_coco
+
+        return list_coco(decl, progress, cache)
     if decl.remote:
         from stoker.server.data.remote import list_remote
 
@@ -58,7 +62,10 @@ def _local_manifest(decl: DatasetDecl, progress: Progress, cache: IndexCache) ->
 
     def build() -> SampleTable:
         with open(location, encoding="utf-8", newline="") as lines:
-            return read_manifest(decl.name, lines, fmt, root, progress)
+            return read_manifest(decl.name, lines, fmt, root, progress, decl.target_decls(), decl.box_format)
 
-    key = content_key("manifest", os.path.abspath(location), info.st_size, info.st_mtime_ns, root, fmt)
+    parts: list[object] = [os.path.abspath(location), info.st_size, info.st_mtime_ns, root, fmt]
+    if decl.targets:  # only then: the key of a manifest without targets stays the one it had
+        parts += [sorted(decl.targets.items()), decl.box_format]
+    key = content_key("manifest", *parts)
     return cache.cached(key, decl.name, build)

@@ -12,6 +12,7 @@ import os
 from collections.abc import Callable, Iterable, Iterator
 
 from stoker.server.data.table import SampleTable, TableBuilder
+from stoker.server.data.targets import ColumnBuilder, TargetDecl
 
 __all__ = ["read_manifest", "manifest_format"]
 
@@ -43,9 +44,12 @@ def _csv_rows(name: str, lines: Iterable[str], delimiter: str) -> Iterator[tuple
         yield row[0].strip(), row[1].strip()
 
 
-def _jsonl_chunks(name: str, lines: Iterable[str]) -> Iterator[tuple[list[str], list[int | str]]]:
-    """``(paths, labels)`` per chunk of lines: a chunk is parsed as one JSON array, in C, rather than
-    line by line (a million-line manifest in seconds)."""
+def _jsonl_chunks(
+    name: str, lines: Iterable[str], labels_optional: bool = False
+) -> Iterator[tuple[list[str], list[int | str], list[object]]]:
+    """``(paths, labels, entries)`` per chunk of lines: a chunk is parsed as one JSON array, in C, rather
+    than line by line (a million-line manifest in seconds). ``labels_optional``: a line without a
+    ``label`` gets ``-1`` (a dataset declaring other targets)."""
     first = 1
     for chunk in _batched((line for line in lines if line.strip()), _CHUNK):
         try:
@@ -54,11 +58,13 @@ def _jsonl_chunks(name: str, lines: Iterable[str]) -> Iterator[tuple[list[str], 
             entries = [_parse_line(name, first + offset, line) for offset, line in enumerate(chunk)]
         paths = [entry.get("path") if isinstance(entry, dict) else None for entry in entries]
         labels = [entry.get("label") if isinstance(entry, dict) else None for entry in entries]
+        if labels_optional:
+            labels = [-1 if label is None else label for label in labels]
         for offset, (path, label) in enumerate(zip(paths, labels, strict=True)):
             if not isinstance(path, str) or not path or isinstance(label, bool) or not isinstance(label, (int, str)):
                 raise ValueError(f"dataset {name!r}: line {first + offset} must be {_SHAPE}")
         first += len(chunk)
-        yield paths, labels  # type: ignore[misc]
+        yield paths, labels, entries  # type: ignore[misc]
 
 
 def _parse_line(name: str, number: int, line: str) -> object:
@@ -85,13 +91,27 @@ def _label(text: int | str) -> int | str:
     return int(text) if text.lstrip("-").isdigit() else text
 
 
-def read_manifest(name: str, lines: Iterable[str], fmt: str, root: str, progress: Progress) -> SampleTable:
+def read_manifest(
+    name: str,
+    lines: Iterable[str],
+    fmt: str,
+    root: str,
+    progress: Progress,
+    targets: tuple[TargetDecl, ...] = (),
+    box_format: str = "xyxy",
+) -> SampleTable:
     """The table of a manifest whose text is ``lines``; relative paths are joined to ``root`` (a local
-    folder or an ``s3://`` prefix)."""
-    builder = TableBuilder(name, [root])
+    folder or an ``s3://`` prefix). ``targets``: JSON Lines fields kept per sample (their raw JSON)."""
+    if targets and fmt != "jsonl":
+        raise ValueError(f"dataset {name!r}: targets need a JSON Lines manifest (other fields of each line)")
+    columns = {decl.name: ColumnBuilder(decl.kind, box_format=box_format) for decl in targets}
+    builder = TableBuilder(name, [root], columns=columns or None, unlabelled=bool(targets))
     if fmt == "jsonl":
-        for paths, labels in _jsonl_chunks(name, lines):
+        for paths, labels, entries in _jsonl_chunks(name, lines, bool(targets)):
             builder.add_many(0, paths, labels)
+            for field_name, column in columns.items():
+                for entry in entries:
+                    column.add_json(entry.get(field_name))  # type: ignore[union-attr]
             progress(len(builder))
     else:
         for count, (path, label) in enumerate(_csv_rows(name, lines, "\t" if fmt == "tsv" else ","), 1):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -101,6 +102,9 @@ class MixedTable:
         self.offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
         self.labels = np.concatenate([table.labels for table in self.tables]).astype(np.int64, copy=False)
         self.classes: tuple[str, ...] = ()
+        self.targets: dict[str, Any] = {}
+        """A mixture delivers its sources' class labels (``targets=["label"]`` too), not their other
+        targets: its sources may declare different ones."""
         self.containers: tuple[str, ...] = ()
         self.epoch_samples = decl.epoch_samples or int(sum(sizes))
         digest = hashlib.blake2b(digest_size=16)

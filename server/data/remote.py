@@ -55,6 +55,11 @@ def _manifest_object(decl: DatasetDecl, progress: Progress, cache: IndexCache) -
 
     def build() -> SampleTable:
         with store.open_stream(key) as stream:
-            return read_manifest(decl.name, text_lines(stream), fmt, root, progress)
+            return read_manifest(
+                decl.name, text_lines(stream), fmt, root, progress, decl.target_decls(), decl.box_format
+            )
 
-    return cache.cached(content_key("manifest", location, info.size, info.etag, root, fmt), decl.name, build)
+    parts: list[object] = [location, info.size, info.etag, root, fmt]
+    if decl.targets:  # only then: the key of a manifest without targets stays the one it had
+        parts += [sorted(decl.targets.items()), decl.box_format]
+    return cache.cached(content_key("manifest", *parts), decl.name, build)

@@ -12,8 +12,9 @@ from contextlib import contextmanager
 from typing import BinaryIO
 
 from stoker.server.data.index_cache import IndexCache, content_key
-from stoker.server.data.shards import ShardIndex, concatenate, expand_pattern, index_shard
+from stoker.server.data.shards import ProblemKind, ShardIndex, concatenate, expand_pattern, index_shard
 from stoker.server.data.table import SampleTable
+from stoker.server.data.targets import TargetDecl
 
 __all__ = ["list_shards", "table_of"]
 
@@ -65,31 +66,61 @@ def table_of(name: str, index: ShardIndex) -> SampleTable:
         index.shard_ids,
         index.data_offsets,
         index.sizes,
+        targets=index.targets,
     )
 
 
-def list_shards(name: str, pattern: str, progress: Progress, cache: IndexCache) -> SampleTable:
-    """The table of every shard ``pattern`` names, from the cache when the shards have not changed."""
+def list_shards(
+    name: str,
+    pattern: str,
+    progress: Progress,
+    cache: IndexCache,
+    targets: tuple[TargetDecl, ...] = (),
+    box_format: str = "xyxy",
+) -> SampleTable:
+    """The table of every shard ``pattern`` names, from the cache when the shards have not changed.
+
+    Labels (``.cls``) are optional in a dataset declaring other targets, or one whose keys have no
+    label at all (images alone): their samples get label -1. Otherwise a key without one is left out."""
     try:
         shards = expand_pattern(pattern)
     except ValueError as exc:
         raise ValueError(f"dataset {name!r}: {exc}") from None
     identities = [_identity(shard) for shard in shards]
 
-    def build() -> SampleTable:
+    def index_all(labels_optional: bool) -> tuple[ShardIndex, list[ShardIndex]]:
         indexes, listed = [], 0
         for shard in shards:
             with _opened(shard) as stream:
-                index = index_shard(stream, shard)
+                declared = targets if labels_optional else None
+                index = index_shard(stream, shard, targets=declared, box_format=box_format)
             indexes.append(index)
             listed += len(index)
             progress(listed)
+        return concatenate(indexes), indexes
+
+    def build() -> SampleTable:
+        # Without declared targets a shard needs its .cls as always, unless no key has one at all:
+        # then the dataset is images alone (self-supervised), read again with labels optional.
+        combined, indexes = index_all(bool(targets))
+        if not targets and not len(combined) and _labels_missing(indexes):
+            combined, indexes = index_all(True)
+        for index in indexes:
             if index.problem_count:
                 examples = "; ".join(str(problem) for problem in index.problems[:3])
-                log.warning("dataset %r: %d problems in %s, e.g. %s", name, index.problem_count, shard, examples)
-        combined = concatenate(indexes)
+                log.warning(
+                    "dataset %r: %d problems in %s, e.g. %s", name, index.problem_count, index.shards[0], examples
+                )
         if not len(combined):
             raise ValueError(f"dataset {name!r}: no complete sample (image + .cls) in {len(shards)} shards")
         return table_of(name, combined)
 
-    return cache.cached(content_key("shards", identities), name, build)
+    parts: list[object] = [identities]
+    if targets:  # only then: the key of shards without targets stays the one it had
+        parts += [[(t.name, t.kind, t.extension) for t in targets], box_format]
+    return cache.cached(content_key("shards", *parts), name, build)
+
+
+def _labels_missing(indexes: list[ShardIndex]) -> bool:
+    """Whether images were left out for want of a label (with no sample listed, no key had one)."""
+    return any(problem.kind is ProblemKind.MISSING_LABEL for index in indexes for problem in index.problems)

@@ -22,6 +22,14 @@ from typing import BinaryIO
 import numpy as np
 
 from stoker.server.data.locators import Locator
+from stoker.server.data.targets import (
+    MAX_INLINE_BYTES,
+    ColumnBuilder,
+    TargetColumn,
+    TargetDecl,
+    concatenate_columns,
+    shard_extension,
+)
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -164,6 +172,9 @@ class ShardIndex:
     labels: np.ndarray  # int64 [n]
     problems: tuple[ShardProblem, ...] = field(default=())
     problem_count: int = 0
+    targets: dict[str, TargetColumn] = field(default_factory=dict)
+    """Declared fields' raw members per sample (a mask: its byte range); ``labels`` is -1 where a
+    sample has no ``.cls`` (allowed when labels are optional)."""
 
     def __post_init__(self) -> None:
         n = len(self.labels)
@@ -217,6 +228,10 @@ def concatenate(indexes: Sequence[ShardIndex]) -> ShardIndex:
         labels=joined("labels", np.int64),
         problems=tuple(problem for index in indexes for problem in index.problems),
         problem_count=sum(index.problem_count for index in indexes),
+        targets={
+            name: concatenate_columns([index.targets[name] for index in indexes])
+            for name in (indexes[0].targets if indexes else {})
+        },
     )
 
 
@@ -253,12 +268,21 @@ class _Header(tarfile.TarInfo):
             raise _DamagedHeader(f"bad or cut tar header at byte {tarfile_.offset}: {exc}") from exc
 
 
-def index_shard(stream: BinaryIO, shard_name: str, max_problems: int = MAX_PROBLEMS_KEPT) -> ShardIndex:
+def index_shard(
+    stream: BinaryIO,
+    shard_name: str,
+    max_problems: int = MAX_PROBLEMS_KEPT,
+    targets: tuple[TargetDecl, ...] | None = None,
+    box_format: str = "xyxy",
+) -> ShardIndex:
     """Index one uncompressed tar shard, reading ``stream`` once, front to back (no seeks: a network
     stream works). Samples come in member order; what is left out is in ``problems``. The caller keeps
     ownership of ``stream``. Raises ``ValueError`` naming the shard when it is not a whole tar (cut short,
-    damaged header, compressed); I/O errors of the stream pass through unchanged."""
-    builder = _Builder(shard_name, max_problems)
+    damaged header, compressed); I/O errors of the stream pass through unchanged.
+
+    ``targets`` (``None``: labels required, as for a classification set): the declared fields, read
+    from their members (a mask: its byte range); a key without ``.cls`` then gets label -1."""
+    builder = _Builder(shard_name, max_problems, targets, box_format)
     try:
         # Stream mode ("r|") reads sequentially. Its default 10 KiB buffer stays: tarfile copies the
         # buffer's rest on every 512-byte header read, so a 1 MiB buffer made indexing twice as slow.
@@ -277,7 +301,16 @@ def index_shard(stream: BinaryIO, shard_name: str, max_problems: int = MAX_PROBL
 class _Builder:
     """Groups adjacent members by key and appends each complete sample to flat arrays."""
 
-    def __init__(self, shard: str, max_problems: int) -> None:
+    def __init__(
+        self, shard: str, max_problems: int, targets: tuple[TargetDecl, ...] | None = None, box_format: str = "xyxy"
+    ) -> None:
+        self.decls = targets or ()
+        self.labels_required = targets is None
+        self.columns = {
+            decl.name: ColumnBuilder(decl.kind, ranged=decl.kind == "mask", box_format=box_format)
+            for decl in self.decls
+        }
+        self.members: dict[str, tuple[bytes | None, int, int]] = {}  # this key's target members
         self.shard = shard
         self.max_problems = max_problems
         self.problems: list[ShardProblem] = []
@@ -319,7 +352,17 @@ class _Builder:
             self.close_run()
             self.key = key
         role = extension.rpartition(".")[2].lower()
-        if role in IMAGE_EXTENSIONS:
+        decl = shard_extension(self.decls, extension.lower()) if self.decls else None
+        if decl is not None:
+            if decl.name in self.members:
+                self.report(name, ProblemKind.TWO_IMAGES, f"a second .{extension} member of this key: left out")
+            elif decl.kind == "mask":
+                self.members[decl.name] = (None, member.offset_data, member.size)
+            else:
+                reader = archive.extractfile(member) if member.size <= MAX_INLINE_BYTES else None
+                # Too large to keep inline: kept as missing, so the sample is bad when it is read.
+                self.members[decl.name] = (reader.read() if reader is not None else None, -1, -1)
+        elif role in IMAGE_EXTENSIONS:
             self.images.append((name, member.offset_data, member.size))
         elif role == LABEL_EXTENSION:
             reader = archive.extractfile(member) if member.size <= _MAX_LABEL_BYTES else None
@@ -330,6 +373,7 @@ class _Builder:
     def close_run(self) -> None:
         """Turn the finished run of one key into a sample or a problem."""
         key, images, label_data, others = self.key, self.images, self.label_data, self.others
+        members, self.members = self.members, {}
         self.key, self.images, self.label_data, self.others = None, [], [], []
         if key is None:
             return
@@ -343,6 +387,8 @@ class _Builder:
         elif len(images) > 1:
             found = ", ".join(name for name, _, _ in images)
             self.report(key, ProblemKind.TWO_IMAGES, f"several image members: {found}")
+        elif not label_data and not self.labels_required:
+            self.append(key, images[0], -1, members)
         elif not label_data:
             self.report(images[0][0], ProblemKind.MISSING_LABEL, f"no {key}.{LABEL_EXTENSION} member")
         elif len(label_data) > 1:
@@ -352,14 +398,22 @@ class _Builder:
         elif (label := _parse_label(label_data[0])) is None:
             self.report(key, ProblemKind.BAD_LABEL, f"label {label_data[0]!r} is not an integer >= 0")
         else:
-            name, offset, size = images[0]
-            encoded = name.encode(*_NAME_ENCODING)
-            self.names += encoded
-            self.name_offsets.append(len(self.names))
-            self.key_lengths.append(len(key.encode(*_NAME_ENCODING)))
-            self.data_offsets.append(offset)
-            self.sizes.append(size)
-            self.labels.append(label)
+            self.append(key, images[0], label, members)
+
+    def append(
+        self, key: str, image: tuple[str, int, int], label: int, members: dict[str, tuple[bytes | None, int, int]]
+    ) -> None:
+        name, offset, size = image
+        encoded = name.encode(*_NAME_ENCODING)
+        self.names += encoded
+        self.name_offsets.append(len(self.names))
+        self.key_lengths.append(len(key.encode(*_NAME_ENCODING)))
+        self.data_offsets.append(offset)
+        self.sizes.append(size)
+        self.labels.append(label)
+        for field_name, column in self.columns.items():
+            value, start, length = members.get(field_name, (None, -1, -1))
+            column.add(value, start, length)
 
     def finish(self) -> ShardIndex:
         self.close_run()
@@ -375,6 +429,7 @@ class _Builder:
             labels=np.frombuffer(self.labels, np.int64).copy(),
             problems=tuple(self.problems),
             problem_count=self.problem_count,
+            targets={name: column.build() for name, column in self.columns.items()},
         )
 
 

@@ -19,6 +19,7 @@ from itertools import accumulate, islice
 import numpy as np
 
 from stoker.server.data.locators import Locator
+from stoker.server.data.targets import ColumnBuilder, TargetColumn
 
 __all__ = ["SampleTable", "TableBuilder"]
 
@@ -38,6 +39,7 @@ class SampleTable:
         starts: np.ndarray | None = None,
         lengths: np.ndarray | None = None,
         fingerprint: str = "",
+        targets: dict[str, TargetColumn] | None = None,
     ) -> None:
         self.name = name
         self.classes = tuple(classes)
@@ -48,6 +50,8 @@ class SampleTable:
         self._container_ids = container_ids
         self._starts = starts
         self._lengths = lengths
+        self.targets: dict[str, TargetColumn] = dict(targets or {})
+        """Declared per-sample fields beyond the label (:mod:`.targets`), by name."""
         self.fingerprint = fingerprint or self._digest()
 
     def __len__(self) -> int:
@@ -76,6 +80,10 @@ class SampleTable:
             return Locator(container + member)
         return Locator(os.path.join(container, member))
 
+    def target_locator(self, name: str, index: int) -> Locator | None:
+        """Where sample ``index``'s mask field ``name`` is (a range of its shard, or a path)."""
+        return self.targets[name].locator(index, self._container(index), self.root)
+
     def display_path(self, index: int) -> str:
         """The sample as people read it in logs and ``/status``: a path, a URL or ``shard:member``."""
         if self._starts is not None:
@@ -92,6 +100,8 @@ class SampleTable:
         ):
             if value is not None:
                 out[key] = value
+        for name, column in self.targets.items():
+            out.update(column.arrays(f"target.{name}"))
         return out
 
     def _digest(self) -> str:
@@ -105,6 +115,10 @@ class SampleTable:
             if values is not None:
                 digest.update(np.ascontiguousarray(values).astype("<i8").tobytes())
         digest.update(self._names.tobytes())
+        for name, column in sorted(self.targets.items()):  # none declared: the fingerprint it always had
+            digest.update(b"\2" + name.encode())
+            for part in column.digest_parts():
+                digest.update(part)
         return digest.hexdigest()
 
 
@@ -118,6 +132,10 @@ class TableBuilder:
     name: str
     containers: list[str]
     ranged: bool = False
+    columns: dict[str, ColumnBuilder] | None = None
+    """Declared targets' raw values, one builder per field, filled by the lister row by row."""
+    unlabelled: bool = False
+    """Rows may lack a label (``-1``): a dataset whose samples carry other targets, or none."""
 
     def __post_init__(self) -> None:
         self._names = bytearray()
@@ -171,7 +189,10 @@ class TableBuilder:
         ids = np.frombuffer(self._ids, dtype=np.int32).copy() if len(self.containers) > 1 else None
         starts = np.frombuffer(self._starts, dtype=np.int64).copy() if self.ranged else None
         lengths = np.frombuffer(self._lengths, dtype=np.int64).copy() if self.ranged else None
-        return SampleTable(self.name, names, self.containers, blob, offsets, labels, ids, starts, lengths)
+        targets = {name: column.build() for name, column in (self.columns or {}).items()}
+        return SampleTable(
+            self.name, names, self.containers, blob, offsets, labels, ids, starts, lengths, targets=targets
+        )
 
     def _final_labels(self, classes: Sequence[str] | None) -> tuple[np.ndarray, list[str]]:
         codes = np.frombuffer(self._labels, dtype=np.int64).copy()
@@ -187,7 +208,9 @@ class TableBuilder:
             return remap[codes], names
         if classes is not None:
             return codes, list(classes)
-        if len(codes) and codes.min() < 0:
+        if self.unlabelled and len(codes) and codes.max() < 0:
+            return codes, []
+        if len(codes) and codes.min() < 0 and not self.unlabelled:
             raise ValueError("labels must be >= 0")
         top = int(codes.max()) if len(codes) else -1
         return codes, [str(i) for i in range(top + 1)]

@@ -17,6 +17,7 @@ from typing import Any
 from stoker.client.protocol.wire import ErrorCode, Kind, encode
 from stoker.server.engine.records import BatchKey, BatchWork, CachedBatch, PendingSend, where
 from stoker.server.engine.stats import EngineStats
+from stoker.server.engine.targets import targets_frame
 from stoker.server.engine.transport import Transport
 from stoker.server.workers.slots import SlotPool
 
@@ -71,9 +72,16 @@ class Delivery:
             fields["sources"] = sources.tolist()
             fields["indices"] = (work.indices - job.table.offsets[sources]).tolist()  # type: ignore[attr-defined]
             self.stats.mixtures.delivered(job, work.key[1], work.key[3])
-        header = encode(Kind.BATCH, fields)
         rows = len(work.indices)
-        batch = CachedBatch(slot, header, work.nbytes, rows)
+        frame = None
+        if job.targets:
+            fields["targets"] = [name for name, _ in job.targets]
+            frame = targets_frame(job, work)
+            if job.mask_side:
+                fields["mask"] = [rows, job.mask_side, job.mask_side]
+        header = encode(Kind.BATCH, fields)
+        images = job.image_nbytes(rows)
+        batch = CachedBatch(slot, header, images, rows, work.nbytes - images, frame)
         unsent = [
             identity for identity, asked_at in recipients.items() if not self.send(identity, work.key, batch, asked_at)
         ]
@@ -101,8 +109,13 @@ class Delivery:
 
     def send(self, identity: bytes, key: BatchKey, batch: CachedBatch, asked_at: float) -> bool:
         """Hand a batch to ZeroMQ; ``False`` when the client is gone."""
+        tail: list[Any] = []
+        if batch.mask_nbytes:
+            tail.append(batch.slot.view(batch.nbytes + batch.mask_nbytes)[batch.nbytes :])
+        if batch.targets is not None:
+            tail.append(batch.targets)
         tracker = self.transport.send_batch(
-            identity, batch.header, batch.slot.view(batch.nbytes), batch.nbytes // batch.images
+            identity, batch.header, batch.slot.view(batch.nbytes), batch.nbytes // batch.images, tail
         )
         if tracker is None:
             return False

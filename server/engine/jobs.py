@@ -53,11 +53,19 @@ class OpenJob:
     """The dataset's decode rule (its ``cache_min_side``; 0: reduce as far as each crop allows)."""
     mixture: Mixture | None = None
     """A mixture's plan (then ``table`` is its :class:`MixedTable`); ``None`` for a dataset."""
+    targets: tuple[tuple[str, str], ...] = ()
+    """``(field, kind)`` the job delivers beyond the images (``label``: the table's labels)."""
+    min_box_visibility: float = 0.0
 
     @property
     def samples(self) -> int:
         """Samples in one epoch's order: the dataset's, or the mixture's ``epoch_samples``."""
         return self.mixture.epoch_samples if self.mixture is not None else len(self.table)
+
+    @property
+    def mask_side(self) -> int:
+        """The side of the job's mask block (its first view's), or 0 without a mask."""
+        return self.sizes[0] if any(kind == "mask" for _, kind in self.targets) else 0
 
     def rows(self, k: int) -> int:
         """Samples in batch ``k`` (the last one may be short)."""
@@ -81,8 +89,33 @@ class OpenJob:
         return [[rows, side, side, 3] for side in self.sizes]
 
     def batch_nbytes(self, k: int) -> int:
-        """Bytes of batch ``k``'s images."""
-        return self.rows(k) * self.sample_nbytes
+        """Bytes of batch ``k``'s images (and its mask block, after them)."""
+        return self.rows(k) * (self.sample_nbytes + self.mask_side**2)
+
+    def image_nbytes(self, rows: int) -> int:
+        """Bytes of ``rows`` samples' images, every view (the mask block starts there)."""
+        return rows * self.sample_nbytes
+
+
+def resolve_job_targets(spec: JobSpec, table: SampleTable) -> tuple[tuple[str, str], ...]:
+    """The ``(field, kind)`` pairs a job asks for: ``all`` is every declared field (and ``label`` when the
+    dataset has class labels); ``label`` is always there. Unknown names are an ``INVALID_JOB``."""
+    declared = {name: column.kind for name, column in table.targets.items()}
+    if list(spec.targets) == ["all"]:
+        labelled = len(table) > 0 and int(table.labels.max()) >= 0
+        return (*((("label", "label"),) if labelled and "label" not in declared else ()), *declared.items())
+    out = []
+    for name in spec.targets:
+        if name in declared:
+            out.append((name, declared[name]))
+        elif name == "label":
+            out.append(("label", "label"))
+        else:
+            raise ProtocolError(
+                f"dataset {spec.dataset!r} has no target {name!r}; it declares {sorted(declared)} (and 'label')",
+                ErrorCode.INVALID_JOB,
+            )
+    return tuple(out)
 
 
 def replacement_candidate(spec: JobSpec, epoch: int, index: int, attempt: int, num_samples: int) -> int:
@@ -154,7 +187,20 @@ class JobRegistry:
         _, last = batch_sizes(planned, spec.batch_size, spec.world_size, spec.drop_last)
         entry = self.catalog.entry(spec.dataset)
         min_side = entry.decl.cache_min_side if entry is not None else 0
-        job = OpenJob(spec, job_id, table, pipeline, count, last, min_side, mixture)  # type: ignore[arg-type]
+        visibility = entry.decl.min_box_visibility if entry is not None else 0.0
+        targets = resolve_job_targets(spec, table)
+        job = OpenJob(
+            spec,
+            job_id,
+            table,
+            pipeline,
+            count,
+            last,
+            min_side,
+            mixture,
+            targets,
+            visibility,  # type: ignore[arg-type]
+        )
         self._jobs[job_id] = job
         while len(self._jobs) > self._max_jobs:
             self._jobs.popitem(last=False)

@@ -24,6 +24,7 @@ from stoker.server.engine.jobs import JobRegistry, OpenJob
 from stoker.server.engine.records import BatchKey, BatchWork, Task
 from stoker.server.engine.standins import BadSamplePolicy, BatchPlanner
 from stoker.server.engine.stats import EngineStats
+from stoker.server.engine.targets import raw_targets
 from stoker.server.imaging.pipelines import Pipeline
 from stoker.server.workers.messages import Outcome, SampleResult, SampleSpec, TaskMessage
 from stoker.server.workers.pool import PoolEvent, TaskDone, WorkerDied, WorkerPool
@@ -238,7 +239,7 @@ class Production:
                 if part is None:
                     continue
             sample_key = self.jobs.sample_key(job, epoch, index, work.key[2], work.key[3], row)
-            specs.append(SampleSpec(row, table.locator(index), sample_key, part))
+            specs.append(SampleSpec(row, table.locator(index), sample_key, part, raw_targets(job, index)))
             kept.append((row, index))
         task.samples = kept
         if not specs:
@@ -246,7 +247,7 @@ class Production:
         pipeline, size = source_pipeline(job, kept), job.spec.image_size
         return TaskMessage(
             task.task_id, work.slot.name, len(work.originals), size, pipeline, tuple(specs), decode_rule(job, kept),
-            job.spec.layout,
+            layout=job.spec.layout, mask_side=job.mask_side, min_box_visibility=job.min_box_visibility,
         )  # fmt: skip
 
     def _release_claims(self, task: Task, index: int | None = None) -> None:
@@ -281,6 +282,8 @@ class Production:
                 continue
             if sample.outcome is Outcome.OK:
                 work.pending.discard(sample.row)
+                if sample.targets is not None:
+                    work.targets[sample.row] = sample.targets
                 if sample.row in indices:
                     name, local, size = cache_entry(work.job, indices[sample.row])
                     if self.cache.serves(name):

@@ -63,6 +63,8 @@ class BatchWork:
     failure: BatchFailure | None = None
     created_at: float = field(default_factory=time.monotonic)
     dispatched_at: float = 0.0
+    targets: dict[int, dict[str, Any]] = field(default_factory=dict)
+    """Row -> the small targets its worker sent (a stand-in's replace the bad sample's)."""
 
     @property
     def nbytes(self) -> int:
@@ -99,6 +101,10 @@ class CachedBatch:
     header: bytes
     nbytes: int
     images: int
+    mask_nbytes: int = 0
+    """Bytes of the mask block after the images in the slot (sent as its own frame)."""
+    targets: bytes | None = None
+    """The targets frame (msgpack), sent last."""
 
 
 @dataclass(slots=True)

@@ -117,6 +117,8 @@ def job_info(job: OpenJob, granted_prefetch: int) -> dict[str, Any]:
             "weights": list(job.mixture.weights),
             "epoch_samples": job.mixture.epoch_samples,
         }
+    if job.targets:
+        info["targets"] = dict(job.targets)
     return info
 
 

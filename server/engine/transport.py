@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -90,15 +90,21 @@ class Transport:
             return False
 
     def send_batch(
-        self, identity: bytes, header: bytes, payload: memoryview, sample_bytes: int
+        self, identity: bytes, header: bytes, payload: memoryview, sample_bytes: int, tail: Sequence[Any] = ()
     ) -> zmq.MessageTracker | None:
-        """Send a batch from ``payload`` without copying; ``None`` when the peer is gone.
+        """Send a batch from ``payload`` without copying, then the ``tail`` frames (a mask block, the
+        targets frame); ``None`` when the peer is gone.
 
         The tracker is the last frame's: ZeroMQ writes frames in order, so when it is done all are.
         """
         parts = [payload[offset : offset + length] for offset, length in payload_parts(len(payload), sample_bytes)]
+        frames: list[Any] = [identity, header, *parts, *tail]
+        if tail:
+            # The tracker is the last frame's; a small one (the targets frame) would be copied and
+            # report done at once while the slot's frames are still queued: track it without copying.
+            frames[-1] = zmq.Frame(frames[-1], copy=False, track=True)
         try:
-            return self.socket.send_multipart([identity, header, *parts], zmq.NOBLOCK, copy=False, track=True)
+            return self.socket.send_multipart(frames, zmq.NOBLOCK, copy=False, track=True)
         except zmq.ZMQError as exc:
             log.debug("dropping a batch to a gone peer: %s", exc)
             return None

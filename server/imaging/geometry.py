@@ -44,6 +44,8 @@ class SampleGeometry:
     """Box cut from the resized image afterwards (the eval centre crop), or ``None``."""
     flip: bool
     """Mirror the output horizontally."""
+    fill: int = 0
+    """The value of pixels a ``crop`` reaching past the resized image adds (letterbox padding)."""
 
 
 def oriented_size(width: int, height: int, orientation: int) -> tuple[int, int]:
@@ -87,6 +89,15 @@ def plan_geometry(width: int, height: int, size: int, view: View, rng: SampleRng
         top = int(round((resize[0] - size) / 2.0))
         left = int(round((resize[1] - size) / 2.0))
         box, crop = (0, 0, width, height), (left, top, left + size, top + size)
+    elif view.geometry == "letterbox":
+        # The longer side becomes ``size``, aspect kept; the crop box reaches past the resized image
+        # on the short side, centred, and the rest is padded with ``fill`` (YOLO's input transform).
+        scale = size / max(width, height)
+        resize = (max(1, min(size, int(round(height * scale)))), max(1, min(size, int(round(width * scale)))))
+        pad_top, pad_left = (size - resize[0]) // 2, (size - resize[1]) // 2
+        box, crop = (0, 0, width, height), (-pad_left, -pad_top, size - pad_left, size - pad_top)
+        flip = view.hflip > 0.0 and rng.random() < view.hflip
+        return SampleGeometry(box, resize, crop, flip, view.fill)
     else:
         box, resize, crop = (0, 0, width, height), (size, size), None
     flip = view.hflip > 0.0 and rng.random() < view.hflip

@@ -45,8 +45,8 @@ __all__ = [
     "pipeline_from_views",
 ]
 
-Geometry = Literal["random_resized_crop", "resize_center_crop", "resize"]
-GEOMETRIES: tuple[str, ...] = ("random_resized_crop", "resize_center_crop", "resize")
+Geometry = Literal["random_resized_crop", "resize_center_crop", "resize", "letterbox"]
+GEOMETRIES: tuple[str, ...] = ("random_resized_crop", "resize_center_crop", "resize", "letterbox")
 TORCHVISION_PREFIX = "torchvision."
 CONTAINERS = frozenset({"RandomApply", "RandomChoice", "RandomOrder", "Compose"})
 """torchvision transforms of transforms: their ``transforms`` is a list of op tables in TOML."""
@@ -125,8 +125,12 @@ class View:
     post_ops: tuple[OpSpec, ...] = ()
     size: int | None = None
     count: int = 1
+    fill: int = 114
+    """letterbox: the value of the padding (114, YOLO's grey, by default)."""
 
     def __post_init__(self) -> None:
+        if not isinstance(self.fill, int) or isinstance(self.fill, bool) or not 0 <= self.fill <= 255:
+            raise ValueError(f"fill={self.fill!r} must be an int in [0, 255]")
         if self.geometry not in GEOMETRIES:
             raise ValueError(f"geometry={self.geometry!r} must be one of {GEOMETRIES}")
         low, high = self.scale
@@ -151,6 +155,8 @@ class View:
             out.update(scale=list(self.scale), ratio=list(self.ratio))
         elif self.geometry == "resize_center_crop":
             out.update(resize_ratio=self.resize_ratio)
+        elif self.geometry == "letterbox":
+            out.update(fill=self.fill)
         if self.size is not None:
             out["size"] = self.size
         if self.count != 1:
@@ -216,13 +222,23 @@ def _geometry(first: Mapping[str, Any]) -> dict[str, Any]:
     op = first.get("op")
     if op not in GEOMETRIES:
         raise ValueError(f"the first op {op!r} must be a geometry, one of {GEOMETRIES}")
-    allowed = {"random_resized_crop": {"scale", "ratio"}, "resize_center_crop": {"resize_ratio"}, "resize": set()}[op]
+    allowed = {
+        "random_resized_crop": {"scale", "ratio"},
+        "resize_center_crop": {"resize_ratio"},
+        "resize": set(),
+        "letterbox": {"fill"},
+    }[op]
     params: dict[str, Any] = {"geometry": op}
     for key, value in first.items():
         if key == "op":
             continue
         if key not in allowed:
             raise ValueError(f"op {op!r} has no parameter {key!r}; it takes {sorted(allowed)}")
+        if key == "fill":
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise ValueError(f"fill={value!r} must be an int in [0, 255]")
+            params[key] = value
+            continue
         params[key] = _pair(value, key) if key in ("scale", "ratio") else float(value)
     return params
 

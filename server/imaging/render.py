@@ -37,6 +37,7 @@ from stoker.server.imaging.geometry import (
 )
 from stoker.server.imaging.pipelines import Pipeline, View
 from stoker.server.imaging.reading import read_local
+from stoker.server.imaging.targets import SampleTargets
 
 __all__ = [
     "StageTimes",
@@ -212,8 +213,10 @@ def render_pixels(
     times: StageTimes,
     post: PostOpsRunner | None = None,
     plans: Sequence[ViewPlan] | None = None,
+    targets: SampleTargets | None = None,
 ) -> None:
-    """Every view of a sample from its decoded ``pixels`` (fresh, or read from the cache) into ``out``."""
+    """Every view of a sample from its decoded ``pixels`` (fresh, or read from the cache) into ``out``;
+    ``targets``' boxes and mask move with the first view (its geometry and post-ops)."""
     started = time.perf_counter()
     rows = [out] if isinstance(out, np.ndarray) else list(out)
     views, sizes = pipeline.expanded, pipeline.sizes(size)
@@ -224,12 +227,19 @@ def render_pixels(
     for v, (view, side, (plan, box), row) in enumerate(zip(views, sizes, plans, rows, strict=True)):
         began = time.perf_counter()
         result = _geometry(pixels, info, box, plan)
+        moving = targets if v == 0 and targets is not None and targets.geometric else None
+        if moving is not None:
+            moving.place(plan, info, side)
         placed = time.perf_counter()
         times.add("geometry", placed - began)
         if view.post_ops:
             if post is None:
                 raise RuntimeError(f"pipeline {pipeline.name!r} has post-ops and no runner was given")
-            chw = post.run(pipeline, declared[v], view, result, post_ops_key(view_key(key, v)), side, times)
+            ops_key = post_ops_key(view_key(key, v))
+            if moving is not None:
+                chw = post.run_with_targets(pipeline, declared[v], view, result, ops_key, side, times, moving)
+            else:
+                chw = post.run(pipeline, declared[v], view, result, ops_key, side, times)
             if chw.permute(1, 2, 0).is_contiguous():  # the fast kernels' native layout
                 _place_hwc(row, chw.permute(1, 2, 0))
             elif row.shape[-1] == 3:
@@ -268,10 +278,26 @@ def _geometry(
     result = orient(_resize(pixels[top:bottom, left:right], resize_h, resize_w), info.orientation)
     if plan.crop is not None:
         c_left, c_top, c_right, c_bottom = plan.crop
-        result = result[c_top:c_bottom, c_left:c_right]
+        if c_left < 0 or c_top < 0 or c_right > result.shape[1] or c_bottom > result.shape[0]:
+            result = _padded(result, plan.crop, plan.fill)  # letterbox: the crop reaches past the image
+        else:
+            result = result[c_top:c_bottom, c_left:c_right]
     if plan.flip:
         result = result.flip(1)
     return result
+
+
+def _padded(image: torch.Tensor, crop: Box, fill: int) -> torch.Tensor:
+    """``image[top:bottom, left:right]`` where the box reaches outside it: the rest is ``fill``."""
+    left, top, right, bottom = crop
+    out = torch.full((bottom - top, right - left, image.shape[2]), fill, dtype=image.dtype)
+    src_top, src_left = max(0, top), max(0, left)
+    src_bottom, src_right = min(image.shape[0], bottom), min(image.shape[1], right)
+    if src_bottom > src_top and src_right > src_left:
+        out[src_top - top : src_bottom - top, src_left - left : src_right - left] = image[
+            src_top:src_bottom, src_left:src_right
+        ]
+    return out
 
 
 class PostOpsRunner:
@@ -306,6 +332,29 @@ class PostOpsRunner:
             chw = torch.from_numpy(np.ascontiguousarray(hwc.numpy().transpose(2, 0, 1)))
         try:
             return self._ops.apply(ops, chw, key, size, seconds)
+        finally:
+            for label, spent in seconds.items():
+                times.add(f"op:{pipeline.name}/{label}", spent)
+
+    def run_with_targets(
+        self,
+        pipeline: Pipeline,
+        view_index: int,
+        view: View,
+        hwc: torch.Tensor,
+        key: int,
+        size: int,
+        times: StageTimes,
+        targets: SampleTargets,
+    ) -> torch.Tensor:
+        """Like :meth:`run`, moving ``targets``' boxes and mask with the image (torchvision's own
+        transforms on ``tv_tensors``)."""
+        from stoker.server.imaging.targets import run_ops_with_targets
+
+        seconds: dict[str, float] = {}
+        chw = torch.from_numpy(np.ascontiguousarray(hwc.numpy().transpose(2, 0, 1)))
+        try:
+            return run_ops_with_targets(pipeline.name, view_index, view.post_ops, chw, targets, key, size, seconds)
         finally:
             for label, spent in seconds.items():
                 times.add(f"op:{pipeline.name}/{label}", spent)

@@ -251,6 +251,16 @@ class DatasetSettings(BaseModel):
     """A cached dataset's images are decoded down (in the DCT domain) as far as keeps their shorter
     side at least this; 0 keeps them full size. The same rule holds with or without the cache, so the
     cache never changes a byte."""
+    targets: dict[str, str] = Field(default_factory=dict)
+    """Per-sample fields beyond the class label, ``{field = "kind or member extension"}``: kinds
+    ``label``, ``text``, ``json``, ``boxes``, ``mask``; shard extensions ``txt``, ``json``, ``cls``,
+    ``png``, ``seg.png``."""
+    box_format: str = "xyxy"
+    """How a ``boxes`` field writes its boxes in the source: ``xyxy``, ``xywh`` or ``cxcywh``."""
+    min_box_visibility: float = Field(0.0, ge=0.0, le=1.0)
+    """A box (with its class) is kept when at least this share of it remains after the crop."""
+    crowd: bool = False
+    """``kind = "coco"``: keep ``iscrowd`` boxes too."""
 
     @model_validator(mode="after")
     def _path_or_plugin(self) -> Self:
@@ -387,6 +397,10 @@ class ServerSettings(EngineSettings):
                 e.cache,
                 e.cache_min_side,
                 weight=e.weight,
+                targets=dict(e.targets),
+                box_format=e.box_format,
+                min_box_visibility=e.min_box_visibility,
+                crowd=e.crowd,
             ).resolved()
             for name, e in self.datasets.items()
         ]

@@ -136,6 +136,12 @@ def _add_bench(bench: argparse.ArgumentParser) -> None:
         action="store_true",
         help="also run stoker on a 3-source mixture of the data (0.6/0.3/0.1) against the one dataset: row (i)",
     )
+    bench.add_argument(
+        "--targets",
+        choices=("detection", "captions"),
+        help="targets rows instead: COCO boxes vs torchvision v2 + tv_tensors, or image-text shards vs "
+        "webdataset's pipeline (both written from --data's JPEGs), and stoker without the targets",
+    )
     bench.add_argument("--json", action="store_true", help="print the results as JSON")
 
 
@@ -209,6 +215,7 @@ def _bench(args: argparse.Namespace) -> int:
             dali_script=args.dali_script.resolve() if args.dali_script else None,
             curve=args.curve,
             mixture=args.mixture,
+            targets=args.targets,
         )
     except ValueError as exc:
         print(f"stoker bench: {exc}", file=sys.stderr)

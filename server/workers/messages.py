@@ -18,6 +18,7 @@ from stoker.server.data.locators import Locator
 from stoker.server.data.store_config import StoreConfig
 from stoker.server.imaging.limits import DecodeLimits
 from stoker.server.imaging.pipelines import Pipeline
+from stoker.server.imaging.targets import RawTarget
 
 __all__ = [
     "WorkerSetup",
@@ -89,6 +90,8 @@ class SampleSpec:
     locator: Locator
     key: int
     cache: CachePart | None = None
+    targets: tuple[RawTarget, ...] = ()
+    """The job's requested targets of this sample, raw (parsed and checked by the worker)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,6 +113,10 @@ class TaskMessage:
     server, cached or not)."""
     layout: str = "nhwc"
     """The job's layout of the rows: ``nhwc`` or ``nchw``."""
+    mask_side: int = 0
+    """> 0: the job carries a mask; its ``rows x side x side`` block follows the views in the slot."""
+    min_box_visibility: float = 0.0
+    """The dataset's ``min_box_visibility``."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,6 +167,8 @@ class SampleResult:
     """Where the worker wrote the decoded sample in the arena (only once the whole write is done)."""
     header: SampleHeader | None = None
     """The image's header, with ``stored``."""
+    targets: dict | None = None
+    """For ``OK`` with requested targets: the small ones' values (boxes as little-endian bytes)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -58,6 +58,7 @@ from stoker.server.workers.slots import SlotViews
 
 if TYPE_CHECKING:
     from stoker.server.imaging.render import PostOpsRunner
+    from stoker.server.imaging.targets import SampleTargets
 
 __all__ = ["worker_main", "run_task", "render_spec", "WorkerTools"]
 
@@ -66,9 +67,14 @@ _MAX_TRACEBACK_CHARS = 8000
 
 
 def _rows(task: TaskMessage, views: SlotViews) -> list[list[np.ndarray]]:
-    """For each row of the batch, its output array per view (views are consecutive blocks)."""
+    """For each row of the batch, its output array per view (views are consecutive blocks), and its
+    mask's last when the job carries one (its block follows the views')."""
     sides = task.pipeline.sizes(task.size)
-    shapes = [(task.rows, 3, s, s) if task.layout == "nchw" else (task.rows, s, s, 3) for s in sides]
+    shapes: list[tuple[int, ...]] = [
+        (task.rows, 3, s, s) if task.layout == "nchw" else (task.rows, s, s, 3) for s in sides
+    ]
+    if task.mask_side:
+        shapes.append((task.rows, task.mask_side, task.mask_side))
     total = sum(batch_nbytes(shape) for shape in shapes)
     flat = views.array(task.slot, total)
     blocks = [
@@ -97,11 +103,38 @@ class WorkerTools:
 
 @dataclass(frozen=True, slots=True)
 class _Rendered:
-    """What became of one sample that rendered: decoded or read from the cache, and what it stored."""
+    """What became of one sample that rendered: decoded or read from the cache, what it stored, and
+    its small targets."""
 
     decoded: bool
     stored: CacheEntry | None = None
     header: SampleHeader | None = None
+    targets: dict | None = None
+
+
+def _targets(task: TaskMessage, spec: SampleSpec, tools: WorkerTools, info: ImageInfo) -> SampleTargets | None:
+    """The sample's requested targets, parsed and checked (a mask read now: targets are never cached,
+    so the decoded cache cannot serve a stale one)."""
+    if not spec.targets:
+        return None
+    from stoker.server.imaging.targets import BadTarget, parse_targets
+
+    mask_bytes = None
+    for target in spec.targets:
+        if target.kind == "mask" and target.locator is not None:
+            try:
+                mask_bytes = tools.reader.read(target.locator)
+            except BadImage as exc:
+                raise BadTarget(target.name, f"mask {exc.reason}") from None
+    return parse_targets(spec.targets, info, mask_bytes, task.min_box_visibility)
+
+
+def _finish_targets(targets: SampleTargets | None, mask_row: np.ndarray | None) -> dict | None:
+    if targets is None:
+        return None
+    if mask_row is not None and targets.mask is not None:
+        mask_row[...] = targets.mask
+    return targets.wire_values()
 
 
 def render_spec(
@@ -125,18 +158,21 @@ def render_spec(
         info = ImageInfo(header.width, header.height, header.orientation, header.jpeg)
     plans = plan_views(info, spec.key, task.pipeline, task.size)
     reduction = decode_reduction(info, plans, task.decode_min_side)
+    targets = _targets(task, spec, tools, info)
+    mask_row = out[-1] if task.mask_side else None
+    views = out[:-1] if task.mask_side else out
     pixels = tools.cache.read(part, reduction)
     if pixels is not None:
-        render_pixels(pixels, info, spec.key, task.pipeline, task.size, out, times, tools.post, plans)
-        return _Rendered(decoded=False)
+        render_pixels(pixels, info, spec.key, task.pipeline, task.size, views, times, tools.post, plans, targets)
+        return _Rendered(decoded=False, targets=_finish_targets(targets, mask_row))
     data = _bytes(spec, tools, data, times)
     started = time.perf_counter()
     pixels = decode(data, info, reduction, limits)
     times.add("decode", probing + time.perf_counter() - started)
-    render_pixels(pixels, info, spec.key, task.pipeline, task.size, out, times, tools.post, plans)
+    render_pixels(pixels, info, spec.key, task.pipeline, task.size, views, times, tools.post, plans, targets)
     stored = tools.cache.store(part, pixels, reduction)
     header = SampleHeader(info.width, info.height, info.orientation, info.jpeg) if stored is not None else None
-    return _Rendered(decoded=True, stored=stored, header=header)
+    return _Rendered(decoded=True, stored=stored, header=header, targets=_finish_targets(targets, mask_row))
 
 
 def _reads_ahead(spec: SampleSpec) -> bool:
@@ -174,7 +210,16 @@ def run_task(task: TaskMessage, tools: WorkerTools, progress: Synchronized) -> T
         row = spec.row
         try:
             done = render_spec(task, spec, tools, data, rows[row], times)
-            results.append(SampleResult(row, Outcome.OK, decoded=done.decoded, stored=done.stored, header=done.header))
+            results.append(
+                SampleResult(
+                    row,
+                    Outcome.OK,
+                    decoded=done.decoded,
+                    stored=done.stored,
+                    header=done.header,
+                    targets=done.targets,
+                )
+            )
         except StoreUnavailable as exc:
             results.append(SampleResult(row, Outcome.UNAVAILABLE, str(exc)))
         except BadImage as exc:

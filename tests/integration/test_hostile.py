@@ -11,7 +11,7 @@ import pytest
 import zmq
 
 from stoker.client.protocol.job import JobSpec
-from stoker.client.protocol.wire import MAX_HEADER_BYTES, ErrorCode, Kind, decode, encode
+from stoker.client.protocol.wire import MAX_HEADER_BYTES, PROTOCOL_VERSION, ErrorCode, Kind, decode, encode
 from tests.helpers import Cluster, dealer, http_json, metrics, open_client
 
 pytestmark = pytest.mark.slow
@@ -54,7 +54,7 @@ def request(**fields) -> bytes:
         ([b""], ErrorCode.BAD_MESSAGE, "msgpack"),
         ([request(), b"extra"], ErrorCode.BAD_MESSAGE, "one header frame"),
         ([msgpack.packb(["stoker", 99, 3, {}])], ErrorCode.UNSUPPORTED_VERSION, "version 99"),
-        ([msgpack.packb(["stoker", 1, 42, {}])], ErrorCode.BAD_MESSAGE, "unknown message kind"),
+        ([msgpack.packb(["stoker", PROTOCOL_VERSION, 42, {}])], ErrorCode.BAD_MESSAGE, "unknown message kind"),
         (
             [
                 encode(
@@ -124,7 +124,7 @@ def test_a_storm_of_random_frames_leaves_the_server_serving(cluster, raw_socket)
             frames = [rng.randbytes(rng.randrange(1, 50)) for _ in range(rng.randrange(2, 6))]
         else:  # structurally valid msgpack, wrong content
             fields = {rng.choice(["job", "k", "epoch", "client", "rank"]): rng.choice([None, -1, "x", [1], {}, 2**63])}
-            frames = [msgpack.packb(["stoker", 1, rng.randrange(0, 9), fields])]
+            frames = [msgpack.packb(["stoker", PROTOCOL_VERSION, rng.randrange(0, 9), fields])]
         socket.send_multipart(frames)
     # Drain replies for a while: every reply must be well-formed.
     for socket in sockets:

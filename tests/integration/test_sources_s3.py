@@ -121,3 +121,24 @@ def test_a_dataset_that_cannot_be_listed_stops_the_server_with_the_reason(s3_ser
     assert result.returncode == 2, result.stderr[-2000:]
     assert "dataset 'gone'" in result.stderr and "no-such-bucket-for-stoker" in result.stderr
     assert SECRET not in result.stderr
+
+
+def test_image_text_shards_in_a_bucket_every_caption_with_its_image(cluster, s3_server, s3_bucket, tmp_path) -> None:
+    from tests.targets_data import caption_shards, key_of_colour
+
+    pattern = caption_shards(tmp_path / "pairs")
+    shards = sorted((tmp_path / "pairs").glob("*.tar"))
+    make_bucket(s3_server.endpoint, s3_bucket, {f"pairs/{s.name}": s.read_bytes() for s in shards})
+    remote = f"s3://{s3_bucket}/pairs/" + pattern.rsplit("/", 1)[1]
+    config = config_file(tmp_path, "pairs", remote, "targets = {caption = 'txt', meta = 'json'}\n")
+    server = cluster.start("--config", str(config), env=server_env(s3_server))
+    keys = []
+    for rank in range(2):
+        options = dict(batch_size=4, image_size=32, pipeline="resize", targets="all", rank=rank, world_size=2)
+        for images, targets, _ in fetch_epoch(server.data, "pairs", **options):
+            for row, caption in enumerate(targets["caption"]):
+                key = int(caption.rsplit(" ", 1)[1])
+                assert targets["meta"][row]["key"] == key
+                assert key_of_colour(images[row][0].float().mean().item()) == key, "the caption is its image's"
+                keys.append(key)
+    assert sorted(keys) == list(range(12)), "exactly once over 2 ranks"

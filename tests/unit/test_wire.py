@@ -7,12 +7,23 @@ import re
 from pathlib import Path
 
 import msgpack
+import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from stoker.client.protocol.errors import ProtocolError
-from stoker.client.protocol.wire import MAX_HEADER_BYTES, PROTOCOL_VERSION, ErrorCode, Kind, decode, encode
+from stoker.client.protocol.wire import (
+    MAX_HEADER_BYTES,
+    PROTOCOL_VERSION,
+    ErrorCode,
+    Kind,
+    decode,
+    decode_targets,
+    encode,
+)
+
+V = PROTOCOL_VERSION
 
 JOB = {
     "dataset": "demo",
@@ -62,11 +73,24 @@ def test_every_kind_round_trips(kind: Kind) -> None:
 def test_literal_examples_in_the_docs_decode() -> None:
     doc = (Path(__file__).resolve().parents[2] / "client" / "protocol" / "WIRE.md").read_text()
     blocks = re.findall(r"```hex\n(.*?)```", doc, re.S)
-    request, batch = (decode(bytes.fromhex(block.replace("\n", " "))) for block in blocks)
+    with_targets, request, batch = (decode(bytes.fromhex(block.replace("\n", " "))) for block in blocks)
     assert request.kind is Kind.REQUEST and request.fields["k"] == 3
     assert request.fields["job"]["dataset"] == "demo"
     assert batch.kind is Kind.BATCH and batch.fields["shape"] == [2, 224, 224, 3]
     assert batch.fields["labels"] == [4, 1] and batch.fields["indices"] == [17, 42]
+    assert with_targets.fields["targets"] == ["caption", "boxes", "mask"] and with_targets.fields["mask"] == [2, 64, 64]
+    (frame,) = re.findall(r"```targets-hex\n(.*?)```", doc, re.S)
+    targets = decode_targets(bytes.fromhex(frame.replace("\n", " ")), 2)
+    assert targets["caption"] == ["a dog", "two cats"]
+    assert np.frombuffer(targets["boxes"][0], "<f4").tolist() == [4, 8, 30, 40] and targets["boxes"][1] == b""
+    assert np.frombuffer(targets["box_labels"][0], "<i8").tolist() == [18]
+
+
+def test_a_targets_frame_that_does_not_match_its_batch_is_refused() -> None:
+    with pytest.raises(ProtocolError, match="list of 2"):
+        decode_targets(msgpack.packb({"caption": ["only one"]}), 2)
+    with pytest.raises(ProtocolError, match="msgpack"):
+        decode_targets(b"\xc1", 2)
 
 
 def test_wrong_version_is_its_own_error_code() -> None:
@@ -84,15 +108,15 @@ def test_wrong_version_is_its_own_error_code() -> None:
         (b"\xc1garbage", "msgpack"),
         (msgpack.packb({"a": 1}), "4-element"),
         (msgpack.packb(["other", 1, 1, {}]), "magic"),
-        (msgpack.packb(["stoker", 1, 99, {}]), "unknown message kind"),
-        (msgpack.packb(["stoker", 1, True, {}]), "unknown message kind"),
-        (msgpack.packb(["stoker", 1, 6, []]), "map"),
-        (msgpack.packb(["stoker", 1, 6, {}]), "lacks the field 'client'"),
-        (msgpack.packb(["stoker", 1, 6, {"client": 5}]), "must be str"),
-        (msgpack.packb(["stoker", 1, 3, {**SAMPLES[Kind.REQUEST], "k": True}]), "must be int"),
-        (msgpack.packb(["stoker", 1, 3, {**SAMPLES[Kind.REQUEST], "waited_s": float("nan")}]), "must be float"),
-        (msgpack.packb(["stoker", 1, 4, {**SAMPLES[Kind.BATCH], "labels": [1, "x"]}]), "must be ints"),
-        (msgpack.packb(["stoker", 1, 6, {"client": "x"}]) + b"trailing", "msgpack"),
+        (msgpack.packb(["stoker", V, 99, {}]), "unknown message kind"),
+        (msgpack.packb(["stoker", V, True, {}]), "unknown message kind"),
+        (msgpack.packb(["stoker", V, 6, []]), "map"),
+        (msgpack.packb(["stoker", V, 6, {}]), "lacks the field 'client'"),
+        (msgpack.packb(["stoker", V, 6, {"client": 5}]), "must be str"),
+        (msgpack.packb(["stoker", V, 3, {**SAMPLES[Kind.REQUEST], "k": True}]), "must be int"),
+        (msgpack.packb(["stoker", V, 3, {**SAMPLES[Kind.REQUEST], "waited_s": float("nan")}]), "must be float"),
+        (msgpack.packb(["stoker", V, 4, {**SAMPLES[Kind.BATCH], "labels": [1, "x"]}]), "must be ints"),
+        (msgpack.packb(["stoker", V, 6, {"client": "x"}]) + b"trailing", "msgpack"),
     ],
 )
 def test_malformed_headers_are_protocol_errors(frame: bytes, needle: str) -> None:

@@ -77,6 +77,8 @@ class BenchConfig:
     """The DALI peer script (default: ``../shared/peers/dali_dino.py`` from the repository)."""
     mixture: bool = False
     """Also run stoker on a three-source mixture of the data (row (i))."""
+    targets: str | None = None
+    """``detection`` or ``captions``: the targets rows instead (:mod:`.targets`; ``data`` a JPEG folder)."""
 
     def __post_init__(self) -> None:
         if not self.folder and not _dataset_path(self.data):
@@ -88,6 +90,13 @@ class BenchConfig:
             raise ValueError(f"--repeats must be at least 1, not {self.repeats}")
         if self.workers is not None and self.workers < 0:
             raise ValueError(f"--workers must be >= 0, not {self.workers}")
+        if self.targets is not None:
+            from stoker.server.tools.bench.targets import TARGET_MODES
+
+            if self.targets not in TARGET_MODES:
+                raise ValueError(f"--targets {self.targets!r} must be one of {TARGET_MODES}")
+            if self.folder is None:
+                raise ValueError("--targets needs --data to be a local folder of JPEGs")
 
     @property
     def folder(self) -> Path | None:
@@ -131,6 +140,42 @@ Factory = Callable[[], AbstractContextManager[Stream]]
 
 def _dataset_path(data: str) -> bool:
     return data.startswith("s3://") or "{" in data or Path(data).is_file()
+
+
+def _target_loaders(
+    config: BenchConfig, workers: int, prepared: tuple[Path, str, list[str]]
+) -> dict[str, tuple[str, Factory | None]]:
+    """The targets rows: the usual loader carrying them, stoker with them, stoker without them."""
+    from stoker.server.tools.bench.loaders import stoker_stream
+    from stoker.server.tools.bench.targets import DATASET, captions_loader, detection_loader
+
+    config_file, data, targets = prepared
+    size, batch, name, pipeline = config.image_size, config.batch_size, config.pipeline, config.resolve_pipeline()
+    folder = config.folder or Path(config.data)
+    server_args = ["--config", str(config_file), *config.server_args]
+    if config.targets == "detection":
+        baseline = (
+            "(b) DataLoader, v2 + tv_tensors",
+            lambda: detection_loader(Path(data), folder, pipeline, size, batch, workers),
+        )
+    else:
+        baseline = (
+            "(b) DataLoader, webdataset pipeline",
+            lambda: captions_loader(data, pipeline, size, batch, workers),
+        )
+    return {
+        "dataloader_strong": baseline,
+        "stoker": (
+            f"(d) stoker, with {'+'.join(targets)}",
+            lambda: stoker_stream(
+                config.data, size, batch, workers, name, server_args=server_args, dataset=DATASET, targets=targets
+            ),
+        ),
+        "stoker_no_targets": (
+            "(d) stoker, images only",
+            lambda: stoker_stream(config.data, size, batch, workers, name, server_args=server_args, dataset=DATASET),
+        ),
+    }
 
 
 def _loaders(
@@ -238,17 +283,29 @@ def run_bench(config: BenchConfig, progress: bool = True) -> dict[str, Any]:
         raise ValueError(f"no JPEG files under {config.data}")
     with contextlib.ExitStack() as stack:
         keys = stack.enter_context(BenchKeys.made()) if config.curve else None
-        return _run_rows(config, workers, files, keys, progress)
+        stages: dict[str, float] = {}
+        loaders = _loaders(config, workers, keys, stages)
+        if config.targets is not None and folder is not None:
+            from stoker.server.tools.bench.targets import prepare
+
+            prepared = stack.enter_context(prepare(config.targets, folder, config.config_file))
+            loaders = _target_loaders(config, workers, prepared)
+        return _run_rows(config, workers, files, keys, progress, loaders, stages)
 
 
 def _run_rows(
-    config: BenchConfig, workers: int, files: list[Path], keys: BenchKeys | None, progress: bool
+    config: BenchConfig,
+    workers: int,
+    files: list[Path],
+    keys: BenchKeys | None,
+    progress: bool,
+    loaders: dict[str, tuple[str, Factory | None]],
+    stages: dict[str, float],
 ) -> dict[str, Any]:
+    """Run ``loaders`` interleaved; row (d) fills ``stages`` (its server's mean ms per stage and op)."""
     from stoker.server.settings.host import usable_cores
     from stoker.server.tools.bench.wire_rate import wire_rate
 
-    stages: dict[str, float] = {}
-    loaders = _loaders(config, workers, keys, stages)
     rows = {key: Series(label) for key, (label, _) in loaders.items()}
     bar = _Progress(config.repeats * len(rows) + 1 + (keys is not None), progress)
     rates: dict[str, float] = {}

@@ -162,6 +162,7 @@ def stoker_stream(
     stages: dict[str, float] | None = None,
     dataset: str = "bench",
     env: dict[str, str] | None = None,
+    targets: Sequence[str] | None = None,
 ) -> Iterator[Stream]:
     """A real server (child process, given ``server_args`` and ``env`` too) and a CPU client of uint8
     batches of ``dataset`` (or a mixture the server declares); optionally a thread polling ``/status``;
@@ -191,6 +192,7 @@ def stoker_stream(
             prefetch=prefetch,
             timeout_s=120,
             **(client_keys or {}),
+            **({"targets": list(targets)} if targets else {}),
         ) as stream:
             if poller is not None:
                 poller.start()

@@ -35,6 +35,9 @@ def ratios(rows: dict[str, Series], cores: int) -> dict[str, float | None]:
     if "stoker_mixture" in rows:
         g = rows["stoker_mixture"].median().images_per_s
         out["mixture_vs_stoker"] = g / d if d else None
+    if "stoker_no_targets" in rows:
+        plain = rows["stoker_no_targets"].median().images_per_s
+        out["targets_cost_per_sample"] = 1 - d / plain if plain else None
     if "stoker_polled" in rows:
         polled = rows["stoker_polled"].median().images_per_s
         out["status_polling_overhead"] = 1 - polled / d if d else None
@@ -73,6 +76,12 @@ def format_table(result: dict[str, Any]) -> str:
             f"(c) is {decode['note']}; all decoders, 1 core: "
             + ", ".join(f"{name} {rate:.0f}/s" for name, rate in result["decoders_1core_images_per_s"].items()),
         ]
+    elif ratios.get("targets_cost_per_sample") is not None or "stoker_no_targets" in result["rows"]:
+        cost = ratios.get("targets_cost_per_sample")
+        lines.append(
+            f"(d) / (b) = {show(ratios['stoker_vs_strong'])}    "
+            f"targets' cost per sample: {show(None if cost is None else 100 * cost, '%')}"
+        )
     else:
         lines.append("(the DataLoader rows need --data to be a local ImageFolder directory)")
     lines.append(
