@@ -133,9 +133,21 @@ def test_each_recipe_is_byte_identical_across_worker_counts_and_servers(servers,
     assert sorted(int(i) for _, _, idx in first for i in idx) == list(range(48)), "exactly once"
 
 
+def quiet_metrics(http: str) -> dict[str, float] | None:
+    """The metrics, once no worker holds a task and two readings agree (an earlier test's client may
+    have run ahead, and the engine counts a task's stages one after another)."""
+    def counts() -> dict[str, float]:
+        return {k: v for k, v in metrics(http).items() if k.startswith("stoker_stage_seconds_count")}
+
+    first = counts()
+    if http_json(http + "/status")[1]["pool"]["busy"]:
+        return None
+    return first if counts() == first else None
+
+
 def test_a_multi_view_pipeline_yields_one_tensor_per_view_decoding_each_sample_once(servers) -> None:
     one, two = servers
-    before = metrics(one.http)
+    before = wait_until(lambda: quiet_metrics(one.http), what="the earlier tests' tasks counted")
     first = fetch_epoch(one.data, pipeline="dino", **OPTIONS)
 
     # The client ran ahead into the next epoch: read the counters once those tasks are in too (the
