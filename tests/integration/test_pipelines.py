@@ -136,6 +136,7 @@ def test_each_recipe_is_byte_identical_across_worker_counts_and_servers(servers,
 def quiet_metrics(http: str) -> dict[str, float] | None:
     """The metrics, once no worker holds a task and two readings agree (an earlier test's client may
     have run ahead, and the engine counts a task's stages one after another)."""
+
     def counts() -> dict[str, float]:
         return {k: v for k, v in metrics(http).items() if k.startswith("stoker_stage_seconds_count")}
 
