@@ -95,14 +95,18 @@ class DelayRelay:
             await self._stop.wait()
         finally:
             server.close()
-            # A connection accepted while closing starts its task late: cancel until none is left, so
-            # no transport outlives the loop (asyncio warns about each one it finds unclosed).
-            await asyncio.sleep(0)
-            while self._tasks:
-                for task in list(self._tasks):
-                    task.cancel()
-                await asyncio.gather(*self._tasks, return_exceptions=True)
+            # A connection accepted while closing starts its task late, and a task cancelled before it
+            # starts never closes its transport (asyncio warns about each one it finds unclosed): let
+            # every task start (it registers itself), cancel the started ones, until no task is left.
+            me = asyncio.current_task()
+            while True:
                 await asyncio.sleep(0)
+                started = list(self._tasks)
+                for task in started:
+                    task.cancel()
+                await asyncio.gather(*started, return_exceptions=True)
+                if not any(task is not me for task in asyncio.all_tasks()):
+                    break
             await server.wait_closed()
 
     async def _serve(self, client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter) -> None:
