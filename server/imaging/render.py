@@ -236,10 +236,7 @@ def render_pixels(
             if post is None:
                 raise RuntimeError(f"pipeline {pipeline.name!r} has post-ops and no runner was given")
             ops_key = post_ops_key(view_key(key, v))
-            if moving is not None:
-                chw = post.run_with_targets(pipeline, declared[v], view, result, ops_key, side, times, moving)
-            else:
-                chw = post.run(pipeline, declared[v], view, result, ops_key, side, times)
+            chw = post.run(pipeline, declared[v], view, result, ops_key, side, times, moving)
             if chw.permute(1, 2, 0).is_contiguous():  # the fast kernels' native layout
                 _place_hwc(row, chw.permute(1, 2, 0))
             elif row.shape[-1] == 3:
@@ -318,43 +315,25 @@ class PostOpsRunner:
         key: int,
         size: int,
         times: StageTimes,
+        targets: SampleTargets | None = None,
     ) -> torch.Tensor:
-        """The view's image after its post-ops, as the 3 x H x W tensor they return."""
+        """The view's image after its post-ops, as the 3 x H x W tensor they return; ``targets``' boxes
+        and mask, when given, move with the image (torchvision's own transforms on ``tv_tensors``)."""
         from stoker.server.imaging.postops import is_fast
+        from stoker.server.imaging.targets import run_ops_with_targets
 
-        ops = self._ops.ops(pipeline, view_index, view)
+        ops = self._ops.ops(pipeline, view_index, view) if targets is None else None
         seconds: dict[str, float] = {}
-        if is_fast(ops[0][1]):  # fast kernels work on the native H x W x 3: no transpose
+        if ops is not None and is_fast(ops[0][1]):  # fast kernels work on the native H x W x 3: no transpose
             chw = torch.from_numpy(np.ascontiguousarray(hwc.numpy())).permute(2, 0, 1)
         else:
             # Contiguous CHW, as a decoded image is: torchvision's kernels are much slower on other
             # strides, and numpy makes the copy about twice as fast as torch's permute.
             chw = torch.from_numpy(np.ascontiguousarray(hwc.numpy().transpose(2, 0, 1)))
         try:
+            if ops is None:
+                return run_ops_with_targets(pipeline.name, view_index, view.post_ops, chw, targets, key, size, seconds)
             return self._ops.apply(ops, chw, key, size, seconds)
-        finally:
-            for label, spent in seconds.items():
-                times.add(f"op:{pipeline.name}/{label}", spent)
-
-    def run_with_targets(
-        self,
-        pipeline: Pipeline,
-        view_index: int,
-        view: View,
-        hwc: torch.Tensor,
-        key: int,
-        size: int,
-        times: StageTimes,
-        targets: SampleTargets,
-    ) -> torch.Tensor:
-        """Like :meth:`run`, moving ``targets``' boxes and mask with the image (torchvision's own
-        transforms on ``tv_tensors``)."""
-        from stoker.server.imaging.targets import run_ops_with_targets
-
-        seconds: dict[str, float] = {}
-        chw = torch.from_numpy(np.ascontiguousarray(hwc.numpy().transpose(2, 0, 1)))
-        try:
-            return run_ops_with_targets(pipeline.name, view_index, view.post_ops, chw, targets, key, size, seconds)
         finally:
             for label, spent in seconds.items():
                 times.add(f"op:{pipeline.name}/{label}", spent)

@@ -33,7 +33,7 @@ from stoker.server.tools.bench.recipes import recipe_transform
 from stoker.server.tools.launcher import loopback_args, start_server
 from stoker.server.tools.measure import Stream
 
-__all__ = ["seed_recipe", "strong_recipe", "stoker_client", "stoker_stream"]
+__all__ = ["JpegFolder", "seed_recipe", "strong_recipe", "stoker_client", "stoker_stream"]
 
 
 @contextmanager
@@ -79,7 +79,7 @@ def seed_recipe(data: Path, size: int, batch_size: int, workers: int) -> Iterato
         yield stream
 
 
-class _JpegFolder(Dataset):
+class JpegFolder(Dataset):
     """ImageFolder's samples, decoded with libjpeg-turbo through torchvision."""
 
     def __init__(self, data: Path, transform: Callable[[torch.Tensor], Any]) -> None:
@@ -90,20 +90,23 @@ class _JpegFolder(Dataset):
         return len(self.samples)
 
     def __getitem__(self, index: int) -> tuple[Any, int]:
+        path, label = self.samples[index]
+        return self.transform(self.decode(path)), label
+
+    def decode(self, path: str) -> Any:
+        """The image at ``path`` as the transform takes it: a ``3 x H x W`` ``uint8`` tensor."""
         from torchvision.io import ImageReadMode, decode_image, read_file
 
-        path, label = self.samples[index]
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)  # torchvision.io is deprecated in 0.29
-            image = decode_image(read_file(path), mode=ImageReadMode.RGB, apply_exif_orientation=True)
-        return self.transform(image), label
+            return decode_image(read_file(path), mode=ImageReadMode.RGB, apply_exif_orientation=True)
 
 
 @contextmanager
 def strong_recipe(data: Path, size: int, batch_size: int, workers: int, pipeline: Pipeline) -> Iterator[Stream]:
     """decode_jpeg + the pipeline's torchvision form, uint8 out."""
     loader = DataLoader(
-        _JpegFolder(data, recipe_transform(pipeline, size)),
+        JpegFolder(data, recipe_transform(pipeline, size)),
         batch_size=batch_size,
         shuffle=True,
         num_workers=workers,

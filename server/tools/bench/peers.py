@@ -21,10 +21,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
-from torchvision import datasets
+from torch.utils.data import DataLoader
 
 from stoker.server.imaging.pipelines import TORCHVISION_PREFIX, OpSpec, Pipeline, View
+from stoker.server.tools.bench.loaders import JpegFolder
 from stoker.server.tools.measure import Run, Stream
 
 __all__ = ["albumentations_transform", "albumentations_recipe", "dali_run", "DALI_DINO"]
@@ -93,22 +93,14 @@ def albumentations_transform(pipeline: Pipeline, image_size: int) -> Callable[[n
     return apply
 
 
-class _HwcFolder(Dataset):
-    """ImageFolder's samples decoded by OpenCV (libjpeg-turbo) to RGB ``H x W x 3``."""
+class _HwcFolder(JpegFolder):
+    """ImageFolder's samples decoded by OpenCV (libjpeg-turbo) to RGB ``H x W x 3``, as albumentations
+    expects."""
 
-    def __init__(self, data: Path, transform: Callable[[np.ndarray], Any]) -> None:
-        self.samples = datasets.ImageFolder(str(data)).samples
-        self.transform = transform
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, index: int) -> tuple[Any, int]:
+    def decode(self, path: str) -> np.ndarray:
         import cv2
 
-        path, label = self.samples[index]
-        image = cv2.cvtColor(cv2.imread(path, cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
-        return self.transform(image), label
+        return cv2.cvtColor(cv2.imread(path, cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
 
 
 def _set_up_worker(_: int) -> None:
