@@ -37,7 +37,7 @@ from stoker.server.imaging.geometry import (
 )
 from stoker.server.imaging.pipelines import Pipeline, View
 from stoker.server.imaging.reading import read_local
-from stoker.server.imaging.targets import SampleTargets
+from stoker.server.imaging.targets import SampleTargets, pad_crop
 
 __all__ = [
     "StageTimes",
@@ -285,16 +285,9 @@ def _geometry(
 
 
 def _padded(image: torch.Tensor, crop: Box, fill: int) -> torch.Tensor:
-    """``image[top:bottom, left:right]`` where the box reaches outside it: the rest is ``fill``."""
-    left, top, right, bottom = crop
-    out = torch.full((bottom - top, right - left, image.shape[2]), fill, dtype=image.dtype)
-    src_top, src_left = max(0, top), max(0, left)
-    src_bottom, src_right = min(image.shape[0], bottom), min(image.shape[1], right)
-    if src_bottom > src_top and src_right > src_left:
-        out[src_top - top : src_bottom - top, src_left - left : src_right - left] = image[
-            src_top:src_bottom, src_left:src_right
-        ]
-    return out
+    """``image[top:bottom, left:right]`` where the box reaches outside it: the rest is ``fill`` (the
+    same padded crop a mask gets)."""
+    return torch.from_numpy(pad_crop(image.numpy(), crop, fill))
 
 
 class PostOpsRunner:

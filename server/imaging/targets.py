@@ -28,7 +28,7 @@ from stoker.server.data.locators import Locator
 from stoker.server.imaging.decode import BadImage, ImageInfo
 from stoker.server.imaging.geometry import SampleGeometry, oriented_size
 
-__all__ = ["RawTarget", "BadTarget", "SampleTargets", "parse_targets", "run_ops_with_targets"]
+__all__ = ["RawTarget", "BadTarget", "SampleTargets", "pad_crop", "parse_targets", "run_ops_with_targets"]
 
 _BOX_SLACK = 1.0
 """Pixels a source box may reach past the image (rounding in annotation tools) before it is bad."""
@@ -279,7 +279,7 @@ def _place_mask(mask: np.ndarray, plan: SampleGeometry, info: ImageInfo, side: i
     left, top, right, bottom = plan.box
     resized = _nearest(upright[top:bottom, left:right], *plan.resize)
     if plan.crop is not None:
-        resized = _pad_crop(resized, plan.crop)
+        resized = pad_crop(resized, plan.crop)
     if plan.flip:
         resized = resized[:, ::-1]
     out = np.ascontiguousarray(resized)
@@ -288,7 +288,7 @@ def _place_mask(mask: np.ndarray, plan: SampleGeometry, info: ImageInfo, side: i
     return out
 
 
-def _pad_crop(array: np.ndarray, crop: tuple[int, int, int, int], fill: int = 0) -> np.ndarray:
+def pad_crop(array: np.ndarray, crop: tuple[int, int, int, int], fill: int = 0) -> np.ndarray:
     """``array[top:bottom, left:right]`` where the box may reach outside: padded with ``fill``."""
     left, top, right, bottom = crop
     out = np.full((bottom - top, right - left, *array.shape[2:]), fill, dtype=array.dtype)
